@@ -1,0 +1,2 @@
+//! torch-compatible CPU random numbers (placeholder: being written).
+pub struct TorchRng;

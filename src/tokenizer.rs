@@ -1,0 +1,1 @@
+//! CLIP tokenizer (placeholder: being written).
