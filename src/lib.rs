@@ -2,9 +2,19 @@
 //!
 //! Data flows one way: [`GenerateRequest`] → prompt conditioning → denoising loop → VAE decode → images.
 
+pub mod conditioning;
 pub mod error;
+pub mod loading;
+pub mod models;
+pub mod output;
+pub mod pipeline;
+pub mod request;
 pub mod rng;
+pub mod sampling;
 pub mod schedulers;
 pub mod tokenizer;
 
 pub use error::{Error, Result};
+pub use request::GenerateRequest;
+pub use pipeline::{Generation, Pipeline, PipelineOptions, Residency};
+pub use sampling::{Control, Progress};

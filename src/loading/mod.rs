@@ -1,0 +1,8 @@
+//! Where weights and configs come from (a diffusers folder, the Hugging Face hub cache). The models know nothing
+//! of this: they take a `VarBuilder` and a config.
+
+pub mod repo;
+pub mod weights;
+
+pub use repo::{read_json, ModelRepo, DEFAULT_MODEL};
+pub use weights::Weights;

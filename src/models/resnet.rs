@@ -1,0 +1,86 @@
+//! ResNet blocks and the down/up-sampling convolutions shared by the UNet and the VAE.
+
+use candle_core::{Result, Tensor};
+use candle_nn::{conv2d, group_norm, linear, Conv2d, Conv2dConfig, GroupNorm, Linear, Module, VarBuilder};
+
+pub fn conv3x3(vb: VarBuilder, c_in: usize, c_out: usize, stride: usize) -> Result<Conv2d> {
+    conv2d(c_in, c_out, 3, Conv2dConfig { padding: 1, stride, ..Default::default() }, vb)
+}
+
+pub fn conv1x1(vb: VarBuilder, c_in: usize, c_out: usize) -> Result<Conv2d> {
+    conv2d(c_in, c_out, 1, Default::default(), vb)
+}
+
+/// diffusers' `ResnetBlock2D` (default time-scale-shift, SiLU, output scale 1).
+#[derive(Debug, Clone)]
+pub struct ResnetBlock2D {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    time_emb_proj: Option<Linear>,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    conv_shortcut: Option<Conv2d>,
+}
+
+impl ResnetBlock2D {
+    /// `temb_channels` is `None` for the VAE's blocks, which take no time embedding.
+    pub fn new(vb: VarBuilder, c_in: usize, c_out: usize, temb_channels: Option<usize>, groups: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            norm1: group_norm(groups, c_in, eps, vb.pp("norm1"))?,
+            conv1: conv3x3(vb.pp("conv1"), c_in, c_out, 1)?,
+            time_emb_proj: temb_channels.map(|t| linear(t, c_out, vb.pp("time_emb_proj"))).transpose()?,
+            norm2: group_norm(groups, c_out, eps, vb.pp("norm2"))?,
+            conv2: conv3x3(vb.pp("conv2"), c_out, c_out, 1)?,
+            conv_shortcut: if c_in != c_out { Some(conv1x1(vb.pp("conv_shortcut"), c_in, c_out)?) } else { None },
+        })
+    }
+
+    /// `temb` is the already-SiLU'd time embedding shared by all blocks (see [`crate::models::unet`]).
+    pub fn forward(&self, x: &Tensor, temb_silu: Option<&Tensor>) -> Result<Tensor> {
+        let h = self.conv1.forward(&candle_nn::ops::silu(&self.norm1.forward(x)?)?)?;
+        let h = match (&self.time_emb_proj, temb_silu) {
+            (Some(proj), Some(t)) => h.broadcast_add(&proj.forward(t)?.unsqueeze(2)?.unsqueeze(3)?)?,
+            _ => h,
+        };
+        let h = self.conv2.forward(&candle_nn::ops::silu(&self.norm2.forward(&h)?)?)?;
+        match &self.conv_shortcut {
+            Some(shortcut) => shortcut.forward(x)? + h,
+            None => x + h,
+        }
+    }
+}
+
+/// Stride-2 3×3 convolution (`downsamplers.0.conv`).
+#[derive(Debug, Clone)]
+pub struct Downsample2D {
+    conv: Conv2d,
+}
+
+impl Downsample2D {
+    pub fn new(vb: VarBuilder, channels: usize) -> Result<Self> {
+        Ok(Self { conv: conv3x3(vb.pp("conv"), channels, channels, 2)? })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.conv.forward(x)
+    }
+}
+
+/// Nearest-neighbour upsampling (×2, or to an explicit size when the UNet's input was not a multiple of its total
+/// down-sampling, as diffusers' `upsample_size`) then a 3×3 convolution (`upsamplers.0.conv`).
+#[derive(Debug, Clone)]
+pub struct Upsample2D {
+    conv: Conv2d,
+}
+
+impl Upsample2D {
+    pub fn new(vb: VarBuilder, channels: usize) -> Result<Self> {
+        Ok(Self { conv: conv3x3(vb.pp("conv"), channels, channels, 1)? })
+    }
+
+    pub fn forward(&self, x: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        let (th, tw) = size.unwrap_or((h * 2, w * 2));
+        self.conv.forward(&x.upsample_nearest2d(th, tw)?)
+    }
+}

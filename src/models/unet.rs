@@ -1,0 +1,429 @@
+//! diffusers' `UNet2DConditionModel` as SDXL uses it: timestep embedding plus the `text_time` added conditioning
+//! (pooled text embedding and size/crop ids), cross-attention down/mid/up blocks. Every dimension comes from the
+//! UNet's `config.json`, so SDXL, SSD-1B, Vega and tiny test models all load.
+
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::{group_norm, Conv2d, GroupNorm, Module, VarBuilder};
+use serde::Deserialize;
+
+use super::embeddings::{TimestepEmbedding, Timesteps};
+use super::resnet::{conv3x3, Downsample2D, ResnetBlock2D, Upsample2D};
+use super::transformer::{Transformer2DModel, TransformerSpec};
+
+/// A config value given either once for all blocks or once per block.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum PerBlock<T> {
+    One(T),
+    Each(Vec<T>),
+}
+
+impl<T: Clone> PerBlock<T> {
+    fn get(&self, block: usize) -> T {
+        match self {
+            PerBlock::One(v) => v.clone(),
+            PerBlock::Each(v) => v[block.min(v.len() - 1)].clone(),
+        }
+    }
+
+    fn len_ok(&self, blocks: usize) -> bool {
+        match self {
+            PerBlock::One(_) => true,
+            PerBlock::Each(v) => v.len() == blocks,
+        }
+    }
+}
+
+/// `transformer_layers_per_block`: one count, one per block, or (SSD-1B style) one list per block.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum TransformerLayers {
+    One(usize),
+    PerBlock(Vec<usize>),
+    PerLayer(Vec<Vec<usize>>),
+}
+
+impl TransformerLayers {
+    /// The transformer depth of each of the `layers` attention modules of down block `block`.
+    fn for_block(&self, block: usize, layers: usize) -> Vec<usize> {
+        match self {
+            TransformerLayers::One(n) => vec![*n; layers],
+            TransformerLayers::PerBlock(v) => vec![v[block.min(v.len() - 1)]; layers],
+            TransformerLayers::PerLayer(v) => v[block.min(v.len() - 1)].clone(),
+        }
+    }
+
+    fn last(&self, blocks: usize) -> Vec<usize> {
+        self.for_block(blocks - 1, 1)
+    }
+}
+
+fn default_groups() -> usize {
+    32
+}
+fn default_eps() -> f64 {
+    1e-5
+}
+fn default_true() -> bool {
+    true
+}
+fn default_channels() -> usize {
+    4
+}
+fn default_layers() -> PerBlock<usize> {
+    PerBlock::One(2)
+}
+fn default_tlayers() -> TransformerLayers {
+    TransformerLayers::One(1)
+}
+fn default_heads() -> PerBlock<usize> {
+    PerBlock::One(8)
+}
+fn default_mid() -> Option<String> {
+    Some("UNetMidBlock2DCrossAttn".into())
+}
+
+/// The fields of `unet/config.json` that shape the network.
+#[derive(Debug, Clone, Deserialize)]
+pub struct UNetConfig {
+    #[serde(default = "default_channels")]
+    pub in_channels: usize,
+    #[serde(default = "default_channels")]
+    pub out_channels: usize,
+    pub down_block_types: Vec<String>,
+    pub up_block_types: Vec<String>,
+    #[serde(default = "default_mid")]
+    pub mid_block_type: Option<String>,
+    pub block_out_channels: Vec<usize>,
+    #[serde(default = "default_layers")]
+    pub layers_per_block: PerBlock<usize>,
+    #[serde(default = "default_tlayers")]
+    pub transformer_layers_per_block: TransformerLayers,
+    #[serde(default)]
+    pub reverse_transformer_layers_per_block: Option<Vec<Vec<usize>>>,
+    /// diffusers' historical naming: in SDXL configs this is the number of heads.
+    #[serde(default = "default_heads")]
+    pub attention_head_dim: PerBlock<usize>,
+    #[serde(default)]
+    pub num_attention_heads: Option<PerBlock<usize>>,
+    pub cross_attention_dim: PerBlock<usize>,
+    #[serde(default = "default_groups")]
+    pub norm_num_groups: usize,
+    #[serde(default = "default_eps")]
+    pub norm_eps: f64,
+    #[serde(default)]
+    pub use_linear_projection: bool,
+    #[serde(default)]
+    pub addition_embed_type: Option<String>,
+    #[serde(default)]
+    pub addition_time_embed_dim: Option<usize>,
+    #[serde(default)]
+    pub projection_class_embeddings_input_dim: Option<usize>,
+    #[serde(default = "default_true")]
+    pub flip_sin_to_cos: bool,
+    #[serde(default)]
+    pub freq_shift: f64,
+    #[serde(default)]
+    pub time_cond_proj_dim: Option<usize>,
+    #[serde(default)]
+    pub sample_size: Option<usize>,
+    #[serde(default)]
+    pub class_embed_type: Option<String>,
+    #[serde(default)]
+    pub encoder_hid_dim: Option<usize>,
+    #[serde(default)]
+    pub resnet_time_scale_shift: Option<String>,
+}
+
+impl UNetConfig {
+    /// Rejects configs this implementation does not cover, naming the key.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let n = self.block_out_channels.len();
+        if n == 0 || self.down_block_types.len() != n || self.up_block_types.len() != n {
+            return Err(format!(
+                "block_out_channels ({n}), down_block_types ({}) and up_block_types ({}) must have the same length",
+                self.down_block_types.len(),
+                self.up_block_types.len()
+            ));
+        }
+        for t in &self.down_block_types {
+            if t != "DownBlock2D" && t != "CrossAttnDownBlock2D" {
+                return Err(format!("unsupported down block type `{t}`"));
+            }
+        }
+        for t in &self.up_block_types {
+            if t != "UpBlock2D" && t != "CrossAttnUpBlock2D" {
+                return Err(format!("unsupported up block type `{t}`"));
+            }
+        }
+        if let Some(t) = &self.mid_block_type {
+            if t != "UNetMidBlock2DCrossAttn" {
+                return Err(format!("unsupported mid_block_type `{t}`"));
+            }
+        }
+        if self.addition_embed_type.as_deref() != Some("text_time") {
+            return Err(format!(
+                "addition_embed_type is {:?}; an SDXL UNet needs \"text_time\" (is this an SD 1.x/2.x model?)",
+                self.addition_embed_type
+            ));
+        }
+        if self.addition_time_embed_dim.is_none() || self.projection_class_embeddings_input_dim.is_none() {
+            return Err("addition_time_embed_dim and projection_class_embeddings_input_dim are required".into());
+        }
+        if self.class_embed_type.is_some() || self.encoder_hid_dim.is_some() || self.time_cond_proj_dim.is_some() {
+            return Err("class_embed_type, encoder_hid_dim and time_cond_proj_dim are not supported".into());
+        }
+        if self.resnet_time_scale_shift.as_deref().is_some_and(|s| s != "default") {
+            return Err("only resnet_time_scale_shift \"default\" is supported".into());
+        }
+        if !self.layers_per_block.len_ok(n) || !self.attention_head_dim.len_ok(n) || !self.cross_attention_dim.len_ok(n) {
+            return Err("per-block lists must have one entry per block".into());
+        }
+        if matches!(self.transformer_layers_per_block, TransformerLayers::PerLayer(_))
+            && self.reverse_transformer_layers_per_block.is_none()
+        {
+            return Err("nested transformer_layers_per_block needs reverse_transformer_layers_per_block".into());
+        }
+        for (i, &c) in self.block_out_channels.iter().enumerate() {
+            if c % self.norm_num_groups != 0 {
+                return Err(format!("block_out_channels[{i}] = {c} is not divisible by norm_num_groups {}", self.norm_num_groups));
+            }
+            if c % self.heads(i) != 0 {
+                return Err(format!("block_out_channels[{i}] = {c} is not divisible by its {} attention heads", self.heads(i)));
+            }
+        }
+        Ok(())
+    }
+
+    fn heads(&self, block: usize) -> usize {
+        self.num_attention_heads.as_ref().unwrap_or(&self.attention_head_dim).get(block)
+    }
+
+    /// How much the UNet shrinks the latent: 2^(number of downsamplers).
+    pub fn downsampling_factor(&self) -> usize {
+        1 << (self.block_out_channels.len() - 1)
+    }
+
+    /// Width of the text conditioning the cross-attention expects.
+    pub fn cross_attention_width(&self) -> usize {
+        self.cross_attention_dim.get(0)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct DownBlock {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<Transformer2DModel>,
+    downsampler: Option<Downsample2D>,
+}
+
+#[derive(Debug, Clone)]
+struct UpBlock {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<Transformer2DModel>,
+    upsampler: Option<Upsample2D>,
+}
+
+#[derive(Debug, Clone)]
+struct MidBlock {
+    resnet_in: ResnetBlock2D,
+    attentions: Vec<Transformer2DModel>,
+    resnets: Vec<ResnetBlock2D>,
+}
+
+/// The SDXL added conditioning for one batch: pooled text embedding and `time_ids`.
+#[derive(Debug, Clone)]
+pub struct AddedConditioning {
+    /// (batch, pooled width)
+    pub text_embeds: Tensor,
+    /// (batch, 6): original size (h, w), crop top-left (y, x), target size (h, w).
+    pub time_ids: Tensor,
+}
+
+#[derive(Debug, Clone)]
+pub struct UNet2DConditionModel {
+    time_proj: Timesteps,
+    time_embedding: TimestepEmbedding,
+    add_time_proj: Timesteps,
+    add_embedding: TimestepEmbedding,
+    conv_in: Conv2d,
+    down_blocks: Vec<DownBlock>,
+    mid_block: Option<MidBlock>,
+    up_blocks: Vec<UpBlock>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+    dtype: DType,
+    pub config: UNetConfig,
+}
+
+impl UNet2DConditionModel {
+    pub fn new(vb: VarBuilder, config: &UNetConfig) -> Result<Self> {
+        let cfg = config;
+        cfg.validate().map_err(candle_core::Error::Msg)?;
+        let channels = &cfg.block_out_channels;
+        let n = channels.len();
+        let groups = cfg.norm_num_groups;
+        let eps = cfg.norm_eps;
+        let temb_dim = channels[0] * 4;
+        let add_dim = cfg.addition_time_embed_dim.expect("validated");
+        let shift = cfg.freq_shift;
+        let transformer = |vb: VarBuilder, c: usize, block: usize, layers: usize| {
+            Transformer2DModel::new(
+                vb,
+                TransformerSpec {
+                    channels: c,
+                    heads: cfg.heads(block),
+                    layers,
+                    context_dim: cfg.cross_attention_dim.get(block),
+                    groups,
+                    use_linear_projection: cfg.use_linear_projection,
+                },
+            )
+        };
+
+        let mut down_blocks = Vec::with_capacity(n);
+        for (i, kind) in cfg.down_block_types.iter().enumerate() {
+            let vb = vb.pp("down_blocks").pp(i);
+            let c_out = channels[i];
+            let c_in = if i == 0 { channels[0] } else { channels[i - 1] };
+            let layers = cfg.layers_per_block.get(i);
+            let depths = cfg.transformer_layers_per_block.for_block(i, layers);
+            let mut resnets = Vec::with_capacity(layers);
+            let mut attentions = Vec::new();
+            for j in 0..layers {
+                let c = if j == 0 { c_in } else { c_out };
+                resnets.push(ResnetBlock2D::new(vb.pp("resnets").pp(j), c, c_out, Some(temb_dim), groups, eps)?);
+                if kind == "CrossAttnDownBlock2D" {
+                    attentions.push(transformer(vb.pp("attentions").pp(j), c_out, i, depths[j])?);
+                }
+            }
+            let downsampler =
+                if i + 1 < n { Some(Downsample2D::new(vb.pp("downsamplers").pp(0), c_out)?) } else { None };
+            down_blocks.push(DownBlock { resnets, attentions, downsampler });
+        }
+
+        let mid_block = match cfg.mid_block_type {
+            Some(_) => {
+                let vb = vb.pp("mid_block");
+                let c = channels[n - 1];
+                let depths = cfg.transformer_layers_per_block.last(n);
+                Some(MidBlock {
+                    resnet_in: ResnetBlock2D::new(vb.pp("resnets").pp(0), c, c, Some(temb_dim), groups, eps)?,
+                    attentions: vec![transformer(vb.pp("attentions").pp(0), c, n - 1, depths[0])?],
+                    resnets: vec![ResnetBlock2D::new(vb.pp("resnets").pp(1), c, c, Some(temb_dim), groups, eps)?],
+                })
+            }
+            None => None,
+        };
+
+        let reversed: Vec<usize> = channels.iter().rev().copied().collect();
+        let mut up_blocks = Vec::with_capacity(n);
+        for (i, kind) in cfg.up_block_types.iter().enumerate() {
+            let vb = vb.pp("up_blocks").pp(i);
+            let block = n - 1 - i; // the down block this up block mirrors
+            let c_out = reversed[i];
+            let c_prev = if i == 0 { reversed[0] } else { reversed[i - 1] };
+            let c_skip_last = reversed[(i + 1).min(n - 1)];
+            let layers = cfg.layers_per_block.get(block) + 1;
+            let depths = match &cfg.reverse_transformer_layers_per_block {
+                Some(rev) => rev[i].clone(),
+                None => cfg.transformer_layers_per_block.for_block(block, layers),
+            };
+            let mut resnets = Vec::with_capacity(layers);
+            let mut attentions = Vec::new();
+            for j in 0..layers {
+                let skip = if j + 1 == layers { c_skip_last } else { c_out };
+                let c_in = if j == 0 { c_prev } else { c_out };
+                resnets.push(ResnetBlock2D::new(vb.pp("resnets").pp(j), c_in + skip, c_out, Some(temb_dim), groups, eps)?);
+                if kind == "CrossAttnUpBlock2D" {
+                    let depth = *depths.get(j).or(depths.last()).unwrap_or(&1);
+                    attentions.push(transformer(vb.pp("attentions").pp(j), c_out, block, depth)?);
+                }
+            }
+            let upsampler = if i + 1 < n { Some(Upsample2D::new(vb.pp("upsamplers").pp(0), c_out)?) } else { None };
+            up_blocks.push(UpBlock { resnets, attentions, upsampler });
+        }
+
+        Ok(Self {
+            time_proj: Timesteps { channels: channels[0], flip_sin_to_cos: cfg.flip_sin_to_cos, freq_shift: shift },
+            time_embedding: TimestepEmbedding::new(vb.pp("time_embedding"), channels[0], temb_dim)?,
+            add_time_proj: Timesteps { channels: add_dim, flip_sin_to_cos: cfg.flip_sin_to_cos, freq_shift: shift },
+            add_embedding: TimestepEmbedding::new(
+                vb.pp("add_embedding"),
+                cfg.projection_class_embeddings_input_dim.expect("validated"),
+                temb_dim,
+            )?,
+            conv_in: conv3x3(vb.pp("conv_in"), cfg.in_channels, channels[0], 1)?,
+            down_blocks,
+            mid_block,
+            up_blocks,
+            conv_norm_out: group_norm(groups, channels[0], eps, vb.pp("conv_norm_out"))?,
+            conv_out: conv3x3(vb.pp("conv_out"), channels[0], cfg.out_channels, 1)?,
+            dtype: vb.dtype(),
+            config: cfg.clone(),
+        })
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The time embedding plus the added (pooled text + time ids) embedding, with SiLU applied once for all
+    /// ResNet blocks. `timestep` is the same for every batch row, as in the SDXL pipeline.
+    fn embedding(&self, timestep: f64, batch: usize, added: &AddedConditioning, device: &Device) -> Result<Tensor> {
+        let t = self.time_proj.forward(&vec![timestep; batch], device)?;
+        let emb = self.time_embedding.forward(&t, self.dtype)?;
+        let ids: Vec<f64> = added.time_ids.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+        let time_embeds = self.add_time_proj.forward(&ids, device)?.reshape((batch, ()))?;
+        let add = Tensor::cat(&[added.text_embeds.to_dtype(DType::F32)?, time_embeds], 1)?;
+        let aug = self.add_embedding.forward(&add, self.dtype)?;
+        candle_nn::ops::silu(&(emb + aug)?)
+    }
+
+    /// Predicts the noise (or v) for `sample` (batch, 4, h, w) at `timestep`, conditioned on
+    /// `context` (batch, tokens, cross-attention width) and the added conditioning.
+    pub fn forward(&self, sample: &Tensor, timestep: f64, context: &Tensor, added: &AddedConditioning) -> Result<Tensor> {
+        let batch = sample.dim(0)?;
+        let temb = self.embedding(timestep, batch, added, sample.device())?;
+        let context = context.to_dtype(self.dtype)?;
+        let mut x = self.conv_in.forward(&sample.to_dtype(self.dtype)?)?;
+        let mut skips = vec![x.clone()];
+        for block in &self.down_blocks {
+            for (j, resnet) in block.resnets.iter().enumerate() {
+                x = resnet.forward(&x, Some(&temb))?;
+                if let Some(attn) = block.attentions.get(j) {
+                    x = attn.forward(&x, &context)?;
+                }
+                skips.push(x.clone());
+            }
+            if let Some(down) = &block.downsampler {
+                x = down.forward(&x)?;
+                skips.push(x.clone());
+            }
+        }
+        if let Some(mid) = &self.mid_block {
+            x = mid.resnet_in.forward(&x, Some(&temb))?;
+            for (attn, resnet) in mid.attentions.iter().zip(&mid.resnets) {
+                x = attn.forward(&x, &context)?;
+                x = resnet.forward(&x, Some(&temb))?;
+            }
+        }
+        for block in &self.up_blocks {
+            for (j, resnet) in block.resnets.iter().enumerate() {
+                let skip = skips.pop().ok_or_else(|| candle_core::Error::Msg("UNet skip connections exhausted".into()))?;
+                x = resnet.forward(&Tensor::cat(&[&x, &skip], 1)?, Some(&temb))?;
+                if let Some(attn) = block.attentions.get(j) {
+                    x = attn.forward(&x, &context)?;
+                }
+            }
+            if let Some(up) = &block.upsampler {
+                // Upsample to the size of the skip connection consumed next (×2 unless the input size was not a
+                // multiple of the total down-sampling).
+                let size = skips.last().map(|s| s.dims4()).transpose()?.map(|(_, _, h, w)| (h, w));
+                x = up.forward(&x, size)?;
+            }
+        }
+        let x = candle_nn::ops::silu(&self.conv_norm_out.forward(&x)?)?;
+        self.conv_out.forward(&x)
+    }
+}

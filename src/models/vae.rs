@@ -1,0 +1,200 @@
+//! The decoder half of diffusers' `AutoencoderKL`: latents → RGB in [-1, 1].
+
+use candle_core::{Result, Tensor};
+use candle_nn::{group_norm, Conv2d, GroupNorm, Module, VarBuilder};
+use serde::Deserialize;
+
+use super::attention::Attention;
+use super::resnet::{conv1x1, conv3x3, ResnetBlock2D, Upsample2D};
+
+fn default_groups() -> usize {
+    32
+}
+fn default_layers() -> usize {
+    1
+}
+fn default_true() -> bool {
+    true
+}
+fn default_channels() -> usize {
+    3
+}
+fn default_latent() -> usize {
+    4
+}
+fn default_scale() -> f64 {
+    0.18215
+}
+
+/// The fields of `vae/config.json` that shape the decoder.
+#[derive(Debug, Clone, Deserialize)]
+pub struct VaeConfig {
+    pub block_out_channels: Vec<usize>,
+    #[serde(default = "default_layers")]
+    pub layers_per_block: usize,
+    #[serde(default = "default_groups")]
+    pub norm_num_groups: usize,
+    #[serde(default = "default_latent")]
+    pub latent_channels: usize,
+    #[serde(default = "default_channels")]
+    pub out_channels: usize,
+    #[serde(default = "default_scale")]
+    pub scaling_factor: f64,
+    /// Per-channel latent statistics some SDXL-family VAEs carry (the SDXL pipeline de-normalises with them).
+    #[serde(default)]
+    pub latents_mean: Option<Vec<f64>>,
+    #[serde(default)]
+    pub latents_std: Option<Vec<f64>>,
+    #[serde(default)]
+    pub force_upcast: bool,
+    #[serde(default = "default_true")]
+    pub use_post_quant_conv: bool,
+    #[serde(default = "default_true")]
+    pub mid_block_add_attention: bool,
+}
+
+impl VaeConfig {
+    /// How much the decoder enlarges the latent: 2^(levels − 1) (8 for SDXL).
+    pub fn scale_factor(&self) -> usize {
+        1 << (self.block_out_channels.len().saturating_sub(1))
+    }
+}
+
+/// The VAE's single-head self-attention over all pixels, with its own GroupNorm and residual.
+#[derive(Debug, Clone)]
+struct VaeAttention {
+    group_norm: GroupNorm,
+    attention: Attention,
+}
+
+impl VaeAttention {
+    fn new(vb: VarBuilder, channels: usize, groups: usize) -> Result<Self> {
+        Ok(Self {
+            group_norm: group_norm(groups, channels, 1e-6, vb.pp("group_norm"))?,
+            attention: Attention::new(vb, channels, channels, 1, channels, true)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let tokens = self.group_norm.forward(x)?.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
+        let out = self.attention.forward(&tokens, None)?;
+        let out = out.transpose(1, 2)?.reshape((b, c, h, w))?;
+        out + x
+    }
+}
+
+#[derive(Debug, Clone)]
+struct UpDecoderBlock {
+    resnets: Vec<ResnetBlock2D>,
+    upsampler: Option<Upsample2D>,
+}
+
+#[derive(Debug, Clone)]
+pub struct VaeDecoder {
+    post_quant_conv: Option<Conv2d>,
+    conv_in: Conv2d,
+    mid_resnets: [ResnetBlock2D; 2],
+    mid_attention: Option<VaeAttention>,
+    up_blocks: Vec<UpDecoderBlock>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+    pub config: VaeConfig,
+}
+
+impl VaeDecoder {
+    /// `vb` is rooted at the VAE (keys `post_quant_conv…`, `decoder…`).
+    pub fn new(vb: VarBuilder, config: &VaeConfig) -> Result<Self> {
+        let cfg = config;
+        let channels = &cfg.block_out_channels;
+        if channels.is_empty() {
+            candle_core::bail!("vae config: block_out_channels is empty");
+        }
+        let groups = cfg.norm_num_groups;
+        let eps = 1e-6;
+        let dec = vb.pp("decoder");
+        let top = *channels.last().expect("non-empty");
+        let post_quant_conv = if cfg.use_post_quant_conv {
+            Some(conv1x1(vb.pp("post_quant_conv"), cfg.latent_channels, cfg.latent_channels)?)
+        } else {
+            None
+        };
+        let mid = dec.pp("mid_block");
+        let mid_resnets = [
+            ResnetBlock2D::new(mid.pp("resnets").pp(0), top, top, None, groups, eps)?,
+            ResnetBlock2D::new(mid.pp("resnets").pp(1), top, top, None, groups, eps)?,
+        ];
+        let mid_attention = if cfg.mid_block_add_attention {
+            Some(VaeAttention::new(mid.pp("attentions").pp(0), top, groups)?)
+        } else {
+            None
+        };
+        let reversed: Vec<usize> = channels.iter().rev().copied().collect();
+        let mut up_blocks = Vec::with_capacity(reversed.len());
+        let mut c_prev = reversed[0];
+        for (i, &c_out) in reversed.iter().enumerate() {
+            let vb = dec.pp("up_blocks").pp(i);
+            let resnets = (0..cfg.layers_per_block + 1)
+                .map(|j| {
+                    let c_in = if j == 0 { c_prev } else { c_out };
+                    ResnetBlock2D::new(vb.pp("resnets").pp(j), c_in, c_out, None, groups, eps)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let upsampler =
+                if i + 1 < reversed.len() { Some(Upsample2D::new(vb.pp("upsamplers").pp(0), c_out)?) } else { None };
+            up_blocks.push(UpDecoderBlock { resnets, upsampler });
+            c_prev = c_out;
+        }
+        Ok(Self {
+            post_quant_conv,
+            conv_in: conv3x3(dec.pp("conv_in"), cfg.latent_channels, top, 1)?,
+            mid_resnets,
+            mid_attention,
+            up_blocks,
+            conv_norm_out: group_norm(groups, channels[0], eps, dec.pp("conv_norm_out"))?,
+            conv_out: conv3x3(dec.pp("conv_out"), channels[0], cfg.out_channels, 1)?,
+            config: cfg.clone(),
+        })
+    }
+
+    /// diffusers' `vae.decode(z)`: `z` is already divided by the scaling factor. Returns RGB in about [-1, 1].
+    pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
+        let z = match &self.post_quant_conv {
+            Some(conv) => conv.forward(z)?,
+            None => z.clone(),
+        };
+        let mut x = self.conv_in.forward(&z)?;
+        x = self.mid_resnets[0].forward(&x, None)?;
+        if let Some(attn) = &self.mid_attention {
+            x = attn.forward(&x)?;
+        }
+        x = self.mid_resnets[1].forward(&x, None)?;
+        for block in &self.up_blocks {
+            for resnet in &block.resnets {
+                x = resnet.forward(&x, None)?;
+            }
+            if let Some(up) = &block.upsampler {
+                x = up.forward(&x, None)?;
+            }
+        }
+        let x = candle_nn::ops::silu(&self.conv_norm_out.forward(&x)?)?;
+        self.conv_out.forward(&x)
+    }
+
+    /// From the denoised latents, as the SDXL pipeline does: `latents / scaling_factor`, or with
+    /// `latents_mean`/`latents_std` in the config `latents · std / scaling_factor + mean`; then decode.
+    pub fn decode_latents(&self, latents: &Tensor) -> Result<Tensor> {
+        let cfg = &self.config;
+        let z = match (&cfg.latents_mean, &cfg.latents_std) {
+            (Some(mean), Some(std)) => {
+                let per_channel = |v: &[f64]| -> Result<Tensor> {
+                    let v: Vec<f32> = v.iter().map(|&x| x as f32).collect();
+                    Tensor::from_vec(v, (1, cfg.latent_channels, 1, 1), latents.device())?.to_dtype(latents.dtype())
+                };
+                (latents.broadcast_mul(&per_channel(std)?)? / cfg.scaling_factor)?.broadcast_add(&per_channel(mean)?)?
+            }
+            _ => (latents / cfg.scaling_factor)?,
+        };
+        self.decode(&z)
+    }
+}

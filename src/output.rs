@@ -1,0 +1,78 @@
+//! Writing images: PNG files carrying the generation parameters in A1111's `parameters` text chunk, so existing
+//! tools (A1111's PNG info, civitai, ComfyUI readers) show how an image was made.
+
+use std::io::BufWriter;
+use std::path::{Path, PathBuf};
+
+use image::RgbImage;
+
+use crate::{Error, GenerateRequest, Result};
+
+/// A1111's infotext: prompt, `Negative prompt: …` (when there is one), then the settings line.
+pub fn a1111_parameters(request: &GenerateRequest, seed: u64, model: &str) -> String {
+    let mut text = request.prompt.clone();
+    if !request.negative_prompt.is_empty() {
+        text.push_str("\nNegative prompt: ");
+        text.push_str(&request.negative_prompt);
+    }
+    text.push_str(&format!(
+        "\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}",
+        request.num_inference_steps, request.scheduler, request.guidance_scale, seed, request.img_width, request.img_height, model
+    ));
+    text
+}
+
+/// Writes `image` as PNG with a `parameters` text chunk (tEXt when the text is Latin-1, iTXt otherwise).
+pub fn save_png(image: &RgbImage, path: &Path, parameters: &str) -> Result<()> {
+    let file = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
+    let mut encoder = png::Encoder::new(BufWriter::new(file), image.width(), image.height());
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    let latin1 = parameters.chars().all(|c| (c as u32) < 256);
+    let chunk = if latin1 {
+        encoder.add_text_chunk("parameters".into(), parameters.into())
+    } else {
+        encoder.add_itxt_chunk("parameters".into(), parameters.into())
+    };
+    let png_error = |e: png::EncodingError| Error::Other(format!("{}: writing PNG: {e}", path.display()));
+    chunk.map_err(png_error)?;
+    let mut writer = encoder.write_header().map_err(png_error)?;
+    writer.write_image_data(image.as_raw()).map_err(png_error)?;
+    writer.finish().map_err(png_error)
+}
+
+/// Output file names: `out.png` for one image, `out_0.png … out_{n-1}.png` for several.
+pub fn output_paths(output: &Path, count: usize) -> Vec<PathBuf> {
+    if count == 1 {
+        return vec![output.to_path_buf()];
+    }
+    let stem = output.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
+    let ext = output.extension().map(|e| e.to_string_lossy().into_owned()).unwrap_or_else(|| "png".into());
+    (0..count).map(|i| output.with_file_name(format!("{stem}_{i}.{ext}"))).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbered_outputs() {
+        assert_eq!(output_paths(Path::new("a/out.png"), 1), vec![PathBuf::from("a/out.png")]);
+        assert_eq!(
+            output_paths(Path::new("a/out.png"), 3),
+            ["a/out_0.png", "a/out_1.png", "a/out_2.png"].map(PathBuf::from).to_vec()
+        );
+    }
+
+    #[test]
+    fn infotext_like_a1111() {
+        let mut r = GenerateRequest::new("a cat");
+        r.negative_prompt = "blurry".into();
+        r.scheduler = "Euler a".into();
+        let t = a1111_parameters(&r, 42, "tiny");
+        assert_eq!(
+            t,
+            "a cat\nNegative prompt: blurry\nSteps: 30, Sampler: Euler a, CFG scale: 7.5, Seed: 42, Size: 1024x1024, Model: tiny"
+        );
+    }
+}

@@ -1,0 +1,179 @@
+//! The hosted API's request: one type shared by the library, the CLI and the HTTP server, with the exact JSON
+//! field names and defaults of the hosted endpoint.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// The largest seed the hosted API accepts.
+pub const MAX_SEED: i64 = 999_999_999_999_999;
+
+/// One text-to-image request, field for field the hosted API's body. Unknown JSON fields are ignored, as the hosted
+/// API ignores them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerateRequest {
+    pub prompt: String,
+    #[serde(default)]
+    pub negative_prompt: String,
+    #[serde(default = "default_samples")]
+    pub samples: u32,
+    #[serde(default = "default_scheduler")]
+    pub scheduler: String,
+    #[serde(default = "default_steps")]
+    pub num_inference_steps: u32,
+    #[serde(default = "default_guidance")]
+    pub guidance_scale: f64,
+    /// -1 picks a random seed; the seed used is reported with the images.
+    #[serde(default = "default_seed")]
+    pub seed: i64,
+    #[serde(default = "default_size")]
+    pub img_width: u32,
+    #[serde(default = "default_size")]
+    pub img_height: u32,
+    /// Server output format: JSON with base64 JPEG instead of the JPEG itself.
+    #[serde(default)]
+    pub base64: bool,
+}
+
+fn default_samples() -> u32 {
+    1
+}
+fn default_scheduler() -> String {
+    "UniPC".into()
+}
+fn default_steps() -> u32 {
+    30
+}
+fn default_guidance() -> f64 {
+    7.5
+}
+fn default_seed() -> i64 {
+    -1
+}
+fn default_size() -> u32 {
+    1024
+}
+
+impl GenerateRequest {
+    /// A request with the hosted API's defaults for everything but the prompt.
+    pub fn new(prompt: impl Into<String>) -> Self {
+        Self {
+            prompt: prompt.into(),
+            negative_prompt: String::new(),
+            samples: default_samples(),
+            scheduler: default_scheduler(),
+            num_inference_steps: default_steps(),
+            guidance_scale: default_guidance(),
+            seed: default_seed(),
+            img_width: default_size(),
+            img_height: default_size(),
+            base64: false,
+        }
+    }
+
+    /// What any model needs, whatever API is imitated: positive counts, a seed in range, a finite guidance
+    /// scale, sizes that are positive multiples of `size_multiple` (the VAE's down-sampling factor).
+    pub fn validate_for_model(&self, size_multiple: u32) -> Result<()> {
+        if self.samples == 0 {
+            return Err(Error::invalid("samples", "must be at least 1"));
+        }
+        if self.num_inference_steps == 0 {
+            return Err(Error::invalid("num_inference_steps", "must be at least 1"));
+        }
+        if !self.guidance_scale.is_finite() || self.guidance_scale < 0.0 {
+            return Err(Error::invalid("guidance_scale", format!("must be a finite number ≥ 0, got {}", self.guidance_scale)));
+        }
+        if self.seed < -1 {
+            return Err(Error::invalid("seed", format!("must be -1 (random) or 0 … {MAX_SEED}, got {}", self.seed)));
+        }
+        for (field, v) in [("img_width", self.img_width), ("img_height", self.img_height)] {
+            if v == 0 || v % size_multiple != 0 {
+                return Err(Error::invalid(field, format!("must be a positive multiple of {size_multiple}, got {v}")));
+            }
+        }
+        Ok(())
+    }
+
+    /// The hosted API's own ranges (enforced where the hosted API is imitated: the HTTP server).
+    pub fn validate_hosted(&self) -> Result<()> {
+        if !(1..=4).contains(&self.samples) {
+            return Err(Error::invalid("samples", format!("must be between 1 and 4, got {}", self.samples)));
+        }
+        if !(20..=100).contains(&self.num_inference_steps) {
+            return Err(Error::invalid(
+                "num_inference_steps",
+                format!("must be between 20 and 100, got {}", self.num_inference_steps),
+            ));
+        }
+        if !(1.0..=25.0).contains(&self.guidance_scale) {
+            return Err(Error::invalid("guidance_scale", format!("must be between 1 and 25, got {}", self.guidance_scale)));
+        }
+        if !(-1..=MAX_SEED).contains(&self.seed) {
+            return Err(Error::invalid("seed", format!("must be between -1 and {MAX_SEED}, got {}", self.seed)));
+        }
+        for (field, v) in [("img_width", self.img_width), ("img_height", self.img_height)] {
+            if !(512..=2048).contains(&v) || v % 8 != 0 {
+                return Err(Error::invalid(field, format!("must be a multiple of 8 between 512 and 2048, got {v}")));
+            }
+        }
+        Ok(())
+    }
+
+    /// The seed to use: the request's, or a fresh random one in the hosted range for -1.
+    pub fn resolve_seed(&self) -> u64 {
+        if self.seed >= 0 {
+            return self.seed as u64;
+        }
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+        h.finish() % (MAX_SEED as u64 + 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_follow_the_hosted_api() {
+        let r: GenerateRequest = serde_json::from_str(r#"{"prompt": "a cat", "unknown_field": 3}"#).unwrap();
+        assert_eq!(r, GenerateRequest::new("a cat"));
+        assert_eq!((r.samples, r.num_inference_steps, r.seed, r.img_width, r.img_height), (1, 30, -1, 1024, 1024));
+        assert_eq!(r.scheduler, "UniPC");
+        assert_eq!(r.guidance_scale, 7.5);
+        assert!(!r.base64);
+    }
+
+    #[test]
+    fn missing_prompt_is_an_error() {
+        let e = serde_json::from_str::<GenerateRequest>(r#"{"samples": 2}"#).unwrap_err();
+        assert!(e.to_string().contains("prompt"), "{e}");
+    }
+
+    #[test]
+    fn model_validation_names_the_field() {
+        let mut r = GenerateRequest::new("x");
+        r.img_width = 100;
+        let e = r.validate_for_model(8).unwrap_err().to_string();
+        assert!(e.contains("img_width") && e.contains("multiple of 8"), "{e}");
+        r.img_width = 96;
+        r.validate_for_model(8).unwrap();
+        r.num_inference_steps = 0;
+        assert!(r.validate_for_model(8).unwrap_err().to_string().contains("num_inference_steps"));
+    }
+
+    #[test]
+    fn hosted_ranges() {
+        let mut r = GenerateRequest::new("x");
+        r.validate_hosted().unwrap();
+        r.samples = 5;
+        assert!(r.validate_hosted().unwrap_err().to_string().contains("samples"));
+        r.samples = 4;
+        r.seed = MAX_SEED + 1;
+        assert!(r.validate_hosted().unwrap_err().to_string().contains("seed"));
+        r.seed = -1;
+        let s = r.resolve_seed();
+        assert!(s <= MAX_SEED as u64);
+    }
+}

@@ -1,0 +1,91 @@
+//! The denoising loop: initial noise from the torch-compatible generator, then for every model evaluation the
+//! scheduler's input scaling, one UNet call (both guidance halves in one batch) and the scheduler's update.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::conditioning::Conditioning;
+use crate::models::unet::{AddedConditioning, UNet2DConditionModel};
+use crate::rng::TorchRng;
+use crate::schedulers::Scheduler;
+use crate::{Error, Result};
+
+/// Where a generation is; passed to the progress callback.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Progress {
+    /// A stage starts (`"loading text encoders"`, `"encoding prompt"`, `"loading unet"`, `"decoding"` …).
+    Stage(&'static str),
+    /// Model evaluation `evaluation` of `evaluations` finished; `step` of `steps` inference steps is under way or
+    /// done (Heun-like schedulers evaluate the model twice for most steps).
+    Step { step: usize, steps: usize, evaluation: usize, evaluations: usize },
+}
+
+/// What the progress callback answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    Continue,
+    /// Stop at the next opportunity; the generation ends with [`Error::Cancelled`].
+    Stop,
+}
+
+/// The callback type used throughout the pipeline.
+pub type ProgressFn<'a> = dyn FnMut(&Progress) -> Control + 'a;
+
+/// `torch.randn((samples, channels, h, w), generator)` × the scheduler's initial sigma, in `dtype`.
+pub fn initial_latents(
+    rng: &mut TorchRng,
+    shape: [usize; 4],
+    init_noise_sigma: f64,
+    device: &Device,
+    dtype: DType,
+) -> Result<Tensor> {
+    let noise = rng.randn_tensor(&shape, device)?;
+    Ok((noise * init_noise_sigma)?.to_dtype(dtype)?)
+}
+
+/// SDXL's `add_time_ids`: original size, crop top-left (0, 0), target size, one row per batch entry.
+pub fn time_ids(height: usize, width: usize, batch: usize, device: &Device) -> Result<Tensor> {
+    let row = [height as f32, width as f32, 0.0, 0.0, height as f32, width as f32];
+    Ok(Tensor::from_slice(&row, (1, 6), device)?.repeat((batch, 1))?)
+}
+
+/// Runs the scheduler's timesteps from `latents` and returns the denoised latents.
+pub fn denoise(
+    unet: &UNet2DConditionModel,
+    scheduler: &mut dyn Scheduler,
+    conditioning: &Conditioning,
+    mut latents: Tensor,
+    guidance_scale: f64,
+    (height, width): (usize, usize),
+    rng: &mut TorchRng,
+    progress: &mut ProgressFn,
+) -> Result<Tensor> {
+    let device = latents.device().clone();
+    let batch = conditioning.context.dim(0)?;
+    let added = AddedConditioning {
+        text_embeds: conditioning.pooled.clone(),
+        time_ids: time_ids(height, width, batch, &device)?.to_dtype(unet.dtype())?,
+    };
+    let timesteps = scheduler.timesteps().to_vec();
+    let evaluations = timesteps.len();
+    let steps = scheduler.num_inference_steps();
+    for (index, &t) in timesteps.iter().enumerate() {
+        let input = if conditioning.guided { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
+        let input = scheduler.scale_model_input(input, index)?;
+        let prediction = unet.forward(&input, t, &conditioning.context, &added)?.to_dtype(latents.dtype())?;
+        let prediction = if conditioning.guided {
+            let half = prediction.dim(0)? / 2;
+            let uncond = prediction.narrow(0, 0, half)?;
+            let cond = prediction.narrow(0, half, half)?;
+            (&uncond + ((cond - &uncond)? * guidance_scale)?)?
+        } else {
+            prediction
+        };
+        latents = scheduler.step(&prediction, index, &latents, rng)?;
+        let evaluation = index + 1;
+        let step = (evaluation * steps).div_ceil(evaluations);
+        if progress(&Progress::Step { step, steps, evaluation, evaluations }) == Control::Stop {
+            return Err(Error::Cancelled);
+        }
+    }
+    Ok(latents)
+}
