@@ -22,6 +22,15 @@ pub struct ModelRepo {
     source: Source,
 }
 
+/// The user's Hugging Face hub cache, found as `huggingface_hub` finds it: `HF_HUB_CACHE`, else `HF_HOME/hub`,
+/// else `~/.cache/huggingface/hub`.
+fn hub_cache() -> Cache {
+    match std::env::var_os("HF_HUB_CACHE").or_else(|| std::env::var_os("HUGGINGFACE_HUB_CACHE")) {
+        Some(dir) if !dir.is_empty() => Cache::new(PathBuf::from(dir)),
+        _ => Cache::from_env(),
+    }
+}
+
 fn hub_offline() -> bool {
     std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| !v.is_empty() && v != "0" && v.to_ascii_lowercase() != "false")
 }
@@ -44,7 +53,7 @@ impl ModelRepo {
                 "model {spec:?} is neither an existing folder nor a hub id of the form owner/name"
             )));
         }
-        Ok(Self { source: Source::Hub { id: spec.to_string(), cache: Cache::from_env() } })
+        Ok(Self { source: Source::Hub { id: spec.to_string(), cache: hub_cache() } })
     }
 
     pub fn folder(path: &Path) -> Self {

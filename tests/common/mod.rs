@@ -1,0 +1,56 @@
+//! Shared helpers for the parity tests: the tiny model, diffusers' reference tensors and comparisons.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn tiny_model() -> PathBuf {
+    root().join("models/tiny-sdxl")
+}
+
+pub struct Reference {
+    pub tensors: HashMap<String, Tensor>,
+    pub json: serde_json::Value,
+}
+
+impl Reference {
+    pub fn load() -> Self {
+        let dir = root().join("tests/fixtures");
+        let tensors = candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap();
+        let json = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+        Self { tensors, json }
+    }
+
+    pub fn get(&self, name: &str) -> Tensor {
+        self.tensors.get(name).unwrap_or_else(|| panic!("reference tensor {name} missing")).clone()
+    }
+}
+
+/// max |a − b| / max |b|: the error relative to the reference's scale.
+pub fn relative_error(actual: &Tensor, expected: &Tensor) -> f64 {
+    assert_eq!(actual.dims(), expected.dims(), "shape mismatch");
+    let a = actual.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let b = expected.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let scale = b.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-30);
+    let diff = a.iter().zip(&b).fold(0f64, |m, (x, y)| m.max((x - y).abs()));
+    diff / scale
+}
+
+#[track_caller]
+pub fn assert_close(what: &str, actual: &Tensor, expected: &Tensor, tolerance: f64) {
+    let err = relative_error(actual, expected);
+    assert!(err <= tolerance, "{what}: relative error {err:e} > {tolerance:e}");
+    eprintln!("{what}: relative error {err:.2e}");
+}
+
+/// Mean absolute difference of two u8 image stacks, in units of 1/255.
+pub fn mean_abs_pixel_diff(a: &[u8], b: &[u8]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).abs()).sum::<f64>() / a.len() as f64
+}
