@@ -1,0 +1,128 @@
+//! The `dreamshaper` binary on the bundled tiny model: files written, PNG parameters, request files, errors.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::tiny_model;
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("dreamshaper-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn run(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dreamshaper"))
+        .arg("generate")
+        .arg("--model")
+        .arg(tiny_model())
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn small(out: &Path) -> Vec<String> {
+    ["--scheduler", "Euler", "--num-inference-steps", "3", "--img-width", "64", "--img-height", "96", "--output"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([out.display().to_string()])
+        .collect()
+}
+
+fn png_parameters(path: &Path) -> (u32, u32, String) {
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
+    let reader = decoder.read_info().unwrap();
+    let info = reader.info();
+    let text = info
+        .uncompressed_latin1_text
+        .iter()
+        .find(|c| c.keyword == "parameters")
+        .map(|c| c.text.clone())
+        .or_else(|| info.utf8_text.iter().find(|c| c.keyword == "parameters").map(|c| c.get_text().unwrap()))
+        .expect("parameters chunk");
+    (info.width, info.height, text)
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn writes_one_png_with_a1111_parameters() {
+    let dir = temp_dir("one");
+    let out = dir.join("out.png");
+    let mut args = small(&out);
+    args.extend(["--prompt", "a photo of a Grumpy cat", "--negative-prompt", "blurry", "--seed", "7"].map(String::from));
+    let o = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (w, h, text) = png_parameters(&out);
+    assert_eq!((w, h), (64, 96));
+    assert!(text.starts_with("a photo of a Grumpy cat\nNegative prompt: blurry\nSteps: 3, Sampler: Euler, CFG scale: 7.5, Seed: 7, Size: 64x96"), "{text}");
+    // Not a terminal: no progress display on stderr, just the seed.
+    assert_eq!(stderr(&o).trim(), "seed: 7");
+}
+
+#[test]
+fn several_samples_are_numbered_and_random_seed_is_reported_and_reproducible() {
+    let dir = temp_dir("many");
+    let out = dir.join("img.png");
+    let mut args = small(&out);
+    args.extend(["--prompt", "a castle", "--samples", "2", "--seed", "-1"].map(String::from));
+    let o = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(dir.join("img_0.png").is_file() && dir.join("img_1.png").is_file() && !out.exists());
+    let seed: String = stderr(&o).trim().strip_prefix("seed: ").expect("seed line").to_string();
+    let first = std::fs::read(dir.join("img_1.png")).unwrap();
+
+    let again = dir.join("again.png");
+    let mut args = small(&again);
+    args.extend(["--prompt", "a castle", "--samples", "2", "--seed", seed.as_str()].map(String::from));
+    let o = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(std::fs::read(dir.join("again_1.png")).unwrap(), first, "same seed, same image");
+}
+
+#[test]
+fn request_file_with_overriding_flags() {
+    let dir = temp_dir("request");
+    let body = dir.join("body.json");
+    std::fs::write(
+        &body,
+        r#"{"prompt": "a lighthouse", "negative_prompt": "fog", "samples": 1, "scheduler": "DDIM",
+            "num_inference_steps": 2, "guidance_scale": 5, "seed": 11, "img_width": 64, "img_height": 64,
+            "base64": false, "some_future_field": true}"#,
+    )
+    .unwrap();
+    let out = dir.join("r.png");
+    let o = run(&["--request", body.to_str().unwrap(), "--img-width", "96", "--output", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (w, h, text) = png_parameters(&out);
+    assert_eq!((w, h), (96, 64));
+    assert!(text.contains("Negative prompt: fog") && text.contains("Steps: 2, Sampler: DDIM, CFG scale: 5, Seed: 11"), "{text}");
+}
+
+#[test]
+fn bad_input_is_a_one_line_error() {
+    let dir = temp_dir("bad");
+    let out = dir.join("x.png");
+    for (args, needle) in [
+        (vec!["--prompt", "x", "--img-width", "100"], "img_width"),
+        (vec!["--prompt", "x", "--num-inference-steps", "0"], "num_inference_steps"),
+        (vec!["--prompt", "x", "--scheduler", "NoSuchSampler"], "DDIM"),
+        (vec!["--prompt", "x", "--seed", "-5"], "seed"),
+        (vec!["--negative-prompt", "x"], "--prompt"),
+        (vec!["--prompt", "x", "--request", "/no/such/body.json"], "/no/such/body.json"),
+    ] {
+        let mut all = args.clone();
+        all.extend(["--output", out.to_str().unwrap()]);
+        let o = run(&all);
+        assert!(!o.status.success(), "{args:?} should fail");
+        let err = stderr(&o);
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+        assert!(err.starts_with("error: ") && err.contains(needle), "{args:?}: {err}");
+        assert!(!out.exists());
+    }
+}
