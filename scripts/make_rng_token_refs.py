@@ -6,7 +6,8 @@
   bit patterns (an exact fingerprint). `rng_default_capability` holds the same kind of summaries computed by torch
   with ATEN_CPU_CAPABILITY=default (its portable, non-AVX2 kernel) for the unit test of that kernel.
 * tokens: the ids that transformers' CLIPTokenizer.from_pretrained(folder) gives (as diffusers' SDXL pipeline loads
-  and calls it) for both SDXL tokenizers, for a set of prompts.
+  and calls it) for both SDXL tokenizers, for a set of prompts; and, in `tokenizer_variants`, for a few prompts with
+  other tokenizer_config.json layouts (the config files are stored too, so the test can recreate the folders).
 
 Usage (from the repository root, with torch + transformers installed and the tokenizer folders in place):
     python scripts/make_rng_token_refs.py [--models models/tiny-sdxl] [--out tests/fixtures/rng_tokens.json]
@@ -157,6 +158,72 @@ def token_refs(models):
     return meta, cases
 
 
+# Other layouts of a tokenizer folder (same vocab.json/merges.txt as tokenizer_2), to check how the special tokens
+# are resolved: the `added_tokens_decoder` layout that newer transformers versions save, and no config at all.
+NEWER_TOKENIZER_2_CONFIG = {
+    "add_prefix_space": False,
+    "added_tokens_decoder": {
+        "0": {"content": "!", "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+              "special": True},
+        "49406": {"content": "<|startoftext|>", "lstrip": False, "normalized": True, "rstrip": False,
+                  "single_word": False, "special": True},
+        "49407": {"content": "<|endoftext|>", "lstrip": False, "normalized": False, "rstrip": False,
+                  "single_word": False, "special": True},
+    },
+    "additional_special_tokens": [],
+    "bos_token": "<|startoftext|>",
+    "clean_up_tokenization_spaces": True,
+    "do_lower_case": True,
+    "eos_token": "<|endoftext|>",
+    "errors": "replace",
+    "model_max_length": 77,
+    "pad_token": "!",
+    "tokenizer_class": "CLIPTokenizer",
+    "unk_token": "<|endoftext|>",
+}
+VARIANTS = {
+    "tokenizer_2_added_tokens_decoder": {
+        "tokenizer_config.json": NEWER_TOKENIZER_2_CONFIG,
+        "special_tokens_map.json": {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "!",
+                                    "unk_token": "<|endoftext|>"},
+    },
+    "no_config": {},
+}
+VARIANT_PROMPTS = [
+    "a photo of a Grumpy cat, 8k!",
+    "!!!???...,,,;;; hello!world !",
+    "<|startoftext|>hello<|endoftext|> <|ENDOFTEXT|> <|EndOfText|>",
+    "Ünïcödé café naïve résumé Ångström Straße ﬁne",
+    "",
+]
+
+
+def variant_refs(models):
+    import shutil
+    import tempfile
+
+    from transformers import CLIPTokenizer
+
+    out = {}
+    for name, files in VARIANTS.items():
+        with tempfile.TemporaryDirectory() as d:
+            for f in ("vocab.json", "merges.txt"):
+                shutil.copy(os.path.join(models, "tokenizer_2", f), d)
+            for f, content in files.items():
+                with open(os.path.join(d, f), "w") as fh:
+                    json.dump(content, fh)
+            tok = CLIPTokenizer.from_pretrained(d)
+            out[name] = {
+                "files": files,
+                "bos": tok.bos_token_id,
+                "eos": tok.eos_token_id,
+                "pad": tok.pad_token_id,
+                "max_length": tok.model_max_length if tok.model_max_length < 10**6 else None,
+                "cases": [{"prompt": p, "tokens": tok(p, add_special_tokens=False).input_ids} for p in VARIANT_PROMPTS],
+            }
+    return out
+
+
 def main():
     if "--default-capability-only" in sys.argv:
         default_capability_only()
@@ -180,6 +247,7 @@ def main():
         "rng_default_capability": default_capability_refs(),
         "tokenizers": meta,
         "prompts": cases,
+        "tokenizer_variants": variant_refs(args.models),
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as f:

@@ -12,7 +12,8 @@
 //!   On x86 CPUs with AVX2 + FMA (torch's `AVX2` and `AVX512` kernels) the transform uses torch's vectorised
 //!   Cephes-style `log`/`sincos` (compiled by GCC, which fuses some multiply–adds); elsewhere torch uses the C
 //!   library's `logf`/`cosf`/`sinf` with a double-precision angle. Both kernels are reproduced here and picked the way
-//!   torch picks them.
+//!   torch picks them. (torch builds from other compilers, e.g. MSVC on Windows, may fuse differently and then differ
+//!   in the last bit of some values; the scalar kernel also inherits the platform's libm.)
 //! * `n < 16` values: a scalar double-precision path. Each value is one half of a Box–Muller pair built from two
 //!   53-bit uniforms (each from two 32-bit draws); the second half of a pair is cached in the generator and returned by
 //!   the next scalar draw, even across calls. Drawing 16 or more values neither uses nor clears that cache;
