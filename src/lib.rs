@@ -15,6 +15,6 @@ pub mod schedulers;
 pub mod tokenizer;
 
 pub use error::{Error, Result};
-pub use request::GenerateRequest;
 pub use pipeline::{Generation, Pipeline, PipelineOptions, Residency};
+pub use request::GenerateRequest;
 pub use sampling::{Control, Progress};

@@ -157,7 +157,13 @@ impl Pipeline {
         }
     }
 
-    fn var_builder(&self, repo: &ModelRepo, component: &str, stem: &str, dtype: DType) -> Result<candle_nn::VarBuilder<'static>> {
+    fn var_builder(
+        &self,
+        repo: &ModelRepo,
+        component: &str,
+        stem: &str,
+        dtype: DType,
+    ) -> Result<candle_nn::VarBuilder<'static>> {
         let files = repo.weights(component, stem, dtype == DType::F16)?;
         Ok(Weights::open(&files)?.into_var_builder(dtype, &self.device))
     }
@@ -224,7 +230,13 @@ impl Pipeline {
     }
 
     /// The denoising loop for a request, from the seed's initial noise to the denoised latents.
-    pub fn denoise(&self, request: &GenerateRequest, conditioning: &Conditioning, seed: u64, progress: &mut ProgressFn) -> Result<Tensor> {
+    pub fn denoise(
+        &self,
+        request: &GenerateRequest,
+        conditioning: &Conditioning,
+        seed: u64,
+        progress: &mut ProgressFn,
+    ) -> Result<Tensor> {
         let mut scheduler =
             schedulers::create(&request.scheduler, &self.configs.scheduler, request.num_inference_steps as usize)?;
         let loaded;
@@ -240,7 +252,8 @@ impl Pipeline {
         let scale = self.vae_scale_factor();
         let shape = [request.samples as usize, self.configs.unet.in_channels, height / scale, width / scale];
         let mut rng = TorchRng::new(seed);
-        let latents = sampling::initial_latents(&mut rng, shape, scheduler.init_noise_sigma(), &self.device, DType::F32)?;
+        let latents =
+            sampling::initial_latents(&mut rng, shape, scheduler.init_noise_sigma(), &self.device, DType::F32)?;
         stage(progress, "denoising")?;
         let latents = sampling::denoise(
             unet,

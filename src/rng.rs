@@ -38,10 +38,7 @@ struct Mt19937 {
 
 impl std::fmt::Debug for Mt19937 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Mt19937")
-            .field("seed", &self.seed)
-            .field("next", &self.next)
-            .finish_non_exhaustive()
+        f.debug_struct("Mt19937").field("seed", &self.seed).field("next", &self.next).finish_non_exhaustive()
     }
 }
 
@@ -51,15 +48,9 @@ impl Mt19937 {
         state[0] = seed;
         for i in 1..MT_N {
             let prev = state[i - 1];
-            state[i] = 1_812_433_253u32
-                .wrapping_mul(prev ^ (prev >> 30))
-                .wrapping_add(i as u32);
+            state[i] = 1_812_433_253u32.wrapping_mul(prev ^ (prev >> 30)).wrapping_add(i as u32);
         }
-        Self {
-            state,
-            next: MT_N,
-            seed,
-        }
+        Self { state, next: MT_N, seed }
     }
 
     fn regenerate(&mut self) {
@@ -100,9 +91,7 @@ impl NormalKernel {
     fn detect() -> Self {
         #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
         {
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
                 return NormalKernel::Avx2;
             }
         }
@@ -159,11 +148,8 @@ mod cephes {
     const NEG_DP1: f32 = -0.785_156_25_f64 as f32;
     const NEG_DP2: f32 = -2.418_756_484_985_351_6e-4_f64 as f32;
     const NEG_DP3: f32 = -3.774_894_977_445_941e-8_f64 as f32;
-    const SIN_P: [f32; 3] = [
-        -1.951_529_589_1E-4_f64 as f32,
-        8.332_160_873_6E-3_f64 as f32,
-        -1.666_665_461_1E-1_f64 as f32,
-    ];
+    const SIN_P: [f32; 3] =
+        [-1.951_529_589_1E-4_f64 as f32, 8.332_160_873_6E-3_f64 as f32, -1.666_665_461_1E-1_f64 as f32];
     const COS_P: [f32; 3] = [
         2.443_315_711_809_948E-5_f64 as f32,
         -1.388_731_625_493_765E-3_f64 as f32,
@@ -212,11 +198,7 @@ mod cephes {
         let sin_poly = SIN_P[0].mul_add(z, SIN_P[1]).mul_add(z, SIN_P[2]);
         let sin_poly = (sin_poly * z).mul_add(r, r);
         // The vector code blends the two polynomials by masking and adding a +0.0.
-        let (s, c) = if j & 2 == 0 {
-            (sin_poly, cos_poly)
-        } else {
-            (cos_poly, sin_poly)
-        };
+        let (s, c) = if j & 2 == 0 { (sin_poly, cos_poly) } else { (cos_poly, sin_poly) };
         let s = f32::from_bits((s + 0.0).to_bits() ^ sin_sign);
         let c = f32::from_bits((c + 0.0).to_bits() ^ cos_sign);
         (s, c)
@@ -239,11 +221,7 @@ impl TorchRng {
     }
 
     fn with_kernel(seed: u64, kernel: NormalKernel) -> Self {
-        Self {
-            mt: Mt19937::new(seed as u32),
-            cached_normal: None,
-            kernel,
-        }
+        Self { mt: Mt19937::new(seed as u32), cached_normal: None, kernel }
     }
 
     /// The same numbers as `torch.randn(n, generator=g)` (float32); the generator's state carries on.
@@ -266,11 +244,7 @@ impl TorchRng {
     }
 
     /// The same numbers as `torch.randn(shape, generator=g)`: a contiguous f32 tensor on `device`.
-    pub fn randn_tensor(
-        &mut self,
-        shape: &[usize],
-        device: &Device,
-    ) -> candle_core::Result<Tensor> {
+    pub fn randn_tensor(&mut self, shape: &[usize], device: &Device) -> candle_core::Result<Tensor> {
         let n = shape.iter().product();
         Tensor::from_vec(self.randn(n), shape, device)
     }
@@ -321,16 +295,10 @@ mod tests {
     fn cephes_functions_are_accurate() {
         for i in 1..=1000 {
             let x = i as f32 / 1000.0;
-            assert!(
-                (cephes::log(x) - x.ln()).abs() <= 2e-7 * x.ln().abs().max(1.0),
-                "log({x})"
-            );
+            assert!((cephes::log(x) - x.ln()).abs() <= 2e-7 * x.ln().abs().max(1.0), "log({x})");
             let t = x * std::f32::consts::TAU;
             let (s, c) = cephes::sincos(t);
-            assert!(
-                (s - t.sin()).abs() < 3e-7 && (c - t.cos()).abs() < 3e-7,
-                "sincos({t})"
-            );
+            assert!((s - t.sin()).abs() < 3e-7 && (c - t.cos()).abs() < 3e-7, "sincos({t})");
         }
         assert!(cephes::log(0.0).is_nan() && cephes::log(-1.0).is_nan());
     }
@@ -339,12 +307,8 @@ mod tests {
     /// `scripts/make_rng_token_refs.py`), whatever CPU this test runs on.
     #[test]
     fn scalar_kernel_matches_torch_default_capability() {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/fixtures/rng_tokens.json"
-        );
-        let json: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/rng_tokens.json");
+        let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         let cases = json["rng_default_capability"].as_array().unwrap();
         assert!(!cases.is_empty());
         for case in cases {
@@ -352,17 +316,9 @@ mod tests {
             let n = case["n"].as_u64().unwrap() as usize;
             let got = TorchRng::with_kernel(seed, NormalKernel::Scalar).randn(n);
             let bits_sum: u64 = got.iter().map(|v| u64::from(v.to_bits())).sum();
-            assert_eq!(
-                bits_sum,
-                case["bits_sum"].as_u64().unwrap(),
-                "seed {seed} n {n}"
-            );
-            let first: Vec<f32> = case["first"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_f64().unwrap() as f32)
-                .collect();
+            assert_eq!(bits_sum, case["bits_sum"].as_u64().unwrap(), "seed {seed} n {n}");
+            let first: Vec<f32> =
+                case["first"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
             assert_eq!(&got[..first.len()], &first[..], "seed {seed} n {n}");
         }
     }

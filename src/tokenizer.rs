@@ -18,9 +18,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::normalizers::replace::ReplacePattern;
-use tokenizers::normalizers::{
-    Lowercase, NormalizerWrapper, Replace, Sequence as NormalizerSequence, NFC,
-};
+use tokenizers::normalizers::{Lowercase, NormalizerWrapper, Replace, Sequence as NormalizerSequence, NFC};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizerSequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
@@ -39,15 +37,8 @@ const DEFAULT_MAX_LENGTH: usize = 77;
 /// Larger `model_max_length` values are placeholders (transformers writes 1e30 when a model has no limit).
 const MAX_SANE_LENGTH: usize = 1 << 16;
 /// transformers' special-token attributes, in the order it registers them.
-const SPECIAL_KEYS: [&str; 7] = [
-    "bos_token",
-    "eos_token",
-    "unk_token",
-    "sep_token",
-    "pad_token",
-    "cls_token",
-    "mask_token",
-];
+const SPECIAL_KEYS: [&str; 7] =
+    ["bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"];
 
 /// A CLIP tokenizer as diffusers' SDXL pipeline calls it (`padding="max_length"`, `truncation=True`).
 #[derive(Clone)]
@@ -101,15 +92,11 @@ impl TokenSpec {
         match value {
             Value::String(s) => Ok(Self::plain(s)),
             Value::Object(map) => {
-                let content = map.get("content").and_then(Value::as_str).ok_or_else(|| {
-                    Error::model(
-                        file,
-                        format!("token entry without a string `content`: {value}"),
-                    )
-                })?;
-                let flag = |name: &str, default: bool| {
-                    map.get(name).and_then(Value::as_bool).unwrap_or(default)
-                };
+                let content = map
+                    .get("content")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| Error::model(file, format!("token entry without a string `content`: {value}")))?;
+                let flag = |name: &str, default: bool| map.get(name).and_then(Value::as_bool).unwrap_or(default);
                 let special = flag("special", special);
                 Ok(Self {
                     content: content.to_string(),
@@ -120,10 +107,7 @@ impl TokenSpec {
                     special,
                 })
             }
-            other => Err(Error::model(
-                file,
-                format!("expected a token string or object, found {other}"),
-            )),
+            other => Err(Error::model(file, format!("expected a token string or object, found {other}"))),
         }
     }
 
@@ -157,12 +141,7 @@ impl SpecialTokens {
             ("unk_token", TokenSpec::plain(EOS)),
             ("pad_token", TokenSpec::plain(pad_token)),
         ];
-        Self {
-            decoder: Vec::new(),
-            named,
-            extra: Vec::new(),
-            max_length,
-        }
+        Self { decoder: Vec::new(), named, extra: Vec::new(), max_length }
     }
 
     fn get(&self, key: &str) -> Option<&TokenSpec> {
@@ -187,15 +166,12 @@ impl SpecialTokens {
 
         let mut decoder = Vec::new();
         if let Some(entries) = config.get("added_tokens_decoder").filter(|v| !v.is_null()) {
-            let entries = entries.as_object().ok_or_else(|| {
-                Error::model(&config_path, "`added_tokens_decoder` is not an object")
-            })?;
+            let entries = entries
+                .as_object()
+                .ok_or_else(|| Error::model(&config_path, "`added_tokens_decoder` is not an object"))?;
             for (id, entry) in entries {
                 let id = id.parse::<u64>().map_err(|_| {
-                    Error::model(
-                        &config_path,
-                        format!("`added_tokens_decoder` key `{id}` is not an id"),
-                    )
+                    Error::model(&config_path, format!("`added_tokens_decoder` key `{id}` is not an id"))
                 })?;
                 decoder.push((id, TokenSpec::from_json(entry, false, &config_path)?));
             }
@@ -221,15 +197,13 @@ impl SpecialTokens {
                 Some(_) => return Err(Error::model(&map_path, "expected a JSON object")),
                 None => {}
             }
-            if let Some(added) = tokenizer_json
-                .and_then(|j| j.get("added_tokens"))
-                .and_then(Value::as_array)
-            {
+            if let Some(added) = tokenizer_json.and_then(|j| j.get("added_tokens")).and_then(Value::as_array) {
                 let path = dir.join("tokenizer.json");
                 for entry in added {
-                    let id = entry.get("id").and_then(Value::as_u64).ok_or_else(|| {
-                        Error::model(&path, format!("added token without an id: {entry}"))
-                    })?;
+                    let id = entry
+                        .get("id")
+                        .and_then(Value::as_u64)
+                        .ok_or_else(|| Error::model(&path, format!("added token without an id: {entry}")))?;
                     decoder.push((id, TokenSpec::from_json(entry, false, &path)?));
                 }
             }
@@ -248,10 +222,7 @@ impl SpecialTokens {
                     None => continue,
                 },
             };
-            let spec = decoder
-                .iter()
-                .find(|(_, t)| t.content == spec.content)
-                .map_or(spec, |(_, t)| t.clone());
+            let spec = decoder.iter().find(|(_, t)| t.content == spec.content).map_or(spec, |(_, t)| t.clone());
             named.push((key, spec));
         }
 
@@ -268,33 +239,17 @@ impl SpecialTokens {
             None | Some(Value::Null) => DEFAULT_MAX_LENGTH,
             Some(v) => v
                 .as_u64()
-                .or_else(|| {
-                    v.as_f64()
-                        .filter(|f| *f >= 0.0 && f.fract() == 0.0)
-                        .map(|f| f as u64)
-                })
+                .or_else(|| v.as_f64().filter(|f| *f >= 0.0 && f.fract() == 0.0).map(|f| f as u64))
                 .map(|n| usize::try_from(n).unwrap_or(usize::MAX))
-                .ok_or_else(|| {
-                    Error::model(
-                        &config_path,
-                        format!("`model_max_length` is not a length: {v}"),
-                    )
-                })?,
+                .ok_or_else(|| Error::model(&config_path, format!("`model_max_length` is not a length: {v}")))?,
         };
-        Ok(Self {
-            decoder,
-            named,
-            extra,
-            max_length,
-        })
+        Ok(Self { decoder, named, extra, max_length })
     }
 }
 
 fn read_json_if_exists(path: &Path) -> Result<Option<Value>> {
     match std::fs::read_to_string(path) {
-        Ok(text) => serde_json::from_str(&text)
-            .map(Some)
-            .map_err(|e| Error::model(path, format!("invalid JSON: {e}"))),
+        Ok(text) => serde_json::from_str(&text).map(Some).map_err(|e| Error::model(path, format!("invalid JSON: {e}"))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(Error::io(path, e)),
     }
@@ -307,9 +262,7 @@ fn read_json(path: &Path) -> Result<Value> {
 
 /// A vocabulary object (`token → id`).
 fn parse_vocab(value: &Value, path: &Path) -> Result<HashMap<String, u32>> {
-    let map = value
-        .as_object()
-        .ok_or_else(|| Error::model(path, "the vocabulary is not a JSON object"))?;
+    let map = value.as_object().ok_or_else(|| Error::model(path, "the vocabulary is not a JSON object"))?;
     map.iter()
         .map(|(token, id)| {
             id.as_u64()
@@ -327,38 +280,26 @@ fn parse_merges_txt(text: &str, path: &Path) -> Result<Vec<(String, String)>> {
         .enumerate()
         .map(|(i, line)| match line.split(' ').collect::<Vec<_>>()[..] {
             [a, b] => Ok((a.to_string(), b.to_string())),
-            _ => Err(Error::model(
-                path,
-                format!(
-                    "merge {} is not two space-separated tokens: {line:?}",
-                    i + 1
-                ),
-            )),
+            _ => Err(Error::model(path, format!("merge {} is not two space-separated tokens: {line:?}", i + 1))),
         })
         .collect()
 }
 
 /// `tokenizer.json`'s merges: `"a b"` strings or `["a", "b"]` pairs.
 fn parse_merges_json(value: &Value, path: &Path) -> Result<Vec<(String, String)>> {
-    let list = value
-        .as_array()
-        .ok_or_else(|| Error::model(path, "`model.merges` is not a list"))?;
+    let list = value.as_array().ok_or_else(|| Error::model(path, "`model.merges` is not a list"))?;
     list.iter()
         .enumerate()
         .map(|(i, m)| {
             let pair = match m {
-                Value::String(s) => s
-                    .split_once(' ')
-                    .map(|(a, b)| (a.to_string(), b.to_string())),
+                Value::String(s) => s.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())),
                 Value::Array(p) => match &p[..] {
                     [Value::String(a), Value::String(b)] => Some((a.clone(), b.clone())),
                     _ => None,
                 },
                 _ => None,
             };
-            pair.ok_or_else(|| {
-                Error::model(path, format!("merge {} is not a token pair: {m}", i + 1))
-            })
+            pair.ok_or_else(|| Error::model(path, format!("merge {} is not a token pair: {m}", i + 1)))
         })
         .collect()
 }
@@ -372,61 +313,31 @@ impl ClipTokenizer {
         let json_path = dir.join("tokenizer.json");
         let (vocab, merges, tokenizer_json, source) = if json_path.is_file() {
             let json = read_json(&json_path)?;
-            let model = json
-                .get("model")
-                .ok_or_else(|| Error::model(&json_path, "no `model` section"))?;
-            if model
-                .get("type")
-                .and_then(Value::as_str)
-                .is_some_and(|t| t != "BPE")
-            {
+            let model = json.get("model").ok_or_else(|| Error::model(&json_path, "no `model` section"))?;
+            if model.get("type").and_then(Value::as_str).is_some_and(|t| t != "BPE") {
                 return Err(Error::model(&json_path, "the model is not a BPE model"));
             }
             let vocab = parse_vocab(model.get("vocab").unwrap_or(&Value::Null), &json_path)?;
-            let merges =
-                parse_merges_json(model.get("merges").unwrap_or(&Value::Null), &json_path)?;
+            let merges = parse_merges_json(model.get("merges").unwrap_or(&Value::Null), &json_path)?;
             (vocab, merges, Some(json), json_path)
         } else {
             let vocab_path = dir.join("vocab.json");
             let merges_path = dir.join("merges.txt");
             let vocab = parse_vocab(&read_json(&vocab_path)?, &vocab_path)?;
-            let text =
-                std::fs::read_to_string(&merges_path).map_err(|e| Error::io(&merges_path, e))?;
-            (
-                vocab,
-                parse_merges_txt(&text, &merges_path)?,
-                None,
-                merges_path,
-            )
+            let text = std::fs::read_to_string(&merges_path).map_err(|e| Error::io(&merges_path, e))?;
+            (vocab, parse_merges_txt(&text, &merges_path)?, None, merges_path)
         };
         let special = SpecialTokens::from_dir(dir, tokenizer_json.as_ref())?;
-        Self::build(
-            vocab,
-            merges,
-            &special,
-            &source,
-            &dir.join("tokenizer_config.json"),
-        )
+        Self::build(vocab, merges, &special, &source, &dir.join("tokenizer_config.json"))
     }
 
     /// From `vocab.json` / `merges.txt` files with an explicit pad token and maximum length (BOS/EOS/UNK are CLIP's
     /// `<|startoftext|>` / `<|endoftext|>`, given as plain strings as CLIPTokenizer does by default).
-    pub fn from_files(
-        vocab: &Path,
-        merges: &Path,
-        pad_token: &str,
-        max_length: usize,
-    ) -> Result<Self> {
+    pub fn from_files(vocab: &Path, merges: &Path, pad_token: &str, max_length: usize) -> Result<Self> {
         let vocab_map = parse_vocab(&read_json(vocab)?, vocab)?;
         let text = std::fs::read_to_string(merges).map_err(|e| Error::io(merges, e))?;
         let merge_list = parse_merges_txt(&text, merges)?;
-        Self::build(
-            vocab_map,
-            merge_list,
-            &SpecialTokens::defaults(pad_token, max_length),
-            merges,
-            vocab,
-        )
+        Self::build(vocab_map, merge_list, &SpecialTokens::defaults(pad_token, max_length), merges, vocab)
     }
 
     /// Builds the tokenizer. `model_file` is named in errors about the vocabulary/merges, `config_file` in errors
@@ -451,22 +362,13 @@ impl ClipTokenizer {
         // a new id past the embedding table.)
         let id_of = |key: &str| -> Result<u32> {
             let content = special.get(key).map_or(EOS, |t| t.content.as_str());
-            vocab.get(content).copied().ok_or_else(|| {
-                Error::model(
-                    config_file,
-                    format!("{key} {content:?} is not in the vocabulary"),
-                )
-            })
+            vocab
+                .get(content)
+                .copied()
+                .ok_or_else(|| Error::model(config_file, format!("{key} {content:?} is not in the vocabulary")))
         };
-        let (bos_id, eos_id, pad_id) = (
-            id_of("bos_token")?,
-            id_of("eos_token")?,
-            id_of("pad_token")?,
-        );
-        let unk = special
-            .get("unk_token")
-            .map_or(EOS, |t| t.content.as_str())
-            .to_string();
+        let (bos_id, eos_id, pad_id) = (id_of("bos_token")?, id_of("eos_token")?, id_of("pad_token")?);
+        let unk = special.get("unk_token").map_or(EOS, |t| t.content.as_str()).to_string();
         // Other special tokens outside the vocabulary would likewise get ids the model cannot embed; leave them out.
         let in_vocab = |t: &&TokenSpec| vocab.contains_key(&t.content);
         let named = special.named.iter().map(|(_, t)| t).filter(in_vocab);
@@ -490,54 +392,36 @@ impl ClipTokenizer {
             .build()
             .map_err(|e| Error::model(model_file, format!("invalid BPE vocabulary/merges: {e}")))?;
 
-        let pipeline_err = |e: tokenizers::Error| {
-            Error::Other(format!("building the CLIP tokenizer pipeline: {e}"))
-        };
+        let pipeline_err = |e: tokenizers::Error| Error::Other(format!("building the CLIP tokenizer pipeline: {e}"));
         let normalizer = NormalizerSequence::new(vec![
             NormalizerWrapper::NFC(NFC),
-            NormalizerWrapper::Replace(
-                Replace::new(ReplacePattern::Regex(r"\s+".into()), " ").map_err(pipeline_err)?,
-            ),
+            NormalizerWrapper::Replace(Replace::new(ReplacePattern::Regex(r"\s+".into()), " ").map_err(pipeline_err)?),
             NormalizerWrapper::Lowercase(Lowercase),
         ]);
         let pre_tokenizer = PreTokenizerSequence::new(vec![
             PreTokenizerWrapper::Split(
-                Split::new(
-                    SplitPattern::Regex(CLIP_PATTERN.into()),
-                    SplitDelimiterBehavior::Removed,
-                    true,
-                )
-                .map_err(pipeline_err)?,
+                Split::new(SplitPattern::Regex(CLIP_PATTERN.into()), SplitDelimiterBehavior::Removed, true)
+                    .map_err(pipeline_err)?,
             ),
             PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true)),
         ]);
         let mut tokenizer = Tokenizer::new(bpe);
-        tokenizer
-            .with_normalizer(Some(normalizer))
-            .map_err(pipeline_err)?;
+        tokenizer.with_normalizer(Some(normalizer)).map_err(pipeline_err)?;
         tokenizer.with_pre_tokenizer(Some(pre_tokenizer));
 
         // transformers first adds the decoder table's tokens (by id), then every named special token, then the extra
         // ones; re-adding a content with other flags replaces them, so the last entry wins.
-        tokenizer.add_special_tokens(added).map_err(|e| {
-            Error::model(config_file, format!("cannot add the special tokens: {e}"))
-        })?;
+        tokenizer
+            .add_special_tokens(added)
+            .map_err(|e| Error::model(config_file, format!("cannot add the special tokens: {e}")))?;
 
-        Ok(Self {
-            tokenizer,
-            bos_id,
-            eos_id,
-            pad_id,
-            max_length: special.max_length,
-        })
+        Ok(Self { tokenizer, bos_id, eos_id, pad_id, max_length: special.max_length })
     }
 
     /// Token ids of `text` without BOS/EOS, untruncated.
     pub fn encode_tokens(&self, text: &str) -> Result<Vec<u32>> {
-        let encoding = self
-            .tokenizer
-            .encode(text, false)
-            .map_err(|e| Error::Other(format!("tokenizing the prompt: {e}")))?;
+        let encoding =
+            self.tokenizer.encode(text, false).map_err(|e| Error::Other(format!("tokenizing the prompt: {e}")))?;
         Ok(encoding.get_ids().to_vec())
     }
 
@@ -556,10 +440,7 @@ impl ClipTokenizer {
 
     /// How many tokens of `text` [`encode_padded`](Self::encode_padded) cuts off.
     pub fn truncated_count(&self, text: &str) -> Result<usize> {
-        Ok(self
-            .encode_tokens(text)?
-            .len()
-            .saturating_sub(self.max_length - 2))
+        Ok(self.encode_tokens(text)?.len().saturating_sub(self.max_length - 2))
     }
 
     pub fn bos_id(&self) -> u32 {

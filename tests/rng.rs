@@ -6,28 +6,17 @@ use dreamshaper::rng::TorchRng;
 use serde_json::Value;
 
 fn fixture() -> Value {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/rng_tokens.json"
-    );
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/rng_tokens.json");
     let text = std::fs::read_to_string(path).expect("read tests/fixtures/rng_tokens.json");
     serde_json::from_str(&text).expect("parse tests/fixtures/rng_tokens.json")
 }
 
 fn floats(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
 }
 
 fn usizes(v: &Value) -> Vec<usize> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as usize)
-        .collect()
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect()
 }
 
 /// Whether this CPU runs torch's AVX2 kernel, the one the fixture was generated with (AVX512 machines use it too),
@@ -50,47 +39,28 @@ fn assert_close(got: &[f32], want: &[f32], what: &str) {
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
         assert!((g - w).abs() <= TOL, "{what}[{i}]: got {g}, torch {w}");
         if expect_bit_exact() {
-            assert_eq!(
-                g.to_bits(),
-                w.to_bits(),
-                "{what}[{i}]: got {g}, torch {w} (not bit-exact)"
-            );
+            assert_eq!(g.to_bits(), w.to_bits(), "{what}[{i}]: got {g}, torch {w} (not bit-exact)");
         }
     }
 }
 
 /// Checks one draw against its stored summary (whole values, or first/last 16 + sums).
 fn check_draw(got: &[f32], want: &Value, what: &str) {
-    assert_eq!(
-        got.len(),
-        want["len"].as_u64().unwrap() as usize,
-        "{what}: length"
-    );
+    assert_eq!(got.len(), want["len"].as_u64().unwrap() as usize, "{what}: length");
     if let Some(values) = want.get("values") {
         assert_close(got, &floats(values), what);
     } else {
         let first = floats(&want["first"]);
         let last = floats(&want["last"]);
         assert_close(&got[..first.len()], &first, &format!("{what} first"));
-        assert_close(
-            &got[got.len() - last.len()..],
-            &last,
-            &format!("{what} last"),
-        );
+        assert_close(&got[got.len() - last.len()..], &last, &format!("{what} last"));
     }
     let sum: f64 = got.iter().map(|&v| f64::from(v)).sum();
     let want_sum = want["sum"].as_f64().unwrap();
-    assert!(
-        (sum - want_sum).abs() <= 1e-6 * got.len() as f64,
-        "{what}: sum {sum} vs torch {want_sum}"
-    );
+    assert!((sum - want_sum).abs() <= 1e-6 * got.len() as f64, "{what}: sum {sum} vs torch {want_sum}");
     if expect_bit_exact() {
         let bits_sum: u64 = got.iter().map(|v| u64::from(v.to_bits())).sum();
-        assert_eq!(
-            bits_sum,
-            want["bits_sum"].as_u64().unwrap(),
-            "{what}: float32 bit patterns differ"
-        );
+        assert_eq!(bits_sum, want["bits_sum"].as_u64().unwrap(), "{what}: float32 bit patterns differ");
     }
 }
 
@@ -123,11 +93,7 @@ fn randn_tensor_matches_torch() {
             assert_eq!(t.dtype(), candle_core::DType::F32);
             assert!(t.is_contiguous());
             let got = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            check_draw(
-                &got,
-                draw,
-                &format!("tensor seed {seed} draw {k} shape {shape:?}"),
-            );
+            check_draw(&got, draw, &format!("tensor seed {seed} draw {k} shape {shape:?}"));
         }
     }
 }
