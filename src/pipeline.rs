@@ -260,8 +260,7 @@ impl Pipeline {
             scheduler.as_mut(),
             conditioning,
             latents,
-            request.guidance_scale,
-            (height, width),
+            sampling::Guidance { scale: request.guidance_scale, height, width },
             &mut rng,
             progress,
         )?;

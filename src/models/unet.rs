@@ -297,11 +297,11 @@ impl UNet2DConditionModel {
             let depths = cfg.transformer_layers_per_block.for_block(i, layers);
             let mut resnets = Vec::with_capacity(layers);
             let mut attentions = Vec::new();
-            for j in 0..layers {
+            for (j, &depth) in depths.iter().enumerate().take(layers) {
                 let c = if j == 0 { c_in } else { c_out };
                 resnets.push(ResnetBlock2D::new(vb.pp("resnets").pp(j), c, c_out, Some(temb_dim), groups, eps)?);
                 if kind == "CrossAttnDownBlock2D" {
-                    attentions.push(transformer(vb.pp("attentions").pp(j), c_out, i, depths[j])?);
+                    attentions.push(transformer(vb.pp("attentions").pp(j), c_out, i, depth)?);
                 }
             }
             let downsampler =
