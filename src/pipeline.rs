@@ -97,6 +97,12 @@ pub struct Pipeline {
 impl Pipeline {
     /// Reads a model's configs (a diffusers folder or a hub id) and, with [`Residency::Resident`], its weights.
     pub fn load(model: &str, options: PipelineOptions) -> Result<Self> {
+        if options.device.is_cpu() && options.dtype == DType::BF16 {
+            return Err(Error::invalid(
+                "dtype",
+                "bf16 is not supported on the CPU yet (candle has no CPU bf16 matmul); use f32 or f16",
+            ));
+        }
         let repo = ModelRepo::open(model)?;
         // A replacement VAE is its own repository root (`config.json` at the top), the model's VAE lives in `vae/`.
         let vae_repo = match &options.vae {
