@@ -149,15 +149,9 @@ impl Pipeline {
 
     /// Prompt conditioning for a request (text encoders loaded for the call unless resident).
     pub fn condition(&self, request: &GenerateRequest, progress: &mut ProgressFn) -> Result<Conditioning> {
-        let loaded;
-        let encoders = match &self.resident.text {
-            Some(t) => t,
-            None => {
-                stage(progress, "loading text encoders")?;
-                loaded = self.load_text_encoders()?;
-                &loaded
-            }
-        };
+        let mut slot = None;
+        let encoders =
+            component(&self.resident.text, &mut slot, progress, "loading text encoders", || self.load_text_encoders())?;
         stage(progress, "encoding prompt")?;
         encoders.condition(
             &request.prompt,
@@ -179,15 +173,8 @@ impl Pipeline {
     ) -> Result<Tensor> {
         let mut scheduler =
             schedulers::create(&request.scheduler, &self.configs.scheduler, request.num_inference_steps as usize)?;
-        let loaded;
-        let unet = match &self.resident.unet {
-            Some(u) => u,
-            None => {
-                stage(progress, "loading unet")?;
-                loaded = self.load_unet()?;
-                &loaded
-            }
-        };
+        let mut slot = None;
+        let unet = component(&self.resident.unet, &mut slot, progress, "loading unet", || self.load_unet())?;
         let (height, width) = (request.img_height as usize, request.img_width as usize);
         let scale = self.vae_scale_factor();
         let shape = [request.samples as usize, self.configs.unet.in_channels, height / scale, width / scale];
@@ -209,15 +196,8 @@ impl Pipeline {
 
     /// VAE decode of denoised latents to 8-bit RGB images, one image at a time.
     pub fn decode(&self, latents: &Tensor, progress: &mut ProgressFn) -> Result<Vec<RgbImage>> {
-        let loaded;
-        let vae = match &self.resident.vae {
-            Some(v) => v,
-            None => {
-                stage(progress, "loading vae")?;
-                loaded = self.load_vae()?;
-                &loaded
-            }
-        };
+        let mut slot = None;
+        let vae = component(&self.resident.vae, &mut slot, progress, "loading vae", || self.load_vae())?;
         stage(progress, "decoding")?;
         let mut images = Vec::with_capacity(latents.dim(0)?);
         for i in 0..latents.dim(0)? {
@@ -244,6 +224,21 @@ impl Pipeline {
         let images = self.decode(&latents, progress)?;
         Ok(Generation { images, seed, latents })
     }
+}
+
+/// The resident component, or one loaded now into `slot` (so it is freed when the caller's stage ends).
+fn component<'a, T>(
+    resident: &'a Option<T>,
+    slot: &'a mut Option<T>,
+    progress: &mut ProgressFn,
+    stage_name: &'static str,
+    load: impl FnOnce() -> Result<T>,
+) -> Result<&'a T> {
+    if let Some(loaded) = resident {
+        return Ok(loaded);
+    }
+    stage(progress, stage_name)?;
+    Ok(slot.insert(load()?))
 }
 
 fn stage(progress: &mut ProgressFn, name: &'static str) -> Result<()> {
