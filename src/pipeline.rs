@@ -126,7 +126,7 @@ impl Pipeline {
     pub fn load_text_encoders(&self) -> Result<TextEncoders> {
         let load = |component: Component, cfg: &ClipTextConfig, with_projection: bool| -> Result<ClipTextModel> {
             let vb = self.source.var_builder(component, self.dtype, &self.device)?;
-            ClipTextModel::new(vb, cfg, with_projection).map_err(|e| component_error(component, e))
+            ClipTextModel::new(vb, cfg, with_projection).map_err(|e| self.component_error(component, e))
         };
         let (tokenizer, tokenizer_2) = self.source.tokenizers()?;
         Ok(TextEncoders {
@@ -139,12 +139,16 @@ impl Pipeline {
 
     pub fn load_unet(&self) -> Result<UNet2DConditionModel> {
         let vb = self.source.var_builder(Component::Unet, self.dtype, &self.device)?;
-        UNet2DConditionModel::new(vb, &self.configs.unet).map_err(|e| component_error(Component::Unet, e))
+        UNet2DConditionModel::new(vb, &self.configs.unet).map_err(|e| self.component_error(Component::Unet, e))
     }
 
     pub fn load_vae(&self) -> Result<VaeDecoder> {
         let vb = self.source.var_builder(Component::Vae, self.vae_dtype(), &self.device)?;
-        VaeDecoder::new(vb, &self.configs.vae).map_err(|e| component_error(Component::Vae, e))
+        VaeDecoder::new(vb, &self.configs.vae).map_err(|e| self.component_error(Component::Vae, e))
+    }
+
+    fn component_error(&self, component: Component, e: candle_core::Error) -> Error {
+        Error::Other(format!("loading the {component:?} weights: {}{}", Error::from(e), self.source.config_hint()))
     }
 
     /// Prompt conditioning for a request (text encoders loaded for the call unless resident).
@@ -246,10 +250,6 @@ fn stage(progress: &mut ProgressFn, name: &'static str) -> Result<()> {
         Control::Continue => Ok(()),
         Control::Stop => Err(Error::Cancelled),
     }
-}
-
-fn component_error(component: Component, e: candle_core::Error) -> Error {
-    Error::Other(format!("loading the {component:?} weights: {}", Error::from(e)))
 }
 
 /// diffusers' post-processing: `(x / 2 + 0.5).clamp(0, 1) · 255`, rounded half to even (numpy's `round`).

@@ -553,7 +553,7 @@ impl SingleFile {
                     "proj_out" => "to_out.0",
                     _ => continue,
                 };
-                if layer != "group_norm" {
+                if layer != "group_norm" && param == "weight" {
                     transform = Transform::Conv1x1ToLinear;
                 }
                 format!("mid_block.attentions.0.{layer}.{param}")

@@ -237,6 +237,17 @@ impl ModelSource {
         }
     }
 
+    /// A hint added to loading errors when the configs were read off a single file's keys.
+    pub fn config_hint(&self) -> &'static str {
+        match (&self.weights, &self.config_repo) {
+            (Weightset::SingleFile(_), None) => {
+                " (this checkpoint's dimensions were read off its keys with SDXL's conventions; if it is not \
+                 SDXL-shaped, give its configs with --config <diffusers folder or hub id>)"
+            }
+            _ => "",
+        }
+    }
+
     /// Stored keys of a single-file checkpoint that no component uses (EMA weights, the VAE encoder…).
     pub fn unused_keys(&self) -> Result<Vec<String>> {
         match &self.weights {
