@@ -44,7 +44,8 @@ impl TextEncoders {
         };
         let first = self.text_encoder.forward(&ids(&self.tokenizer)?)?;
         let second = self.text_encoder_2.forward(&ids(&self.tokenizer_2)?)?;
-        let pooled = second.pooled.ok_or_else(|| crate::Error::Other("text_encoder_2 has no text_projection".into()))?;
+        let pooled =
+            second.pooled.ok_or_else(|| crate::Error::Other("text_encoder_2 has no text_projection".into()))?;
         let context = Tensor::cat(&[&first.penultimate, &second.penultimate.to_dtype(first.penultimate.dtype())?], 2)?;
         Ok(PromptEmbedding { context, pooled })
     }

@@ -35,8 +35,9 @@ pub enum Error {
     #[error("generation cancelled")]
     Cancelled,
 
-    #[error(transparent)]
-    Tensor(#[from] candle_core::Error),
+    /// A tensor operation failed (shapes, device, dtype support…).
+    #[error("{0}")]
+    Tensor(candle_core::Error),
 
     #[error("{0}")]
     Other(String),
@@ -53,5 +54,16 @@ impl Error {
 
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io { path: path.into(), source }
+    }
+}
+
+impl From<candle_core::Error> for Error {
+    /// Keeps the message and drops candle's captured backtrace, so errors stay one readable line.
+    fn from(e: candle_core::Error) -> Self {
+        let mut e = e;
+        while let candle_core::Error::WithBacktrace { inner, .. } = e {
+            e = *inner;
+        }
+        Error::Tensor(e)
     }
 }

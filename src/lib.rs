@@ -16,6 +16,6 @@ pub mod server;
 pub mod tokenizer;
 
 pub use error::{Error, Result};
-pub use request::GenerateRequest;
 pub use pipeline::{Generation, Pipeline, PipelineOptions, Residency};
+pub use request::GenerateRequest;
 pub use sampling::{Control, Progress};

@@ -14,7 +14,11 @@ use dreamshaper::{Control, GenerateRequest, Pipeline, PipelineOptions, Progress,
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Parser)]
-#[command(name = "dreamshaper", version, about = "Local Stable Diffusion XL (Dreamshaper XL) inference, matching diffusers")]
+#[command(
+    name = "dreamshaper",
+    version,
+    about = "Local Stable Diffusion XL (Dreamshaper XL) inference, matching diffusers"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -149,9 +153,10 @@ fn device_and_dtype(args: &ModelArgs) -> anyhow::Result<(Device, DType)> {
 fn build_request(args: &GenerateArgs) -> anyhow::Result<GenerateRequest> {
     let mut request = match &args.request {
         Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("--request {}: {e}", path.display()))?;
-            let mut value: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("--request {}: invalid JSON: {e}", path.display()))?;
+            let text =
+                std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("--request {}: {e}", path.display()))?;
+            let mut value: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| anyhow::anyhow!("--request {}: invalid JSON: {e}", path.display()))?;
             // A request file may leave the prompt to the command line.
             if let (Some(prompt), Some(obj)) = (&args.prompt, value.as_object_mut()) {
                 obj.insert("prompt".into(), prompt.clone().into());
@@ -159,7 +164,9 @@ fn build_request(args: &GenerateArgs) -> anyhow::Result<GenerateRequest> {
             serde_json::from_value(value).map_err(|e| anyhow::anyhow!("--request {}: {e}", path.display()))?
         }
         None => GenerateRequest::new(
-            args.prompt.clone().ok_or_else(|| anyhow::anyhow!("--prompt is required (or give --request with a prompt)"))?,
+            args.prompt
+                .clone()
+                .ok_or_else(|| anyhow::anyhow!("--prompt is required (or give --request with a prompt)"))?,
         ),
     };
     if let Some(v) = &args.prompt {
@@ -204,14 +211,20 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
                 if !bar_is_steps {
                     bar_is_steps = true;
                     bar.set_style(
-                        ProgressStyle::with_template("{bar:30} step {msg} [{elapsed_precise}<{eta_precise}, {per_sec}]")
-                            .expect("valid template"),
+                        ProgressStyle::with_template(
+                            "{bar:30} step {msg} [{elapsed_precise}<{eta_precise}, {per_sec}]",
+                        )
+                        .expect("valid template"),
                     );
                     bar.set_length(*evaluations as u64);
                     bar.reset_elapsed();
                 }
                 bar.set_position(*evaluation as u64);
-                let evals = if evaluations != steps { format!(" ({evaluation}/{evaluations} model evals)") } else { String::new() };
+                let evals = if evaluations != steps {
+                    format!(" ({evaluation}/{evaluations} model evals)")
+                } else {
+                    String::new()
+                };
                 bar.set_message(format!("{step}/{steps}{evals}"));
             }
         }

@@ -17,7 +17,13 @@ pub fn a1111_parameters(request: &GenerateRequest, seed: u64, model: &str) -> St
     }
     text.push_str(&format!(
         "\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}",
-        request.num_inference_steps, request.scheduler, request.guidance_scale, seed, request.img_width, request.img_height, model
+        request.num_inference_steps,
+        request.scheduler,
+        request.guidance_scale,
+        seed,
+        request.img_width,
+        request.img_height,
+        model
     ));
     text
 }

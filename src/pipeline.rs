@@ -97,6 +97,12 @@ pub struct Pipeline {
 impl Pipeline {
     /// Reads a model's configs (a diffusers folder or a hub id) and, with [`Residency::Resident`], its weights.
     pub fn load(model: &str, options: PipelineOptions) -> Result<Self> {
+        if options.device.is_cpu() && options.dtype == DType::BF16 {
+            return Err(Error::invalid(
+                "dtype",
+                "bf16 is not supported on the CPU yet (candle has no CPU bf16 matmul); use f32 or f16",
+            ));
+        }
         let repo = ModelRepo::open(model)?;
         // A replacement VAE is its own repository root (`config.json` at the top), the model's VAE lives in `vae/`.
         let vae_repo = match &options.vae {
@@ -157,7 +163,13 @@ impl Pipeline {
         }
     }
 
-    fn var_builder(&self, repo: &ModelRepo, component: &str, stem: &str, dtype: DType) -> Result<candle_nn::VarBuilder<'static>> {
+    fn var_builder(
+        &self,
+        repo: &ModelRepo,
+        component: &str,
+        stem: &str,
+        dtype: DType,
+    ) -> Result<candle_nn::VarBuilder<'static>> {
         let files = repo.weights(component, stem, dtype == DType::F16)?;
         Ok(Weights::open(&files)?.into_var_builder(dtype, &self.device))
     }
@@ -224,7 +236,13 @@ impl Pipeline {
     }
 
     /// The denoising loop for a request, from the seed's initial noise to the denoised latents.
-    pub fn denoise(&self, request: &GenerateRequest, conditioning: &Conditioning, seed: u64, progress: &mut ProgressFn) -> Result<Tensor> {
+    pub fn denoise(
+        &self,
+        request: &GenerateRequest,
+        conditioning: &Conditioning,
+        seed: u64,
+        progress: &mut ProgressFn,
+    ) -> Result<Tensor> {
         let mut scheduler =
             schedulers::create(&request.scheduler, &self.configs.scheduler, request.num_inference_steps as usize)?;
         let loaded;
@@ -240,15 +258,15 @@ impl Pipeline {
         let scale = self.vae_scale_factor();
         let shape = [request.samples as usize, self.configs.unet.in_channels, height / scale, width / scale];
         let mut rng = TorchRng::new(seed);
-        let latents = sampling::initial_latents(&mut rng, shape, scheduler.init_noise_sigma(), &self.device, DType::F32)?;
+        let latents =
+            sampling::initial_latents(&mut rng, shape, scheduler.init_noise_sigma(), &self.device, DType::F32)?;
         stage(progress, "denoising")?;
         let latents = sampling::denoise(
             unet,
             scheduler.as_mut(),
             conditioning,
             latents,
-            request.guidance_scale,
-            (height, width),
+            sampling::Guidance { scale: request.guidance_scale, height, width },
             &mut rng,
             progress,
         )?;

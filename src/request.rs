@@ -81,7 +81,10 @@ impl GenerateRequest {
             return Err(Error::invalid("num_inference_steps", "must be at least 1"));
         }
         if !self.guidance_scale.is_finite() || self.guidance_scale < 0.0 {
-            return Err(Error::invalid("guidance_scale", format!("must be a finite number ≥ 0, got {}", self.guidance_scale)));
+            return Err(Error::invalid(
+                "guidance_scale",
+                format!("must be a finite number ≥ 0, got {}", self.guidance_scale),
+            ));
         }
         if self.seed < -1 {
             return Err(Error::invalid("seed", format!("must be -1 (random) or 0 … {MAX_SEED}, got {}", self.seed)));
@@ -106,7 +109,10 @@ impl GenerateRequest {
             ));
         }
         if !(1.0..=25.0).contains(&self.guidance_scale) {
-            return Err(Error::invalid("guidance_scale", format!("must be between 1 and 25, got {}", self.guidance_scale)));
+            return Err(Error::invalid(
+                "guidance_scale",
+                format!("must be between 1 and 25, got {}", self.guidance_scale),
+            ));
         }
         if !(-1..=MAX_SEED).contains(&self.seed) {
             return Err(Error::invalid("seed", format!("must be between -1 and {MAX_SEED}, got {}", self.seed)));

@@ -48,17 +48,27 @@ pub fn time_ids(height: usize, width: usize, batch: usize, device: &Device) -> R
     Ok(Tensor::from_slice(&row, (1, 6), device)?.repeat((batch, 1))?)
 }
 
+/// The per-request numbers the loop needs besides the conditioning.
+#[derive(Debug, Clone, Copy)]
+pub struct Guidance {
+    /// Classifier-free guidance scale (used when the conditioning is guided).
+    pub scale: f64,
+    /// Image size in pixels, for SDXL's size conditioning.
+    pub height: usize,
+    pub width: usize,
+}
+
 /// Runs the scheduler's timesteps from `latents` and returns the denoised latents.
 pub fn denoise(
     unet: &UNet2DConditionModel,
     scheduler: &mut dyn Scheduler,
     conditioning: &Conditioning,
     mut latents: Tensor,
-    guidance_scale: f64,
-    (height, width): (usize, usize),
+    guidance: Guidance,
     rng: &mut TorchRng,
     progress: &mut ProgressFn,
 ) -> Result<Tensor> {
+    let Guidance { scale: guidance_scale, height, width } = guidance;
     let device = latents.device().clone();
     let batch = conditioning.context.dim(0)?;
     let added = AddedConditioning {

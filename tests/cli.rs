@@ -55,7 +55,9 @@ fn writes_one_png_with_a1111_parameters() {
     let dir = temp_dir("one");
     let out = dir.join("out.png");
     let mut args = small(&out);
-    args.extend(["--prompt", "a photo of a Grumpy cat", "--negative-prompt", "blurry", "--seed", "7"].map(String::from));
+    args.extend(
+        ["--prompt", "a photo of a Grumpy cat", "--negative-prompt", "blurry", "--seed", "7"].map(String::from),
+    );
     let o = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(o.status.success(), "{}", stderr(&o));
     let (w, h, text) = png_parameters(&out);
@@ -101,7 +103,10 @@ fn request_file_with_overriding_flags() {
     assert!(o.status.success(), "{}", stderr(&o));
     let (w, h, text) = png_parameters(&out);
     assert_eq!((w, h), (96, 64));
-    assert!(text.contains("Negative prompt: fog") && text.contains("Steps: 2, Sampler: DDIM, CFG scale: 5, Seed: 11"), "{text}");
+    assert!(
+        text.contains("Negative prompt: fog") && text.contains("Steps: 2, Sampler: DDIM, CFG scale: 5, Seed: 11"),
+        "{text}"
+    );
 }
 
 #[test]

@@ -67,7 +67,8 @@ fn truncated_safetensors_names_the_file() {
 #[test]
 fn garbage_file_is_an_error_not_a_panic() {
     let dir = copy_model("garbage");
-    std::fs::write(dir.join("text_encoder/model.safetensors"), b"\xff\xff\xff\xff\xff\xff\xff\x7fnot a header").unwrap();
+    std::fs::write(dir.join("text_encoder/model.safetensors"), b"\xff\xff\xff\xff\xff\xff\xff\x7fnot a header")
+        .unwrap();
     let e = load_all(&dir).unwrap_err().to_string();
     assert!(e.contains("text_encoder/model.safetensors"), "{e}");
 }
@@ -81,7 +82,12 @@ fn wrong_shape_and_missing_tensor_name_file_and_tensor() {
     cfg["block_out_channels"] = serde_json::json!([64, 64, 64]);
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
     let e = load_all(&dir).unwrap_err().to_string();
-    assert!(e.contains("unet/diffusion_pytorch_model.safetensors") && e.contains("down_blocks.0.") && e.contains("has shape [32]"), "{e}");
+    assert!(
+        e.contains("unet/diffusion_pytorch_model.safetensors")
+            && e.contains("down_blocks.0.")
+            && e.contains("has shape [32]"),
+        "{e}"
+    );
 
     // A layer more than the weights hold: the missing tensor is named.
     let dir = copy_model("missing-tensor");
@@ -107,8 +113,11 @@ fn sd15_style_unet_config_is_rejected_with_reason() {
 #[test]
 fn fp16_variant_is_preferred_only_in_f16() {
     let dir = copy_model("variant");
-    std::fs::copy(dir.join("unet/diffusion_pytorch_model.safetensors"), dir.join("unet/diffusion_pytorch_model.fp16.safetensors"))
-        .unwrap();
+    std::fs::copy(
+        dir.join("unet/diffusion_pytorch_model.safetensors"),
+        dir.join("unet/diffusion_pytorch_model.fp16.safetensors"),
+    )
+    .unwrap();
     let repo = ModelRepo::folder(&dir);
     let f32_files = repo.weights("unet", "diffusion_pytorch_model", false).unwrap();
     let f16_files = repo.weights("unet", "diffusion_pytorch_model", true).unwrap();

@@ -38,7 +38,14 @@ fn token_ids_and_text_encoders_match() {
         let ids1 = encoders.tokenizer.encode_padded(prompt).unwrap();
         let ids2 = encoders.tokenizer_2.encode_padded(prompt).unwrap();
         let want = |k: &str| -> Vec<u32> {
-            r.get(case[k].as_str().unwrap()).flatten_all().unwrap().to_vec1::<i64>().unwrap().iter().map(|&v| v as u32).collect()
+            r.get(case[k].as_str().unwrap())
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<i64>()
+                .unwrap()
+                .iter()
+                .map(|&v| v as u32)
+                .collect()
         };
         assert_eq!(ids1, want("te1_ids"), "tokenizer ids for {prompt:?}");
         assert_eq!(ids2, want("te2_ids"), "tokenizer_2 ids for {prompt:?}");
@@ -46,9 +53,24 @@ fn token_ids_and_text_encoders_match() {
         let t2 = Tensor::from_vec(ids2, (1, 77), &Device::Cpu).unwrap();
         let out1 = encoders.text_encoder.forward(&t1).unwrap();
         let out2 = encoders.text_encoder_2.forward(&t2).unwrap();
-        assert_close("text_encoder hidden_states[-2]", &out1.penultimate, &r.get(case["te1_hidden"].as_str().unwrap()), TOLERANCE);
-        assert_close("text_encoder_2 hidden_states[-2]", &out2.penultimate, &r.get(case["te2_hidden"].as_str().unwrap()), TOLERANCE);
-        assert_close("text_encoder_2 pooled", &out2.pooled.unwrap(), &r.get(case["te2_pooled"].as_str().unwrap()), TOLERANCE);
+        assert_close(
+            "text_encoder hidden_states[-2]",
+            &out1.penultimate,
+            &r.get(case["te1_hidden"].as_str().unwrap()),
+            TOLERANCE,
+        );
+        assert_close(
+            "text_encoder_2 hidden_states[-2]",
+            &out2.penultimate,
+            &r.get(case["te2_hidden"].as_str().unwrap()),
+            TOLERANCE,
+        );
+        assert_close(
+            "text_encoder_2 pooled",
+            &out2.pooled.unwrap(),
+            &r.get(case["te2_pooled"].as_str().unwrap()),
+            TOLERANCE,
+        );
     }
 }
 
@@ -69,10 +91,30 @@ fn prompt_encoding_matches_encode_prompt() {
         let t = &case["tensors"];
         let get = |k: &str| r.get(t[k].as_str().unwrap());
         let name = case["name"].as_str().unwrap();
-        assert_close(&format!("{name} negative_prompt_embeds"), &cond.context.narrow(0, 0, samples).unwrap(), &get("negative_prompt_embeds"), TOLERANCE);
-        assert_close(&format!("{name} prompt_embeds"), &cond.context.narrow(0, samples, samples).unwrap(), &get("prompt_embeds"), TOLERANCE);
-        assert_close(&format!("{name} negative pooled"), &cond.pooled.narrow(0, 0, samples).unwrap(), &get("negative_pooled_prompt_embeds"), TOLERANCE);
-        assert_close(&format!("{name} pooled"), &cond.pooled.narrow(0, samples, samples).unwrap(), &get("pooled_prompt_embeds"), TOLERANCE);
+        assert_close(
+            &format!("{name} negative_prompt_embeds"),
+            &cond.context.narrow(0, 0, samples).unwrap(),
+            &get("negative_prompt_embeds"),
+            TOLERANCE,
+        );
+        assert_close(
+            &format!("{name} prompt_embeds"),
+            &cond.context.narrow(0, samples, samples).unwrap(),
+            &get("prompt_embeds"),
+            TOLERANCE,
+        );
+        assert_close(
+            &format!("{name} negative pooled"),
+            &cond.pooled.narrow(0, 0, samples).unwrap(),
+            &get("negative_pooled_prompt_embeds"),
+            TOLERANCE,
+        );
+        assert_close(
+            &format!("{name} pooled"),
+            &cond.pooled.narrow(0, samples, samples).unwrap(),
+            &get("pooled_prompt_embeds"),
+            TOLERANCE,
+        );
     }
 }
 

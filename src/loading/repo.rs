@@ -32,7 +32,7 @@ fn hub_cache() -> Cache {
 }
 
 fn hub_offline() -> bool {
-    std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| !v.is_empty() && v != "0" && v.to_ascii_lowercase() != "false")
+    std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| !v.is_empty() && v != "0" && !v.eq_ignore_ascii_case("false"))
 }
 
 impl ModelRepo {

@@ -44,7 +44,14 @@ pub struct Attention {
 
 impl Attention {
     /// `context_dim` is the width of the key/value input (the query width for self-attention).
-    pub fn new(vb: VarBuilder, query_dim: usize, context_dim: usize, heads: usize, head_dim: usize, qkv_bias: bool) -> Result<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        query_dim: usize,
+        context_dim: usize,
+        heads: usize,
+        head_dim: usize,
+        qkv_bias: bool,
+    ) -> Result<Self> {
         let inner = heads * head_dim;
         let proj = |dim: usize, name: &str| {
             if qkv_bias {

@@ -236,4 +236,3 @@ impl ClipTextModel {
         Ok(ClipOutput { penultimate, pooled })
     }
 }
-

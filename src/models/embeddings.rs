@@ -45,7 +45,10 @@ pub struct TimestepEmbedding {
 
 impl TimestepEmbedding {
     pub fn new(vb: VarBuilder, in_channels: usize, embed_dim: usize) -> Result<Self> {
-        Ok(Self { linear_1: linear(in_channels, embed_dim, vb.pp("linear_1"))?, linear_2: linear(embed_dim, embed_dim, vb.pp("linear_2"))? })
+        Ok(Self {
+            linear_1: linear(in_channels, embed_dim, vb.pp("linear_1"))?,
+            linear_2: linear(embed_dim, embed_dim, vb.pp("linear_2"))?,
+        })
     }
 
     /// Casts the f32 features to the layer dtype first, as diffusers does.

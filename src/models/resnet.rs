@@ -24,7 +24,14 @@ pub struct ResnetBlock2D {
 
 impl ResnetBlock2D {
     /// `temb_channels` is `None` for the VAE's blocks, which take no time embedding.
-    pub fn new(vb: VarBuilder, c_in: usize, c_out: usize, temb_channels: Option<usize>, groups: usize, eps: f64) -> Result<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        c_in: usize,
+        c_out: usize,
+        temb_channels: Option<usize>,
+        groups: usize,
+        eps: f64,
+    ) -> Result<Self> {
         Ok(Self {
             norm1: group_norm(groups, c_in, eps, vb.pp("norm1"))?,
             conv1: conv3x3(vb.pp("conv1"), c_in, c_out, 1)?,

@@ -102,7 +102,15 @@ impl Transformer2DModel {
             norm: group_norm(spec.groups, c, 1e-6, vb.pp("norm"))?,
             proj_in: projection("proj_in")?,
             blocks: (0..spec.layers)
-                .map(|i| BasicTransformerBlock::new(vb.pp("transformer_blocks").pp(i), c, spec.heads, head_dim, spec.context_dim))
+                .map(|i| {
+                    BasicTransformerBlock::new(
+                        vb.pp("transformer_blocks").pp(i),
+                        c,
+                        spec.heads,
+                        head_dim,
+                        spec.context_dim,
+                    )
+                })
                 .collect::<Result<_>>()?,
             proj_out: projection("proj_out")?,
         })

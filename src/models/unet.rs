@@ -176,7 +176,8 @@ impl UNetConfig {
         if self.resnet_time_scale_shift.as_deref().is_some_and(|s| s != "default") {
             return Err("only resnet_time_scale_shift \"default\" is supported".into());
         }
-        if !self.layers_per_block.len_ok(n) || !self.attention_head_dim.len_ok(n) || !self.cross_attention_dim.len_ok(n) {
+        if !self.layers_per_block.len_ok(n) || !self.attention_head_dim.len_ok(n) || !self.cross_attention_dim.len_ok(n)
+        {
             return Err("per-block lists must have one entry per block".into());
         }
         if matches!(self.transformer_layers_per_block, TransformerLayers::PerLayer(_))
@@ -186,10 +187,16 @@ impl UNetConfig {
         }
         for (i, &c) in self.block_out_channels.iter().enumerate() {
             if c % self.norm_num_groups != 0 {
-                return Err(format!("block_out_channels[{i}] = {c} is not divisible by norm_num_groups {}", self.norm_num_groups));
+                return Err(format!(
+                    "block_out_channels[{i}] = {c} is not divisible by norm_num_groups {}",
+                    self.norm_num_groups
+                ));
             }
             if c % self.heads(i) != 0 {
-                return Err(format!("block_out_channels[{i}] = {c} is not divisible by its {} attention heads", self.heads(i)));
+                return Err(format!(
+                    "block_out_channels[{i}] = {c} is not divisible by its {} attention heads",
+                    self.heads(i)
+                ));
             }
         }
         Ok(())
@@ -290,11 +297,11 @@ impl UNet2DConditionModel {
             let depths = cfg.transformer_layers_per_block.for_block(i, layers);
             let mut resnets = Vec::with_capacity(layers);
             let mut attentions = Vec::new();
-            for j in 0..layers {
+            for (j, &depth) in depths.iter().enumerate().take(layers) {
                 let c = if j == 0 { c_in } else { c_out };
                 resnets.push(ResnetBlock2D::new(vb.pp("resnets").pp(j), c, c_out, Some(temb_dim), groups, eps)?);
                 if kind == "CrossAttnDownBlock2D" {
-                    attentions.push(transformer(vb.pp("attentions").pp(j), c_out, i, depths[j])?);
+                    attentions.push(transformer(vb.pp("attentions").pp(j), c_out, i, depth)?);
                 }
             }
             let downsampler =
@@ -334,7 +341,14 @@ impl UNet2DConditionModel {
             for j in 0..layers {
                 let skip = if j + 1 == layers { c_skip_last } else { c_out };
                 let c_in = if j == 0 { c_prev } else { c_out };
-                resnets.push(ResnetBlock2D::new(vb.pp("resnets").pp(j), c_in + skip, c_out, Some(temb_dim), groups, eps)?);
+                resnets.push(ResnetBlock2D::new(
+                    vb.pp("resnets").pp(j),
+                    c_in + skip,
+                    c_out,
+                    Some(temb_dim),
+                    groups,
+                    eps,
+                )?);
                 if kind == "CrossAttnUpBlock2D" {
                     let depth = *depths.get(j).or(depths.last()).unwrap_or(&1);
                     attentions.push(transformer(vb.pp("attentions").pp(j), c_out, block, depth)?);
@@ -382,7 +396,13 @@ impl UNet2DConditionModel {
 
     /// Predicts the noise (or v) for `sample` (batch, 4, h, w) at `timestep`, conditioned on
     /// `context` (batch, tokens, cross-attention width) and the added conditioning.
-    pub fn forward(&self, sample: &Tensor, timestep: f64, context: &Tensor, added: &AddedConditioning) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        context: &Tensor,
+        added: &AddedConditioning,
+    ) -> Result<Tensor> {
         let batch = sample.dim(0)?;
         let temb = self.embedding(timestep, batch, added, sample.device())?;
         let context = context.to_dtype(self.dtype)?;
@@ -410,7 +430,8 @@ impl UNet2DConditionModel {
         }
         for block in &self.up_blocks {
             for (j, resnet) in block.resnets.iter().enumerate() {
-                let skip = skips.pop().ok_or_else(|| candle_core::Error::Msg("UNet skip connections exhausted".into()))?;
+                let skip =
+                    skips.pop().ok_or_else(|| candle_core::Error::Msg("UNet skip connections exhausted".into()))?;
                 x = resnet.forward(&Tensor::cat(&[&x, &skip], 1)?, Some(&temb))?;
                 if let Some(attn) = block.attentions.get(j) {
                     x = attn.forward(&x, &context)?;

@@ -4,10 +4,16 @@
 //! built from the model's `scheduler/scheduler_config.json` (see [`SchedulerConfig`]) exactly as diffusers'
 //! `Class.from_config(config, **options)` would build it.
 
+mod ddim;
+mod euler;
+pub mod schedule;
+
+use std::path::Path;
+
 use candle_core::Tensor;
 
 use crate::rng::TorchRng;
-use crate::Result;
+use crate::{Error, Result};
 
 /// The protocol the denoising loop drives (diffusers' `set_timesteps` / `scale_model_input` / `step`).
 ///
@@ -31,4 +37,95 @@ pub trait Scheduler: Send {
 
     /// Computes the previous sample from the model output at evaluation `index`. Any noise is drawn from `rng`.
     fn step(&mut self, model_output: &Tensor, index: usize, sample: &Tensor, rng: &mut TorchRng) -> Result<Tensor>;
+}
+
+/// A model's `scheduler_config.json`, kept whole: each scheduler reads the keys its diffusers class reads, with that
+/// class's defaults for missing (or null) keys, as `Class.from_config(config)` does.
+#[derive(Debug, Clone, Default)]
+pub struct SchedulerConfig {
+    values: serde_json::Map<String, serde_json::Value>,
+}
+
+impl SchedulerConfig {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_json(&text).map_err(|m| Error::model(path, m))
+    }
+
+    pub fn from_json(text: &str) -> std::result::Result<Self, String> {
+        match serde_json::from_str(text) {
+            Ok(serde_json::Value::Object(values)) => Ok(Self { values }),
+            Ok(_) => Err("a scheduler config must be a JSON object".into()),
+            Err(e) => Err(format!("invalid JSON: {e}")),
+        }
+    }
+
+    /// Sets a key (the `**options` of `from_config`).
+    pub fn with(mut self, key: &str, value: serde_json::Value) -> Self {
+        self.values.insert(key.to_string(), value);
+        self
+    }
+
+    fn get(&self, key: &str) -> Option<&serde_json::Value> {
+        self.values.get(key).filter(|v| !v.is_null())
+    }
+
+    pub fn f64_or(&self, key: &str, default: f64) -> f64 {
+        self.get(key).and_then(|v| v.as_f64()).unwrap_or(default)
+    }
+
+    pub fn usize_or(&self, key: &str, default: usize) -> usize {
+        self.get(key).and_then(|v| v.as_u64()).map_or(default, |v| v as usize)
+    }
+
+    pub fn bool_or(&self, key: &str, default: bool) -> bool {
+        self.get(key).and_then(|v| v.as_bool()).unwrap_or(default)
+    }
+
+    pub fn str_or<'a>(&'a self, key: &str, default: &'a str) -> &'a str {
+        self.get(key).and_then(|v| v.as_str()).unwrap_or(default)
+    }
+
+    pub fn f64_list(&self, key: &str) -> Option<Vec<f64>> {
+        self.get(key)?.as_array()?.iter().map(|v| v.as_f64()).collect()
+    }
+}
+
+type Constructor = fn(&SchedulerConfig, usize) -> Result<Box<dyn Scheduler>>;
+
+/// One entry per scheduler: the hosted API's name, other accepted names, and how to build it.
+struct Entry {
+    name: &'static str,
+    aliases: &'static [&'static str],
+    build: Constructor,
+}
+
+const REGISTRY: &[Entry] = &[
+    Entry { name: "DDIM", aliases: &["DDIMScheduler", "ddim"], build: ddim::Ddim::boxed },
+    Entry { name: "Euler", aliases: &["EulerDiscreteScheduler", "euler", "k_euler"], build: euler::Euler::boxed },
+];
+
+/// The names of every registered scheduler, as the hosted API spells them.
+pub fn names() -> Vec<&'static str> {
+    REGISTRY.iter().map(|e| e.name).collect()
+}
+
+/// Builds the scheduler `name` (case-insensitive; hosted-API, diffusers-class or A1111 name) from the model's
+/// config, set up for `num_inference_steps`.
+pub fn create(name: &str, config: &SchedulerConfig, num_inference_steps: usize) -> Result<Box<dyn Scheduler>> {
+    let wanted = name.trim();
+    let entry = REGISTRY
+        .iter()
+        .find(|e| e.name.eq_ignore_ascii_case(wanted) || e.aliases.iter().any(|a| a.eq_ignore_ascii_case(wanted)))
+        .ok_or_else(|| {
+            Error::UnknownScheduler(format!("unknown scheduler {name:?}; valid names: {}", names().join(", ")))
+        })?;
+    let train_steps = config.usize_or("num_train_timesteps", 1000);
+    if num_inference_steps == 0 || num_inference_steps > train_steps {
+        return Err(Error::invalid(
+            "num_inference_steps",
+            format!("must be between 1 and the model's {train_steps} training timesteps, got {num_inference_steps}"),
+        ));
+    }
+    (entry.build)(config, num_inference_steps)
 }

@@ -1,0 +1,84 @@
+//! diffusers' `EulerDiscreteScheduler` (no churn: deterministic), on sigmas interpolated from the training schedule.
+
+use candle_core::{DType, Tensor};
+
+use super::ddim::{divide, scale};
+use super::schedule::{alphas_cumprod, betas, interp, numpy_linspace, spaced_timesteps, train_sigmas};
+use super::{Scheduler, SchedulerConfig};
+use crate::rng::TorchRng;
+use crate::{Error, Result};
+
+pub struct Euler {
+    timesteps: Vec<f64>,
+    /// One per timestep plus the final 0.
+    sigmas: Vec<f32>,
+    init_noise_sigma: f32,
+    prediction_type: String,
+}
+
+impl Euler {
+    pub fn boxed(config: &SchedulerConfig, steps: usize) -> Result<Box<dyn Scheduler>> {
+        let train = train_sigmas(&alphas_cumprod(&betas(config)?));
+        let spacing = config.str_or("timestep_spacing", "linspace");
+        // Euler's linspace keeps fractional timesteps (numpy float64 linspace stored as float32); the other rules
+        // are integer-valued.
+        let timesteps: Vec<f64> = if spacing == "linspace" {
+            let last = (config.usize_or("num_train_timesteps", 1000) - 1) as f64;
+            numpy_linspace(0.0, last, steps).into_iter().rev().map(|t| t as f32 as f64).collect()
+        } else {
+            spaced_timesteps(config, steps)?.into_iter().map(|t| t as f32 as f64).collect()
+        };
+        if config.bool_or("use_karras_sigmas", false) || config.str_or("interpolation_type", "linear") != "linear" {
+            return Err(Error::Other("Euler: Karras sigmas / log-linear interpolation are not supported yet".into()));
+        }
+        let mut sigmas: Vec<f32> = timesteps.iter().map(|&t| interp(t, &train) as f32).collect();
+        sigmas.push(0.0);
+        let max = sigmas.iter().copied().fold(0f32, f32::max);
+        let init_noise_sigma = match spacing {
+            "linspace" | "trailing" => max,
+            _ => (max * max + 1.0).sqrt(),
+        };
+        Ok(Box::new(Self {
+            timesteps,
+            sigmas,
+            init_noise_sigma,
+            prediction_type: config.str_or("prediction_type", "epsilon").to_string(),
+        }))
+    }
+}
+
+impl Scheduler for Euler {
+    fn timesteps(&self) -> &[f64] {
+        &self.timesteps
+    }
+
+    fn num_inference_steps(&self) -> usize {
+        self.timesteps.len()
+    }
+
+    fn init_noise_sigma(&self) -> f64 {
+        self.init_noise_sigma as f64
+    }
+
+    fn scale_model_input(&self, sample: Tensor, index: usize) -> Result<Tensor> {
+        let sigma = self.sigmas[index];
+        Ok(divide(&sample, (sigma * sigma + 1.0).sqrt())?)
+    }
+
+    fn step(&mut self, model_output: &Tensor, index: usize, sample: &Tensor, _rng: &mut TorchRng) -> Result<Tensor> {
+        let sigma = self.sigmas[index];
+        let sample32 = sample.to_dtype(DType::F32)?;
+        let out = model_output.to_dtype(DType::F32)?;
+        let x0 = match self.prediction_type.as_str() {
+            "epsilon" => (&sample32 - scale(&out, sigma)?)?,
+            "v_prediction" => {
+                let c = sigma * sigma + 1.0;
+                (scale(&out, -sigma / c.sqrt())? + divide(&sample32, c)?)?
+            }
+            other => return Err(Error::Other(format!("Euler: unsupported prediction_type {other:?}"))),
+        };
+        let derivative = divide(&(&sample32 - x0)?, sigma)?;
+        let dt = self.sigmas[index + 1] - sigma;
+        Ok((sample32 + scale(&derivative, dt)?)?.to_dtype(model_output.dtype())?)
+    }
+}
