@@ -28,7 +28,8 @@ pub fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
 /// The whole body, or 413 as soon as it is known to be over `limit` bytes (a `Content-Length` above it is refused
 /// before anything is read).
 pub async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Vec<u8>, ApiError> {
-    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ApiError::too_large(limit));
     }
@@ -112,7 +113,8 @@ pub fn validate(request: &GenerateRequest, ranges: Ranges) -> Result<(), ApiErro
                 }
             }
             if !(1..=100).contains(&request.num_inference_steps) {
-                let message = format!("must be between 1 and 100 (relaxed ranges), got {}", request.num_inference_steps);
+                let message =
+                    format!("must be between 1 and 100 (relaxed ranges), got {}", request.num_inference_steps);
                 return Err(invalid(Error::invalid("num_inference_steps", message)));
             }
             // Every other field: the hosted ranges.
@@ -121,9 +123,11 @@ pub fn validate(request: &GenerateRequest, ranges: Ranges) -> Result<(), ApiErro
             rest.validate_hosted().map_err(invalid)?;
         }
     }
-    let known = crate::schedulers::names().iter().any(|n| n.eq_ignore_ascii_case(&request.scheduler));
-    if !known {
-        let e = Error::invalid("scheduler", format!("must be one of {}, got {:?}", scheduler_list(), request.scheduler));
+    // The library's own lookup (case-insensitive, with its aliases); the default config suffices to check a name.
+    let config = crate::schedulers::SchedulerConfig::default();
+    if let Err(Error::UnknownScheduler(_)) = crate::schedulers::create(&request.scheduler, &config, 1) {
+        let e =
+            Error::invalid("scheduler", format!("must be one of {}, got {:?}", scheduler_list(), request.scheduler));
         return Err(invalid(e));
     }
     Ok(())
@@ -174,13 +178,19 @@ mod tests {
         assert!(m.contains("`num_inference_steps`") && m.contains("between 20 and 100"), "{m}");
         let m = message(r#"{"prompt": "x", "scheduler": "NoSuch"}"#);
         assert!(m.contains("`scheduler`") && m.contains("Euler"), "{m}");
+        // The library's lookup: any case, its aliases.
+        for name in ["euler", "k_euler", "EulerDiscreteScheduler", "DDIM"] {
+            let body = format!(r#"{{"prompt": "x", "scheduler": "{name}"}}"#);
+            assert!(decode(body.as_bytes(), Ranges::Hosted).is_ok(), "{name}");
+        }
         let r = decode(br#"{"prompt": "x", "scheduler": "euler", "img_width": 512, "whatever": [1]}"#, Ranges::Hosted);
         assert_eq!(r.unwrap().img_width, 512);
     }
 
     #[test]
     fn relaxed_ranges_only_relax_sizes_and_steps() {
-        let small = br#"{"prompt": "x", "scheduler": "Euler", "img_width": 64, "img_height": 72, "num_inference_steps": 2}"#;
+        let small =
+            br#"{"prompt": "x", "scheduler": "Euler", "img_width": 64, "img_height": 72, "num_inference_steps": 2}"#;
         assert!(decode(small, Ranges::Hosted).is_err());
         assert!(decode(small, Ranges::Relaxed).is_ok());
         for bad in [

@@ -39,16 +39,21 @@ pub async fn generate(State(state): State<AppState>, headers: HeaderMap, body: B
     })?;
     // If the client disconnects, this future is dropped here, and with it the ticket, which cancels the job.
     match ticket.outcome().await {
-        Outcome::Done(finished) => tokio::task::spawn_blocking(move || respond::success(&finished, base64))
-            .await
-            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding the answer failed: {e}")))?,
+        Outcome::Done(finished) => {
+            tokio::task::spawn_blocking(move || respond::success(&finished, base64)).await.map_err(|e| {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding the answer failed: {e}"))
+            })?
+        }
         Outcome::Failed(error) => {
             tracing::warn!(%error, "generation failed");
             Err(ApiError::from_generation(&error))
         }
         Outcome::Panicked(message) => {
             tracing::error!(%message, "generation panicked");
-            Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("generation failed: internal error ({message})")))
+            Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("generation failed: internal error ({message})"),
+            ))
         }
         Outcome::ShuttingDown => Err(ApiError::shutting_down()),
     }

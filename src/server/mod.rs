@@ -142,9 +142,8 @@ impl Server {
                         });
                     }
                 };
-                let served = runtime.block_on(async move {
-                    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
-                });
+                let served =
+                    runtime.block_on(async move { axum::serve(listener, app).with_graceful_shutdown(shutdown).await });
                 let joined = worker.join();
                 served.map_err(|e| Error::Other(format!("server error: {e}")))?;
                 joined.map_err(|_| Error::Other("the generation worker panicked".into()))?;

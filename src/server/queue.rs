@@ -53,7 +53,10 @@ pub enum Outcome {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rejected {
     /// Every place is taken; a retry in about `retry_after` seconds may find one.
-    Full { capacity: usize, retry_after: u64 },
+    Full {
+        capacity: usize,
+        retry_after: u64,
+    },
     Closed,
 }
 
@@ -131,7 +134,8 @@ impl Queue {
                     let _ = ready_tx.send(Err(e));
                 }
                 Err(panic) => {
-                    let _ = ready_tx.send(Err(Error::Other(format!("loading the model panicked: {}", panic_message(&*panic)))));
+                    let _ = ready_tx
+                        .send(Err(Error::Other(format!("loading the model panicked: {}", panic_message(&*panic)))));
                 }
             })
             .map_err(|e| Error::Other(format!("could not start the generation worker: {e}")))?;

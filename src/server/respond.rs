@@ -35,9 +35,12 @@ pub fn success(finished: &Finished, base64: bool) -> Result<Response, ApiError> 
     let jpegs = finished.images.iter().map(jpeg).collect::<Result<Vec<_>, _>>()?;
     let mut response = match jpegs.as_slice() {
         [] => return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "generation produced no image")),
-        [only] if !base64 => ([(header::CONTENT_TYPE, HeaderValue::from_static("image/jpeg"))], only.clone()).into_response(),
+        [only] if !base64 => {
+            ([(header::CONTENT_TYPE, HeaderValue::from_static("image/jpeg"))], only.clone()).into_response()
+        }
         all => {
-            let encoded: Vec<String> = all.iter().map(|j| base64::engine::general_purpose::STANDARD.encode(j)).collect();
+            let encoded: Vec<String> =
+                all.iter().map(|j| base64::engine::general_purpose::STANDARD.encode(j)).collect();
             let mut body = serde_json::json!({
                 "image": encoded[0],
                 "status": "Success",
