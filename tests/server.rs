@@ -182,7 +182,10 @@ fn config(ranges: Ranges, max_queue: usize) -> ServerConfig {
 fn tiny_server(config: ServerConfig) -> Server {
     let model = common::tiny_model();
     Server::start(config, move || {
-        Pipeline::load(model.to_str().unwrap(), PipelineOptions { residency: Residency::Resident, ..Default::default() })
+        Pipeline::load(
+            model.to_str().unwrap(),
+            PipelineOptions { residency: Residency::Resident, ..Default::default() },
+        )
     })
     .unwrap()
 }
@@ -231,7 +234,10 @@ fn hosted_ranges_valid_request_returns_a_jpeg_of_the_requested_size() {
     assert!(time > 0.0);
     assert!(!r.header("x-request-id").unwrap().is_empty());
     let h = health(server.addr());
-    assert_eq!((h["status"].as_str(), h["model_loaded"].as_bool(), h["queue_length"].as_u64()), (Some("ok"), Some(true), Some(0)));
+    assert_eq!(
+        (h["status"].as_str(), h["model_loaded"].as_bool(), h["queue_length"].as_u64()),
+        (Some("ok"), Some(true), Some(0))
+    );
     server.shutdown().unwrap();
 }
 
@@ -321,7 +327,8 @@ fn api_keys_are_required_when_configured() {
 fn bad_inputs_get_their_status_and_a_json_error_naming_the_field() {
     let server = tiny_server(config(Ranges::Hosted, 2));
     let addr = server.addr();
-    let valid = json!({"prompt": "x", "scheduler": "Euler", "num_inference_steps": 20, "img_width": 512, "img_height": 512});
+    let valid =
+        json!({"prompt": "x", "scheduler": "Euler", "num_inference_steps": 20, "img_width": 512, "img_height": 512});
     let with = |field: &str, value: Value| {
         let mut body = valid.clone();
         body[field] = value;
@@ -363,14 +370,24 @@ fn bad_inputs_get_their_status_and_a_json_error_naming_the_field() {
         assert!(r.header("x-request-id").is_some());
     }
     // Malformed JSON and non-objects: 400.
-    for raw in [&b"{\"prompt\": \"x\""[..], b"", b"not json", b"[1, 2, 3]", b"\"prompt\"", b"{\"prompt\": \"x\"} {}", b"\xff\xfe"] {
+    for raw in [
+        &b"{\"prompt\": \"x\""[..],
+        b"",
+        b"not json",
+        b"[1, 2, 3]",
+        b"\"prompt\"",
+        b"{\"prompt\": \"x\"} {}",
+        b"\xff\xfe",
+    ] {
         let r = call(addr, "POST", PATH, &[("content-type", "application/json")], raw);
         assert_eq!(r.status, 400, "{raw:?}");
         let e = r.error();
         assert!(e.contains("JSON"), "{raw:?}: {e}");
     }
     // Not JSON: 406.
-    for content_type in [Some("text/plain"), Some("application/x-www-form-urlencoded"), Some("multipart/form-data"), None] {
+    for content_type in
+        [Some("text/plain"), Some("application/x-www-form-urlencoded"), Some("multipart/form-data"), None]
+    {
         let headers: Vec<(&str, &str)> = content_type.map(|t| ("content-type", t)).into_iter().collect();
         let r = call(addr, "POST", PATH, &headers, valid.to_string().as_bytes());
         assert_eq!(r.status, 406, "{content_type:?}");
@@ -379,7 +396,10 @@ fn bad_inputs_get_their_status_and_a_json_error_naming_the_field() {
     // Over the body limit: 413, whether the length is declared or found out while reading.
     let r = read_reply({
         let mut s = connect(addr);
-        let head = format!("POST {PATH} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n", 2 << 20);
+        let head = format!(
+            "POST {PATH} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            2 << 20
+        );
         s.write_all(head.as_bytes()).unwrap();
         s
     });
@@ -391,7 +411,10 @@ fn bad_inputs_get_their_status_and_a_json_error_naming_the_field() {
         let head = format!("POST {PATH} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n");
         s.write_all(head.as_bytes()).unwrap();
         for chunk in huge.as_bytes().chunks(64 << 10) {
-            if s.write_all(format!("{:x}\r\n", chunk.len()).as_bytes()).is_err() || s.write_all(chunk).is_err() || s.write_all(b"\r\n").is_err() {
+            if s.write_all(format!("{:x}\r\n", chunk.len()).as_bytes()).is_err()
+                || s.write_all(chunk).is_err()
+                || s.write_all(b"\r\n").is_err()
+            {
                 break;
             }
         }
@@ -531,7 +554,9 @@ impl Rng {
             1 => json!(self.below(2) == 0),
             2 => json!(self.next() as i64 >> self.below(64)),
             3 => json!((self.next() as f64 / u64::MAX as f64 - 0.5) * 10f64.powi(self.below(30) as i32)),
-            4 => json!([512, 1024, 2048, 8, 0, -1, 20, 100, 999_999_999_999_999i64, 1_000_000_000_000_000i64][self.below(10)]),
+            4 => json!(
+                [512, 1024, 2048, 8, 0, -1, 20, 100, 999_999_999_999_999i64, 1_000_000_000_000_000i64][self.below(10)]
+            ),
             5 => json!(["", "Euler", "DDIM", "UniPC", "a cat", "\u{0}", "é✓"][self.below(7)]),
             6 => Value::Array((0..self.below(4)).map(|_| self.value(depth + 1)).collect()),
             _ => Value::Object((0..self.below(4)).map(|i| (format!("k{i}"), self.value(depth + 1))).collect()),
@@ -540,8 +565,18 @@ impl Rng {
 
     /// A body: random bytes, a mutated valid body, or an object of the real fields with random values.
     fn body(&mut self) -> Vec<u8> {
-        const FIELDS: [&str; 10] = ["prompt", "negative_prompt", "samples", "scheduler", "num_inference_steps",
-            "guidance_scale", "seed", "img_width", "img_height", "base64"];
+        const FIELDS: [&str; 10] = [
+            "prompt",
+            "negative_prompt",
+            "samples",
+            "scheduler",
+            "num_inference_steps",
+            "guidance_scale",
+            "seed",
+            "img_width",
+            "img_height",
+            "base64",
+        ];
         match self.below(3) {
             0 => {
                 let n = self.below(300);
@@ -608,7 +643,10 @@ fn the_request_decoder_survives_arbitrary_input() {
         if r.status == 400 {
             r.error();
         } else {
-            assert_eq!(r.header("content-type").unwrap(), if body_is_base64_or_many(&body) { "application/json" } else { "image/jpeg" });
+            assert_eq!(
+                r.header("content-type").unwrap(),
+                if body_is_base64_or_many(&body) { "application/json" } else { "image/jpeg" }
+            );
         }
         *statuses.entry(r.status).or_default() += 1;
         assert!(start.elapsed() < Duration::from_secs(60));
