@@ -784,7 +784,7 @@ fn serve_binary_with_a_key_file_and_sigterm() {
     // SIGTERM with one generation running and one queued: the running one is answered, the queued one gets 503,
     // and the process exits cleanly.
     let key = [("content-type", "application/json"), ("x-api-key", "first-key")];
-    let running = send(addr, "POST", PATH, &key, small("running", 192, 30).to_string().as_bytes());
+    let running = send(addr, "POST", PATH, &key, small("running", 256, 30).to_string().as_bytes());
     wait_for_health(addr, Duration::from_secs(30), "running", |h| h["running"] == true);
     let queued = send(addr, "POST", PATH, &key, small("queued", 64, 2).to_string().as_bytes());
     wait_for_health(addr, Duration::from_secs(30), "queued", |h| h["queue_length"] == 1);
@@ -794,7 +794,7 @@ fn serve_binary_with_a_key_file_and_sigterm() {
     assert_eq!(q.status, 503, "{}", q.text());
     let r = read_reply(running);
     assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(r.jpeg_size(), (192, 192));
+    assert_eq!(r.jpeg_size(), (256, 256));
     let status = wait_exit(&mut server.child, Duration::from_secs(60));
     assert!(status.success(), "{status:?}");
     let log: Vec<String> = server.log.try_iter().collect();
