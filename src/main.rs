@@ -259,6 +259,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_body_bytes: args.max_body_bytes,
         ranges: if args.relaxed_ranges { Ranges::Relaxed } else { Ranges::Hosted },
         model_name: args.model.model.clone(),
+        shutdown_grace: server::DEFAULT_SHUTDOWN_GRACE,
         handle_signals: true,
     };
     let (model, vae) = (args.model.model.clone(), args.model.vae.clone());

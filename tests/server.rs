@@ -825,3 +825,23 @@ fn serve_binary_refuses_bad_options() {
         assert!(err.contains(needle), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn shutdown_is_not_held_up_by_a_stalled_client() {
+    let server = stand_in_server(ServerConfig { shutdown_grace: Duration::from_secs(1), ..config(Ranges::Hosted, 2) });
+    let addr = server.addr();
+    // Half a request head, then silence.
+    let mut stalled = connect(addr);
+    stalled.write_all(b"POST /v1/sdxl1.0-dreamshaper HTTP/1.1\r\nhost: x\r\n").unwrap();
+    let idle = connect(addr);
+    std::thread::sleep(Duration::from_millis(100));
+    let (done, finished) = mpsc::channel();
+    let start = Instant::now();
+    std::thread::spawn(move || done.send(server.shutdown()).unwrap());
+    let result = finished.recv_timeout(Duration::from_secs(30)).expect("shutdown finished");
+    result.unwrap();
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    eprintln!("shutdown with a stalled client took {took:?}");
+    drop((stalled, idle));
+}

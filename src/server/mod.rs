@@ -16,10 +16,11 @@ pub mod respond;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use axum::routing::{any, get, post};
 use axum::Router;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 
 pub use auth::ApiKeys;
 pub use decode::Ranges;
@@ -36,6 +37,9 @@ pub const DEFAULT_MAX_QUEUE: usize = 8;
 /// The default request body limit (a hosted request is a few hundred bytes).
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1 << 20;
 
+/// The default [`ServerConfig::shutdown_grace`].
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
 /// How to serve.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -50,6 +54,9 @@ pub struct ServerConfig {
     pub ranges: Ranges,
     /// Shown by `/health`.
     pub model_name: String,
+    /// After shutdown starts and the last generation has finished, how long connections may take to finish their
+    /// answers before they are closed anyway (a stalled client must not keep the server up).
+    pub shutdown_grace: Duration,
     /// Shut down on Ctrl-C / SIGTERM (the binary), rather than only on [`Server::shutdown`] (tests, embedding).
     pub handle_signals: bool,
 }
@@ -63,6 +70,7 @@ impl Default for ServerConfig {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             ranges: Ranges::Hosted,
             model_name: String::new(),
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             handle_signals: false,
         }
     }
@@ -119,31 +127,54 @@ impl Server {
         let app = router(state);
         let (trigger, triggered) = oneshot::channel::<()>();
         let handle_signals = config.handle_signals;
+        let grace = config.shutdown_grace;
         let mut signals = {
             let _context = runtime.enter();
             Termination::new(handle_signals)
         };
+        let stopping = Arc::new(Notify::new());
         let thread = std::thread::Builder::new()
             .name("http-server".into())
             .spawn(move || {
-                let shutdown = async move {
-                    tokio::select! {
-                        _ = triggered => {}
-                        _ = signals.recv() => {}
-                    }
-                    tracing::info!("shutting down: finishing the running generation, answering queued requests 503");
-                    queue.close();
-                    if handle_signals {
-                        // A second Ctrl-C / SIGTERM does not wait for the running generation.
-                        tokio::spawn(async move {
-                            signals.recv().await;
-                            tracing::warn!("second signal: exiting now");
-                            std::process::exit(130);
-                        });
+                let shutdown = {
+                    let (queue, stopping) = (queue.clone(), stopping.clone());
+                    async move {
+                        tokio::select! {
+                            _ = triggered => {}
+                            _ = signals.recv() => {}
+                        }
+                        tracing::info!(
+                            "shutting down: finishing the running generation, answering queued requests 503"
+                        );
+                        queue.close();
+                        stopping.notify_one();
+                        if handle_signals {
+                            // A second Ctrl-C / SIGTERM does not wait for the running generation.
+                            tokio::spawn(async move {
+                                signals.recv().await;
+                                tracing::warn!("second signal: exiting now");
+                                std::process::exit(130);
+                            });
+                        }
                     }
                 };
-                let served =
-                    runtime.block_on(async move { axum::serve(listener, app).with_graceful_shutdown(shutdown).await });
+                let served = runtime.block_on(async move {
+                    let graceful = axum::serve(listener, app).with_graceful_shutdown(shutdown);
+                    let deadline = async {
+                        stopping.notified().await;
+                        while queue.status().running {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        tokio::time::sleep(grace).await;
+                    };
+                    tokio::select! {
+                        served = graceful => served,
+                        _ = deadline => {
+                            tracing::warn!("closing connections still open {grace:?} after the last generation");
+                            Ok(())
+                        }
+                    }
+                });
                 let joined = worker.join();
                 served.map_err(|e| Error::Other(format!("server error: {e}")))?;
                 joined.map_err(|_| Error::Other("the generation worker panicked".into()))?;
