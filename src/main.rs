@@ -48,10 +48,13 @@ enum DtypeArg {
 
 #[derive(Args)]
 struct ModelArgs {
-    /// A diffusers model folder or a Hugging Face hub id.
+    /// A diffusers model folder, a Hugging Face hub id, or a single-file checkpoint (`.safetensors`).
     #[arg(long, default_value = DEFAULT_MODEL)]
     model: String,
-    /// Replacement VAE (folder or hub id), e.g. an f16-safe one.
+    /// For a single-file checkpoint: a diffusers folder or hub id whose config files (not weights) describe it.
+    #[arg(long)]
+    config: Option<String>,
+    /// Replacement VAE (folder, hub id or .safetensors file), e.g. an f16-safe one.
     #[arg(long)]
     vae: Option<String>,
     #[arg(long, value_enum, default_value = "cpu")]
@@ -193,7 +196,13 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let show = !args.quiet && std::io::stderr().is_terminal();
     let pipeline = Pipeline::load(
         &args.model.model,
-        PipelineOptions { device, dtype, vae: args.model.vae.clone(), residency: Residency::Sequential },
+        PipelineOptions {
+            device,
+            dtype,
+            vae: args.model.vae.clone(),
+            config: args.model.config.clone(),
+            residency: Residency::Sequential,
+        },
     )?;
     pipeline.validate(&request)?;
 

@@ -1,21 +1,17 @@
 //! The SDXL text-to-image pipeline: loads a model's configs up front and its components when they are needed,
 //! and runs request → prompt conditioning → denoising loop → VAE decode → images.
 
-use std::path::PathBuf;
-
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
-use serde::Deserialize;
 
 use crate::conditioning::{Conditioning, TextEncoders};
-use crate::loading::{ModelRepo, Weights};
+use crate::loading::{Component, ModelConfigs, ModelSource};
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
-use crate::models::unet::{UNet2DConditionModel, UNetConfig};
-use crate::models::vae::{VaeConfig, VaeDecoder};
+use crate::models::unet::UNet2DConditionModel;
+use crate::models::vae::VaeDecoder;
 use crate::rng::TorchRng;
 use crate::sampling::{self, Control, Progress, ProgressFn};
-use crate::schedulers::{self, SchedulerConfig};
-use crate::tokenizer::ClipTokenizer;
+use crate::schedulers;
 use crate::{Error, GenerateRequest, Result};
 
 /// Whether components stay in memory between generations.
@@ -33,39 +29,21 @@ pub enum Residency {
 #[derive(Debug, Clone)]
 pub struct PipelineOptions {
     pub device: Device,
-    /// Run dtype of the text encoders and UNet (the VAE may be upcast, see [`VaeConfig::force_upcast`]).
+    /// Run dtype of the text encoders and UNet (the VAE may be upcast, see
+    /// [`crate::models::vae::VaeConfig::force_upcast`]).
     pub dtype: DType,
-    /// A replacement VAE: a folder with `config.json` + `diffusion_pytorch_model.safetensors`, or a hub id.
+    /// A replacement VAE: a folder or hub id with `config.json` + `diffusion_pytorch_model.safetensors`, or a
+    /// `.safetensors` file.
     pub vae: Option<String>,
+    /// For a single-file checkpoint: a diffusers folder or hub id whose config files (not weights) describe it.
+    pub config: Option<String>,
     pub residency: Residency,
 }
 
 impl Default for PipelineOptions {
     fn default() -> Self {
-        Self { device: Device::Cpu, dtype: DType::F32, vae: None, residency: Residency::Sequential }
+        Self { device: Device::Cpu, dtype: DType::F32, vae: None, config: None, residency: Residency::Sequential }
     }
-}
-
-/// The parts of `model_index.json` we read.
-#[derive(Debug, Clone, Deserialize)]
-struct ModelIndex {
-    #[serde(default = "default_true")]
-    force_zeros_for_empty_prompt: bool,
-}
-
-fn default_true() -> bool {
-    true
-}
-
-/// Every config of the pipeline, read from the model's own files.
-#[derive(Debug, Clone)]
-pub struct ModelConfigs {
-    pub unet: UNetConfig,
-    pub vae: VaeConfig,
-    pub text_encoder: ClipTextConfig,
-    pub text_encoder_2: ClipTextConfig,
-    pub scheduler: SchedulerConfig,
-    pub force_zeros_for_empty_prompt: bool,
 }
 
 /// The images of one request and the seed that made them.
@@ -86,8 +64,7 @@ struct Resident {
 }
 
 pub struct Pipeline {
-    repo: ModelRepo,
-    vae_repo: (ModelRepo, &'static str),
+    source: ModelSource,
     pub configs: ModelConfigs,
     device: Device,
     dtype: DType,
@@ -95,7 +72,8 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// Reads a model's configs (a diffusers folder or a hub id) and, with [`Residency::Resident`], its weights.
+    /// Reads a model's configs (a diffusers folder, a hub id or a single `.safetensors` checkpoint) and, with
+    /// [`Residency::Resident`], its weights.
     pub fn load(model: &str, options: PipelineOptions) -> Result<Self> {
         if options.device.is_cpu() && options.dtype == DType::BF16 {
             return Err(Error::invalid(
@@ -103,34 +81,10 @@ impl Pipeline {
                 "bf16 is not supported on the CPU yet (candle has no CPU bf16 matmul); use f32 or f16",
             ));
         }
-        let repo = ModelRepo::open(model)?;
-        // A replacement VAE is its own repository root (`config.json` at the top), the model's VAE lives in `vae/`.
-        let vae_repo = match &options.vae {
-            Some(spec) => (ModelRepo::open(spec)?, ""),
-            None => (repo.clone(), "vae"),
-        };
-        let index: ModelIndex = repo.json("model_index.json")?;
-        let unet: UNetConfig = repo.json("unet/config.json")?;
-        if let Err(message) = unet.validate() {
-            return Err(Error::model(repo.require("unet/config.json")?, message));
-        }
-        let vae: VaeConfig = vae_repo.0.json(&join(vae_repo.1, "config.json"))?;
-        let configs = ModelConfigs {
-            unet,
-            vae,
-            text_encoder: repo.json("text_encoder/config.json")?,
-            text_encoder_2: repo.json("text_encoder_2/config.json")?,
-            scheduler: schedulers::SchedulerConfig::from_file(&repo.require("scheduler/scheduler_config.json")?)?,
-            force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt,
-        };
-        let mut pipeline = Self {
-            repo,
-            vae_repo,
-            configs,
-            device: options.device,
-            dtype: options.dtype,
-            resident: Resident::default(),
-        };
+        let source = ModelSource::open(model, options.config.as_deref(), options.vae.as_deref())?;
+        let configs = source.configs()?;
+        let mut pipeline =
+            Self { source, configs, device: options.device, dtype: options.dtype, resident: Resident::default() };
         if options.residency == Residency::Resident {
             pipeline.resident = Resident {
                 text: Some(pipeline.load_text_encoders()?),
@@ -139,6 +93,11 @@ impl Pipeline {
             };
         }
         Ok(pipeline)
+    }
+
+    /// Stored tensors of a single-file checkpoint that no component uses (EMA copies, the VAE encoder, …).
+    pub fn unused_keys(&self) -> Result<Vec<String>> {
+        self.source.unused_keys()
     }
 
     pub fn device(&self) -> &Device {
@@ -163,67 +122,36 @@ impl Pipeline {
         }
     }
 
-    fn var_builder(
-        &self,
-        repo: &ModelRepo,
-        component: &str,
-        stem: &str,
-        dtype: DType,
-    ) -> Result<candle_nn::VarBuilder<'static>> {
-        let files = repo.weights(component, stem, dtype == DType::F16)?;
-        Ok(Weights::open(&files)?.into_var_builder(dtype, &self.device))
-    }
-
-    fn tokenizer(&self, folder: &str) -> Result<ClipTokenizer> {
-        // Resolve each file (downloads into the hub cache if needed), then read the folder.
-        let vocab = match self.repo.file(&format!("{folder}/tokenizer.json"))? {
-            Some(p) => p,
-            None => {
-                self.repo.require(&format!("{folder}/merges.txt"))?;
-                self.repo.require(&format!("{folder}/vocab.json"))?
-            }
-        };
-        self.repo.file(&format!("{folder}/tokenizer_config.json"))?;
-        let dir: PathBuf = vocab.parent().map(PathBuf::from).unwrap_or_default();
-        ClipTokenizer::from_dir(&dir)
-    }
-
     /// Loads both tokenizers and text encoders.
     pub fn load_text_encoders(&self) -> Result<TextEncoders> {
-        let load = |component: &str, cfg: &ClipTextConfig, with_projection: bool| -> Result<ClipTextModel> {
-            let vb = self.var_builder(&self.repo, component, "model", self.dtype)?;
+        let load = |component: Component, cfg: &ClipTextConfig, with_projection: bool| -> Result<ClipTextModel> {
+            let vb = self.source.var_builder(component, self.dtype, &self.device)?;
             ClipTextModel::new(vb, cfg, with_projection).map_err(|e| component_error(component, e))
         };
+        let (tokenizer, tokenizer_2) = self.source.tokenizers()?;
         Ok(TextEncoders {
-            tokenizer: self.tokenizer("tokenizer")?,
-            tokenizer_2: self.tokenizer("tokenizer_2")?,
-            text_encoder: load("text_encoder", &self.configs.text_encoder, false)?,
-            text_encoder_2: load("text_encoder_2", &self.configs.text_encoder_2, true)?,
+            tokenizer,
+            tokenizer_2,
+            text_encoder: load(Component::TextEncoder, &self.configs.text_encoder, false)?,
+            text_encoder_2: load(Component::TextEncoder2, &self.configs.text_encoder_2, true)?,
         })
     }
 
     pub fn load_unet(&self) -> Result<UNet2DConditionModel> {
-        let vb = self.var_builder(&self.repo, "unet", "diffusion_pytorch_model", self.dtype)?;
-        UNet2DConditionModel::new(vb, &self.configs.unet).map_err(|e| component_error("unet", e))
+        let vb = self.source.var_builder(Component::Unet, self.dtype, &self.device)?;
+        UNet2DConditionModel::new(vb, &self.configs.unet).map_err(|e| component_error(Component::Unet, e))
     }
 
     pub fn load_vae(&self) -> Result<VaeDecoder> {
-        let (repo, dir) = &self.vae_repo;
-        let vb = self.var_builder(repo, dir, "diffusion_pytorch_model", self.vae_dtype())?;
-        VaeDecoder::new(vb, &self.configs.vae).map_err(|e| component_error("vae", e))
+        let vb = self.source.var_builder(Component::Vae, self.vae_dtype(), &self.device)?;
+        VaeDecoder::new(vb, &self.configs.vae).map_err(|e| component_error(Component::Vae, e))
     }
 
     /// Prompt conditioning for a request (text encoders loaded for the call unless resident).
     pub fn condition(&self, request: &GenerateRequest, progress: &mut ProgressFn) -> Result<Conditioning> {
-        let loaded;
-        let encoders = match &self.resident.text {
-            Some(t) => t,
-            None => {
-                stage(progress, "loading text encoders")?;
-                loaded = self.load_text_encoders()?;
-                &loaded
-            }
-        };
+        let mut slot = None;
+        let encoders =
+            component(&self.resident.text, &mut slot, progress, "loading text encoders", || self.load_text_encoders())?;
         stage(progress, "encoding prompt")?;
         encoders.condition(
             &request.prompt,
@@ -245,15 +173,8 @@ impl Pipeline {
     ) -> Result<Tensor> {
         let mut scheduler =
             schedulers::create(&request.scheduler, &self.configs.scheduler, request.num_inference_steps as usize)?;
-        let loaded;
-        let unet = match &self.resident.unet {
-            Some(u) => u,
-            None => {
-                stage(progress, "loading unet")?;
-                loaded = self.load_unet()?;
-                &loaded
-            }
-        };
+        let mut slot = None;
+        let unet = component(&self.resident.unet, &mut slot, progress, "loading unet", || self.load_unet())?;
         let (height, width) = (request.img_height as usize, request.img_width as usize);
         let scale = self.vae_scale_factor();
         let shape = [request.samples as usize, self.configs.unet.in_channels, height / scale, width / scale];
@@ -275,15 +196,8 @@ impl Pipeline {
 
     /// VAE decode of denoised latents to 8-bit RGB images, one image at a time.
     pub fn decode(&self, latents: &Tensor, progress: &mut ProgressFn) -> Result<Vec<RgbImage>> {
-        let loaded;
-        let vae = match &self.resident.vae {
-            Some(v) => v,
-            None => {
-                stage(progress, "loading vae")?;
-                loaded = self.load_vae()?;
-                &loaded
-            }
-        };
+        let mut slot = None;
+        let vae = component(&self.resident.vae, &mut slot, progress, "loading vae", || self.load_vae())?;
         stage(progress, "decoding")?;
         let mut images = Vec::with_capacity(latents.dim(0)?);
         for i in 0..latents.dim(0)? {
@@ -312,12 +226,19 @@ impl Pipeline {
     }
 }
 
-fn join(dir: &str, file: &str) -> String {
-    if dir.is_empty() {
-        file.to_string()
-    } else {
-        format!("{dir}/{file}")
+/// The resident component, or one loaded now into `slot` (so it is freed when the caller's stage ends).
+fn component<'a, T>(
+    resident: &'a Option<T>,
+    slot: &'a mut Option<T>,
+    progress: &mut ProgressFn,
+    stage_name: &'static str,
+    load: impl FnOnce() -> Result<T>,
+) -> Result<&'a T> {
+    if let Some(loaded) = resident {
+        return Ok(loaded);
     }
+    stage(progress, stage_name)?;
+    Ok(slot.insert(load()?))
 }
 
 fn stage(progress: &mut ProgressFn, name: &'static str) -> Result<()> {
@@ -327,8 +248,8 @@ fn stage(progress: &mut ProgressFn, name: &'static str) -> Result<()> {
     }
 }
 
-fn component_error(component: &str, e: candle_core::Error) -> Error {
-    Error::Other(format!("loading {component}: {e}"))
+fn component_error(component: Component, e: candle_core::Error) -> Error {
+    Error::Other(format!("loading the {component:?} weights: {}", Error::from(e)))
 }
 
 /// diffusers' post-processing: `(x / 2 + 0.5).clamp(0, 1) · 255`, rounded half to even (numpy's `round`).

@@ -340,6 +340,19 @@ impl ClipTokenizer {
         Self::build(vocab_map, merge_list, &SpecialTokens::defaults(pad_token, max_length), merges, vocab)
     }
 
+    /// CLIP's real BPE vocabulary, shipped inside the crate (single-file checkpoints carry no tokenizer). SDXL's
+    /// first tokenizer pads with `<|endoftext|>`, the second with `!`.
+    pub fn builtin(pad_token: &str) -> Result<Self> {
+        const VOCAB: &str = include_str!("../assets/clip-tokenizer/vocab.json");
+        const MERGES: &str = include_str!("../assets/clip-tokenizer/merges.txt");
+        let origin = Path::new("<built-in CLIP vocabulary>");
+        let value: Value =
+            serde_json::from_str(VOCAB).map_err(|e| Error::model(origin, format!("invalid JSON: {e}")))?;
+        let vocab = parse_vocab(&value, origin)?;
+        let merges = parse_merges_txt(MERGES, origin)?;
+        Self::build(vocab, merges, &SpecialTokens::defaults(pad_token, 77), origin, origin)
+    }
+
     /// Builds the tokenizer. `model_file` is named in errors about the vocabulary/merges, `config_file` in errors
     /// about special tokens.
     fn build(

@@ -154,3 +154,24 @@ fn hub_id_loads_from_the_local_cache_offline() {
     let e = Pipeline::load("tester/not-cached", PipelineOptions::default()).err().unwrap().to_string();
     assert!(e.contains("tester/not-cached") && e.contains("model_index.json") && e.contains("HF_HUB_OFFLINE"), "{e}");
 }
+
+/// transformers ≥ 5.6 saves CLIP text models without the `text_model.` prefix; both layouts give the same encoder.
+#[test]
+fn clip_keys_without_text_model_prefix_load_identically() {
+    use candle_core::{Device, Tensor};
+    let dir = copy_model("no-prefix");
+    let path = dir.join("text_encoder/model.safetensors");
+    let tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    let renamed: std::collections::HashMap<String, Tensor> =
+        tensors.into_iter().map(|(k, v)| (k.strip_prefix("text_model.").map(str::to_string).unwrap_or(k), v)).collect();
+    assert!(renamed.keys().all(|k| !k.starts_with("text_model.")));
+    candle_core::safetensors::save(&renamed, &path).unwrap();
+
+    let ids = Tensor::new(&[[49406u32, 320, 1125, 539, 320, 23610, 2368, 49407]], &Device::Cpu).unwrap();
+    let encode = |model: &Path| {
+        let p = Pipeline::load(model.to_str().unwrap(), PipelineOptions::default()).unwrap();
+        p.load_text_encoders().unwrap().text_encoder.forward(&ids).unwrap().penultimate
+    };
+    let diff = (encode(&dir) - encode(&tiny_model())).unwrap().abs().unwrap().max_all().unwrap();
+    assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+}

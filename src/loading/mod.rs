@@ -2,7 +2,10 @@
 //! of this: they take a `VarBuilder` and a config.
 
 pub mod repo;
+pub mod single_file;
+pub mod source;
 pub mod weights;
 
 pub use repo::{read_json, ModelRepo, DEFAULT_MODEL};
+pub use source::{Component, ModelConfigs, ModelSource};
 pub use weights::Weights;

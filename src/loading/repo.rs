@@ -117,12 +117,13 @@ impl ModelRepo {
     /// variant is taken when the repository has it.
     pub fn weights(&self, component: &str, stem: &str, prefer_fp16: bool) -> Result<Vec<PathBuf>> {
         let variants: &[&str] = if prefer_fp16 { &[".fp16", ""] } else { &["", ".fp16"] };
+        let dir = if component.is_empty() { String::new() } else { format!("{component}/") };
         for variant in variants {
-            if let Some(p) = self.file(&format!("{component}/{stem}{variant}.safetensors"))? {
+            if let Some(p) = self.file(&format!("{dir}{stem}{variant}.safetensors"))? {
                 return Ok(vec![p]);
             }
             // diffusers names a sharded variant's index `{stem}.safetensors.index.fp16.json`.
-            if let Some(index) = self.file(&format!("{component}/{stem}.safetensors.index{variant}.json"))? {
+            if let Some(index) = self.file(&format!("{dir}{stem}.safetensors.index{variant}.json"))? {
                 return self.shards(component, &index);
             }
         }
@@ -143,7 +144,8 @@ impl ModelRepo {
         let mut files: Vec<&str> = map.values().filter_map(|v| v.as_str()).collect();
         files.sort_unstable();
         files.dedup();
-        files.iter().map(|f| self.require(&format!("{component}/{f}"))).collect()
+        let dir = if component.is_empty() { String::new() } else { format!("{component}/") };
+        files.iter().map(|f| self.require(&format!("{dir}{f}"))).collect()
     }
 
     /// Reads and parses a JSON file of the repository, with errors naming it.

@@ -59,7 +59,8 @@ impl Weights {
         self.files[index].1.get(name).ok().map(|v| v.shape().to_vec())
     }
 
-    fn load(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+    /// Loads one tensor as stored (by its name in the file), converted to `dtype`.
+    pub fn load(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
         let Some(&index) = self.routing.get(name) else {
             return Err(candle_core::Error::Msg(format!("{}: missing tensor `{name}`", self.describe())));
         };

@@ -101,6 +101,10 @@ pub struct UNetConfig {
     pub transformer_layers_per_block: TransformerLayers,
     #[serde(default)]
     pub reverse_transformer_layers_per_block: Option<Vec<Vec<usize>>>,
+    /// Not a diffusers key: the mid block's transformer depth when it differs from the last level's (derived from
+    /// single-file checkpoints); diffusers always uses `transformer_layers_per_block[-1]`.
+    #[serde(default)]
+    pub mid_block_transformer_layers: Option<usize>,
     /// diffusers' historical naming: in SDXL configs this is the number of heads.
     #[serde(default = "default_heads")]
     pub attention_head_dim: PerBlock<usize>,
@@ -313,10 +317,10 @@ impl UNet2DConditionModel {
             Some(_) => {
                 let vb = vb.pp("mid_block");
                 let c = channels[n - 1];
-                let depths = cfg.transformer_layers_per_block.last(n);
+                let depth = cfg.mid_block_transformer_layers.unwrap_or(cfg.transformer_layers_per_block.last(n)[0]);
                 Some(MidBlock {
                     resnet_in: ResnetBlock2D::new(vb.pp("resnets").pp(0), c, c, Some(temb_dim), groups, eps)?,
-                    attentions: vec![transformer(vb.pp("attentions").pp(0), c, n - 1, depths[0])?],
+                    attentions: vec![transformer(vb.pp("attentions").pp(0), c, n - 1, depth)?],
                     resnets: vec![ResnetBlock2D::new(vb.pp("resnets").pp(1), c, c, Some(temb_dim), groups, eps)?],
                 })
             }

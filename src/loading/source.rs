@@ -1,0 +1,277 @@
+//! Where a pipeline's configs, tokenizers and weights come from: a diffusers folder or hub id, or a single-file
+//! checkpoint (optionally with a diffusers folder's configs, `--config`), plus an optional replacement VAE.
+//! The pipeline asks for components by name and never sees the layout.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+use serde::Deserialize;
+
+use super::repo::ModelRepo;
+use super::single_file::{is_single_file, Part, SingleFile};
+use super::weights::Weights;
+use crate::models::clip::ClipTextConfig;
+use crate::models::unet::UNetConfig;
+use crate::models::vae::VaeConfig;
+use crate::schedulers::SchedulerConfig;
+use crate::tokenizer::ClipTokenizer;
+use crate::{Error, Result};
+
+/// The scheduler config of SDXL base (`EulerDiscreteScheduler`), for checkpoints that carry none.
+const SDXL_SCHEDULER_CONFIG: &str = r#"{
+  "_class_name": "EulerDiscreteScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+  "beta_start": 0.00085, "clip_sample": false, "interpolation_type": "linear", "num_train_timesteps": 1000,
+  "prediction_type": "epsilon", "sample_max_value": 1.0, "set_alpha_to_one": false, "skip_prk_steps": true,
+  "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": null, "use_karras_sigmas": false
+}"#;
+
+/// The pipeline's components.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Component {
+    TextEncoder,
+    TextEncoder2,
+    Unet,
+    Vae,
+}
+
+impl Component {
+    fn folder(self) -> &'static str {
+        match self {
+            Component::TextEncoder => "text_encoder",
+            Component::TextEncoder2 => "text_encoder_2",
+            Component::Unet => "unet",
+            Component::Vae => "vae",
+        }
+    }
+
+    fn weights_stem(self) -> &'static str {
+        match self {
+            Component::TextEncoder | Component::TextEncoder2 => "model",
+            Component::Unet | Component::Vae => "diffusion_pytorch_model",
+        }
+    }
+}
+
+/// The parts of `model_index.json` we read.
+#[derive(Debug, Clone, Deserialize)]
+struct ModelIndex {
+    #[serde(default = "default_true")]
+    force_zeros_for_empty_prompt: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// Every config of the pipeline, from the model's own files (or, for a single file, from its keys).
+#[derive(Debug, Clone)]
+pub struct ModelConfigs {
+    pub unet: UNetConfig,
+    pub vae: VaeConfig,
+    pub text_encoder: ClipTextConfig,
+    pub text_encoder_2: ClipTextConfig,
+    pub scheduler: SchedulerConfig,
+    pub force_zeros_for_empty_prompt: bool,
+}
+
+enum Weightset {
+    Diffusers(ModelRepo),
+    SingleFile(SingleFile),
+}
+
+enum VaeSource {
+    /// A diffusers VAE repository (`config.json` + `diffusion_pytorch_model.safetensors` at its root).
+    Repo(ModelRepo),
+    /// A VAE file in the original layout (`decoder.mid.…`, with or without `first_stage_model.`).
+    Original(SingleFile),
+    /// A VAE file in diffusers naming (`decoder.mid_block.…`).
+    Diffusers(PathBuf),
+}
+
+/// Where everything of one pipeline comes from.
+pub struct ModelSource {
+    weights: Weightset,
+    /// Configs and tokenizers for a single file (`--config`).
+    config_repo: Option<ModelRepo>,
+    vae: Option<VaeSource>,
+}
+
+fn parse<T: serde::de::DeserializeOwned>(value: serde_json::Value, origin: &Path) -> Result<T> {
+    serde_json::from_value(value).map_err(|e| Error::model(origin, format!("derived config is invalid: {e}")))
+}
+
+impl ModelSource {
+    /// `model`: a diffusers folder, a hub id or a `.safetensors` checkpoint; `config`: a diffusers folder or hub id
+    /// whose config files describe a single-file checkpoint; `vae`: a replacement VAE (folder, hub id or file).
+    pub fn open(model: &str, config: Option<&str>, vae: Option<&str>) -> Result<Self> {
+        let weights = if is_single_file(model) {
+            let file = SingleFile::open(Path::new(model))?;
+            file.check_sdxl()?;
+            Weightset::SingleFile(file)
+        } else {
+            Weightset::Diffusers(ModelRepo::open(model)?)
+        };
+        let config_repo = config.map(ModelRepo::open).transpose()?;
+        let vae = match vae {
+            None => None,
+            Some(spec) if is_single_file(spec) => {
+                let file = SingleFile::open(Path::new(spec))?;
+                Some(if file.has_vae() { VaeSource::Original(file) } else { VaeSource::Diffusers(PathBuf::from(spec)) })
+            }
+            Some(spec) => Some(VaeSource::Repo(ModelRepo::open(spec)?)),
+        };
+        if let (Weightset::SingleFile(file), None) = (&weights, &vae) {
+            if !file.has_vae() {
+                return Err(Error::model(
+                    file.path(),
+                    "no VAE (first_stage_model.* keys) in this file: give one with --vae",
+                ));
+            }
+        }
+        Ok(Self { weights, config_repo, vae })
+    }
+
+    /// The repository configs are read from, if any.
+    fn config_repo(&self) -> Option<&ModelRepo> {
+        match &self.weights {
+            Weightset::Diffusers(repo) => Some(repo),
+            Weightset::SingleFile(_) => self.config_repo.as_ref(),
+        }
+    }
+
+    pub fn configs(&self) -> Result<ModelConfigs> {
+        let mut configs = match (&self.weights, self.config_repo()) {
+            (_, Some(repo)) => {
+                let index: ModelIndex = repo.json("model_index.json")?;
+                let unet: UNetConfig = repo.json("unet/config.json")?;
+                if let Err(message) = unet.validate() {
+                    return Err(Error::model(repo.require("unet/config.json")?, message));
+                }
+                ModelConfigs {
+                    unet,
+                    vae: repo.json("vae/config.json")?,
+                    text_encoder: repo.json("text_encoder/config.json")?,
+                    text_encoder_2: repo.json("text_encoder_2/config.json")?,
+                    scheduler: SchedulerConfig::from_file(&repo.require("scheduler/scheduler_config.json")?)?,
+                    force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt,
+                }
+            }
+            (Weightset::SingleFile(file), None) => {
+                let origin = file.path();
+                let unet: UNetConfig = parse(file.unet_config()?, origin)?;
+                if let Err(message) = unet.validate() {
+                    return Err(Error::model(origin, message));
+                }
+                ModelConfigs {
+                    unet,
+                    vae: if file.has_vae() { parse(file.vae_config()?, origin)? } else { sdxl_vae_config() },
+                    text_encoder: parse(file.clip_config(Part::ClipL)?, origin)?,
+                    text_encoder_2: parse(file.clip_config(Part::ClipG)?, origin)?,
+                    scheduler: SchedulerConfig::from_json(SDXL_SCHEDULER_CONFIG).map_err(Error::Other)?,
+                    force_zeros_for_empty_prompt: true,
+                }
+            }
+            (Weightset::Diffusers(_), None) => unreachable!("a diffusers source is its own config repository"),
+        };
+        match &self.vae {
+            None => {}
+            Some(VaeSource::Repo(repo)) => configs.vae = repo.json("config.json")?,
+            Some(VaeSource::Original(file)) => {
+                configs.vae = parse(file.vae_config()?, file.path())?;
+                configs.vae.force_upcast = !named_f16_safe(file.path());
+            }
+            Some(VaeSource::Diffusers(path)) => configs.vae.force_upcast = !named_f16_safe(path),
+        }
+        Ok(configs)
+    }
+
+    /// Both tokenizers: the repository's, or CLIP's built-in vocabulary for a single file without `--config`.
+    pub fn tokenizers(&self) -> Result<(ClipTokenizer, ClipTokenizer)> {
+        match self.config_repo() {
+            Some(repo)
+                if repo.file("tokenizer/vocab.json")?.is_some() || repo.file("tokenizer/tokenizer.json")?.is_some() =>
+            {
+                Ok((tokenizer_from(repo, "tokenizer")?, tokenizer_from(repo, "tokenizer_2")?))
+            }
+            Some(repo) if matches!(self.weights, Weightset::Diffusers(_)) => Err(Error::NotFound(format!(
+                "{}: tokenizer/vocab.json (or tokenizer.json) is missing",
+                repo.describe()
+            ))),
+            _ => Ok((ClipTokenizer::builtin("<|endoftext|>")?, ClipTokenizer::builtin("!")?)),
+        }
+    }
+
+    /// A component's weights, converted to `dtype` on `device` as they are taken.
+    pub fn var_builder(&self, component: Component, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+        let prefer_fp16 = dtype == DType::F16;
+        if component == Component::Vae {
+            match &self.vae {
+                Some(VaeSource::Repo(repo)) => {
+                    let files = repo.weights("", "diffusion_pytorch_model", prefer_fp16)?;
+                    return Ok(Weights::open(&files)?.into_var_builder(dtype, device));
+                }
+                Some(VaeSource::Original(file)) => {
+                    return Ok(file.component(Part::Vae)?.into_var_builder(dtype, device))
+                }
+                Some(VaeSource::Diffusers(path)) => {
+                    return Ok(Weights::open(std::slice::from_ref(path))?.into_var_builder(dtype, device))
+                }
+                None => {}
+            }
+        }
+        match &self.weights {
+            Weightset::Diffusers(repo) => {
+                let files = repo.weights(component.folder(), component.weights_stem(), prefer_fp16)?;
+                Ok(Weights::open(&files)?.into_var_builder(dtype, device))
+            }
+            Weightset::SingleFile(file) => {
+                let part = match component {
+                    Component::TextEncoder => Part::ClipL,
+                    Component::TextEncoder2 => Part::ClipG,
+                    Component::Unet => Part::Unet,
+                    Component::Vae => Part::Vae,
+                };
+                Ok(file.component(part)?.into_var_builder(dtype, device))
+            }
+        }
+    }
+
+    /// Stored keys of a single-file checkpoint that no component uses (EMA weights, the VAE encoder…).
+    pub fn unused_keys(&self) -> Result<Vec<String>> {
+        match &self.weights {
+            Weightset::SingleFile(file) => file.unused_keys(),
+            Weightset::Diffusers(_) => Ok(Vec::new()),
+        }
+    }
+}
+
+fn tokenizer_from(repo: &ModelRepo, folder: &str) -> Result<ClipTokenizer> {
+    // Resolve each file (into the hub cache if needed), then read the folder.
+    let vocab = match repo.file(&format!("{folder}/tokenizer.json"))? {
+        Some(p) => p,
+        None => {
+            repo.require(&format!("{folder}/merges.txt"))?;
+            repo.require(&format!("{folder}/vocab.json"))?
+        }
+    };
+    for optional in ["tokenizer_config.json", "special_tokens_map.json"] {
+        repo.file(&format!("{folder}/{optional}"))?;
+    }
+    let dir: PathBuf = vocab.parent().map(PathBuf::from).unwrap_or_default();
+    ClipTokenizer::from_dir(&dir)
+}
+
+/// SDXL's VAE config (for a single file that relies on `--vae` for its weights).
+fn sdxl_vae_config() -> VaeConfig {
+    serde_json::from_value(serde_json::json!({
+        "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "latent_channels": 4,
+        "norm_num_groups": 32, "scaling_factor": 0.13025, "force_upcast": true
+    }))
+    .expect("valid built-in config")
+}
+
+/// A VAE file whose name says it was fixed for f16 (`sdxl.vae.fp16-fix.safetensors`, `sdxl_vae_fp16fix…`).
+fn named_f16_safe(path: &Path) -> bool {
+    path.file_name().is_some_and(|n| n.to_string_lossy().to_ascii_lowercase().contains("fp16"))
+}
