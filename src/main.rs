@@ -271,7 +271,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         shutdown_grace: server::DEFAULT_SHUTDOWN_GRACE,
         handle_signals: true,
     };
-    let (model, vae) = (args.model.model.clone(), args.model.vae.clone());
-    let load = move || Pipeline::load(&model, PipelineOptions { device, dtype, vae, residency: Residency::Resident });
+    let (model, vae, model_config) = (args.model.model.clone(), args.model.vae.clone(), args.model.config.clone());
+    let options = PipelineOptions { device, dtype, vae, config: model_config, residency: Residency::Resident };
+    let load = move || Pipeline::load(&model, options);
     Ok(Server::start(config, load)?.wait()?)
 }
