@@ -12,6 +12,7 @@ pub mod request;
 pub mod rng;
 pub mod sampling;
 pub mod schedulers;
+pub mod server;
 pub mod tokenizer;
 
 pub use error::{Error, Result};

@@ -1,6 +1,7 @@
 //! The `dreamshaper` command: a thin layer over the library.
 
 use std::io::IsTerminal;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -8,6 +9,7 @@ use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use dreamshaper::loading::DEFAULT_MODEL;
 use dreamshaper::output::{a1111_parameters, output_paths, save_png};
+use dreamshaper::server::{self, ApiKeys, Ranges, Server, ServerConfig};
 use dreamshaper::{Control, GenerateRequest, Pipeline, PipelineOptions, Progress, Residency};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -26,6 +28,8 @@ struct Cli {
 enum Command {
     /// Generate images from a prompt.
     Generate(GenerateArgs),
+    /// Serve the hosted text-to-image API locally (POST /v1/sdxl1.0-dreamshaper).
+    Serve(ServeArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -94,10 +98,35 @@ struct GenerateArgs {
     quiet: bool,
 }
 
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Listening address; loopback by default.
+    #[arg(long, default_value = server::DEFAULT_ADDR)]
+    addr: SocketAddr,
+    /// Require this key in the `x-api-key` header.
+    #[arg(long, conflicts_with = "api_keys_file")]
+    api_key: Option<String>,
+    /// Require one of the keys in this file (one per line, `#` comments) in the `x-api-key` header.
+    #[arg(long)]
+    api_keys_file: Option<PathBuf>,
+    /// How many requests may wait while one generates; more are answered 429.
+    #[arg(long, default_value_t = server::DEFAULT_MAX_QUEUE)]
+    max_queue: usize,
+    /// Larger request bodies are answered 413.
+    #[arg(long, default_value_t = server::DEFAULT_MAX_BODY_BYTES)]
+    max_body_bytes: usize,
+    /// For tests on small models: sizes from 64 and steps from 1 (everything else as hosted).
+    #[arg(long, hide = true)]
+    relaxed_ranges: bool,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate(args),
+        Command::Serve(args) => serve(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -222,4 +251,28 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     }
     eprintln!("seed: {}", generation.seed);
     Ok(())
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    server::init_logging();
+    let api_keys = match (&args.api_key, &args.api_keys_file) {
+        (Some(key), _) => ApiKeys::new([key]).map_err(|e| anyhow::anyhow!("--api-key: {e}"))?,
+        (None, Some(path)) => ApiKeys::from_file(path).map_err(anyhow::Error::msg)?,
+        (None, None) => ApiKeys::none(),
+    };
+    let (device, dtype) = device_and_dtype(&args.model)?;
+    let config = ServerConfig {
+        addr: args.addr,
+        api_keys,
+        max_queue: args.max_queue,
+        max_body_bytes: args.max_body_bytes,
+        ranges: if args.relaxed_ranges { Ranges::Relaxed } else { Ranges::Hosted },
+        model_name: args.model.model.clone(),
+        shutdown_grace: server::DEFAULT_SHUTDOWN_GRACE,
+        handle_signals: true,
+    };
+    let (model, vae, model_config) = (args.model.model.clone(), args.model.vae.clone(), args.model.config.clone());
+    let options = PipelineOptions { device, dtype, vae, config: model_config, residency: Residency::Resident };
+    let load = move || Pipeline::load(&model, options);
+    Ok(Server::start(config, load)?.wait()?)
 }

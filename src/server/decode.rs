@@ -1,0 +1,221 @@
+//! From HTTP request to a checked [`GenerateRequest`]: the content type (406), the body size (413), the JSON and
+//! each field's type (400), then the hosted API's ranges and scheduler names (400). Every 400 names the field and
+//! what it accepts.
+
+use axum::body::Body;
+use axum::http::{header, HeaderMap};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+
+use super::errors::ApiError;
+use crate::{Error, GenerateRequest};
+
+/// 406 unless the request says its body is JSON (`application/json`, parameters such as `charset` allowed, or a
+/// `+json` type).
+pub fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(value) = headers.get(header::CONTENT_TYPE) else {
+        return Err(ApiError::not_json(None));
+    };
+    let text = String::from_utf8_lossy(value.as_bytes());
+    let essence = text.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let json = essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"));
+    if json {
+        Ok(())
+    } else {
+        Err(ApiError::not_json(Some(&text)))
+    }
+}
+
+/// The whole body, or 413 as soon as it is known to be over `limit` bytes (a `Content-Length` above it is refused
+/// before anything is read).
+pub async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Vec<u8>, ApiError> {
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::too_large(limit));
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes().to_vec()),
+        Err(e) if e.is::<LengthLimitError>() => Err(ApiError::too_large(limit)),
+        Err(e) => Err(ApiError::bad_request(format!("could not read the request body: {e}"))),
+    }
+}
+
+/// What each field accepts, for type errors (a string where a number belongs, a negative count, …).
+fn accepted(field: &str) -> Option<String> {
+    Some(match field {
+        "prompt" | "negative_prompt" => "must be a string".into(),
+        "samples" => "must be an integer between 1 and 4".into(),
+        "scheduler" => format!("must be one of {}", scheduler_list()),
+        "num_inference_steps" => "must be an integer between 20 and 100".into(),
+        "guidance_scale" => "must be a number between 1 and 25".into(),
+        "seed" => format!("must be an integer between -1 and {}", crate::request::MAX_SEED),
+        "img_width" | "img_height" => "must be a multiple of 8 between 512 and 2048".into(),
+        "base64" => "must be true or false".into(),
+        _ => return None,
+    })
+}
+
+fn scheduler_list() -> String {
+    crate::schedulers::names().iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", ")
+}
+
+/// Parses a JSON body into a request (unknown fields are ignored). Errors name the field at fault.
+pub fn parse(body: &[u8]) -> Result<GenerateRequest, ApiError> {
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    let request: GenerateRequest = match serde_path_to_error::deserialize(&mut deserializer) {
+        Ok(r) => r,
+        Err(e) => return Err(json_error(e)),
+    };
+    deserializer.end().map_err(|e| ApiError::bad_request(format!("malformed JSON: {e}")))?;
+    Ok(request)
+}
+
+fn json_error(e: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
+    let field = e.path().iter().next().map(|segment| segment.to_string());
+    let inner = e.into_inner();
+    if !inner.is_data() {
+        return ApiError::bad_request(format!("malformed JSON: {inner}"));
+    }
+    match field.as_deref().and_then(|f| accepted(f).map(|a| (f.to_string(), a))) {
+        Some((field, accepted)) => ApiError::bad_request(format!("invalid request: `{field}` {accepted} ({inner})")),
+        None => {
+            let text = inner.to_string();
+            if text.starts_with("invalid type") {
+                ApiError::bad_request(format!("invalid request: the body must be a JSON object ({text})"))
+            } else {
+                // "missing field `prompt`", "duplicate field `seed`": serde names the field itself.
+                ApiError::bad_request(format!("invalid request: {text}"))
+            }
+        }
+    }
+}
+
+/// Which ranges requests are held to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Ranges {
+    /// Exactly the hosted API's (the default, and the only choice offered by `--help`).
+    #[default]
+    Hosted,
+    /// The hosted ranges, except that sizes may go down to 64 and steps down to 1: for fast tests on small models.
+    Relaxed,
+}
+
+/// The ranges and a known scheduler name.
+pub fn validate(request: &GenerateRequest, ranges: Ranges) -> Result<(), ApiError> {
+    let invalid = |e: Error| ApiError::bad_request(e.to_string());
+    match ranges {
+        Ranges::Hosted => request.validate_hosted().map_err(invalid)?,
+        Ranges::Relaxed => {
+            for (field, v) in [("img_width", request.img_width), ("img_height", request.img_height)] {
+                if !(64..=2048).contains(&v) || v % 8 != 0 {
+                    let message = format!("must be a multiple of 8 between 64 and 2048 (relaxed ranges), got {v}");
+                    return Err(invalid(Error::invalid(field, message)));
+                }
+            }
+            if !(1..=100).contains(&request.num_inference_steps) {
+                let message =
+                    format!("must be between 1 and 100 (relaxed ranges), got {}", request.num_inference_steps);
+                return Err(invalid(Error::invalid("num_inference_steps", message)));
+            }
+            // Every other field: the hosted ranges.
+            let mut rest = request.clone();
+            (rest.img_width, rest.img_height, rest.num_inference_steps) = (512, 512, 20);
+            rest.validate_hosted().map_err(invalid)?;
+        }
+    }
+    // The library's own lookup (case-insensitive, with its aliases); the default config suffices to check a name.
+    let config = crate::schedulers::SchedulerConfig::default();
+    if let Err(Error::UnknownScheduler(_)) = crate::schedulers::create(&request.scheduler, &config, 1) {
+        let e =
+            Error::invalid("scheduler", format!("must be one of {}, got {:?}", scheduler_list(), request.scheduler));
+        return Err(invalid(e));
+    }
+    Ok(())
+}
+
+/// [`parse`] then [`validate`].
+pub fn decode(body: &[u8], ranges: Ranges) -> Result<GenerateRequest, ApiError> {
+    let request = parse(body)?;
+    validate(&request, ranges)?;
+    Ok(request)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::StatusCode;
+
+    fn message(body: &str) -> String {
+        let e = decode(body.as_bytes(), Ranges::Hosted).unwrap_err();
+        assert_eq!(e.status, StatusCode::BAD_REQUEST, "{body}");
+        e.message
+    }
+
+    #[test]
+    fn type_errors_name_the_field_and_its_range() {
+        let m = message(r#"{"prompt": "x", "samples": "3"}"#);
+        assert!(m.contains("`samples`") && m.contains("between 1 and 4"), "{m}");
+        let m = message(r#"{"prompt": "x", "seed": -2.5}"#);
+        assert!(m.contains("`seed`") && m.contains("999999999999999"), "{m}");
+        let m = message(r#"{"prompt": "x", "img_width": -512}"#);
+        assert!(m.contains("`img_width`") && m.contains("512 and 2048"), "{m}");
+        let m = message(r#"{"prompt": 3}"#);
+        assert!(m.contains("`prompt`"), "{m}");
+    }
+
+    #[test]
+    fn structure_errors() {
+        assert!(message(r#"{"samples": 2}"#).contains("missing field `prompt`"));
+        assert!(message("[1, 2]").contains("JSON object"));
+        assert!(message(r#"{"prompt": "x"#).contains("malformed JSON"));
+        assert!(message(r#"{"prompt": "x"} trailing"#).contains("malformed JSON"));
+        assert!(message("").contains("malformed JSON"));
+    }
+
+    #[test]
+    fn ranges_and_scheduler() {
+        let m = message(r#"{"prompt": "x", "num_inference_steps": 19, "scheduler": "Euler"}"#);
+        assert!(m.contains("`num_inference_steps`") && m.contains("between 20 and 100"), "{m}");
+        let m = message(r#"{"prompt": "x", "scheduler": "NoSuch"}"#);
+        assert!(m.contains("`scheduler`") && m.contains("Euler"), "{m}");
+        // The library's lookup: any case, its aliases.
+        for name in ["euler", "k_euler", "EulerDiscreteScheduler", "DDIM"] {
+            let body = format!(r#"{{"prompt": "x", "scheduler": "{name}"}}"#);
+            assert!(decode(body.as_bytes(), Ranges::Hosted).is_ok(), "{name}");
+        }
+        let r = decode(br#"{"prompt": "x", "scheduler": "euler", "img_width": 512, "whatever": [1]}"#, Ranges::Hosted);
+        assert_eq!(r.unwrap().img_width, 512);
+    }
+
+    #[test]
+    fn relaxed_ranges_only_relax_sizes_and_steps() {
+        let small =
+            br#"{"prompt": "x", "scheduler": "Euler", "img_width": 64, "img_height": 72, "num_inference_steps": 2}"#;
+        assert!(decode(small, Ranges::Hosted).is_err());
+        assert!(decode(small, Ranges::Relaxed).is_ok());
+        for bad in [
+            r#"{"prompt": "x", "scheduler": "Euler", "img_width": 60}"#,
+            r#"{"prompt": "x", "scheduler": "Euler", "img_height": 4096}"#,
+            r#"{"prompt": "x", "scheduler": "Euler", "num_inference_steps": 0}"#,
+            r#"{"prompt": "x", "scheduler": "Euler", "samples": 5}"#,
+            r#"{"prompt": "x", "scheduler": "Euler", "guidance_scale": 0.5}"#,
+            r#"{"prompt": "x", "scheduler": "nope"}"#,
+        ] {
+            assert!(decode(bad.as_bytes(), Ranges::Relaxed).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn content_types() {
+        let mut h = HeaderMap::new();
+        assert_eq!(check_content_type(&h).unwrap_err().status, StatusCode::NOT_ACCEPTABLE);
+        for ok in ["application/json", "Application/JSON; charset=utf-8", "application/vnd.api+json"] {
+            h.insert(header::CONTENT_TYPE, ok.parse().unwrap());
+            assert!(check_content_type(&h).is_ok(), "{ok}");
+        }
+        for bad in ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "json"] {
+            h.insert(header::CONTENT_TYPE, bad.parse().unwrap());
+            assert_eq!(check_content_type(&h).unwrap_err().status, StatusCode::NOT_ACCEPTABLE, "{bad}");
+        }
+    }
+}

@@ -1,0 +1,93 @@
+//! The routes: the hosted endpoint, other model slugs, `/health`, and JSON 404/405 for everything else.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+use super::auth::ApiKeys;
+use super::decode::{self, Ranges};
+use super::errors::ApiError;
+use super::queue::{Outcome, Queue, Rejected};
+use super::respond;
+
+/// The hosted endpoint this server answers.
+pub const MODEL_PATH: &str = "/v1/sdxl1.0-dreamshaper";
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub queue: Queue,
+    pub keys: ApiKeys,
+    pub max_body_bytes: usize,
+    pub ranges: Ranges,
+    pub model_name: Arc<str>,
+}
+
+/// `POST /v1/sdxl1.0-dreamshaper`: key, content type, body, checks, queue, generation, answer.
+pub async fn generate(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    state.keys.check(&headers)?;
+    decode::check_content_type(&headers)?;
+    let bytes = decode::read_body(body, &headers, state.max_body_bytes).await?;
+    let request = decode::decode(&bytes, state.ranges)?;
+    let base64 = request.base64;
+    let ticket = state.queue.submit(request).map_err(|rejected| match rejected {
+        Rejected::Full { capacity, retry_after } => ApiError::queue_full(capacity, retry_after),
+        Rejected::Closed => ApiError::shutting_down(),
+    })?;
+    // If the client disconnects, this future is dropped here, and with it the ticket, which cancels the job.
+    match ticket.outcome().await {
+        Outcome::Done(finished) => {
+            tokio::task::spawn_blocking(move || respond::success(&finished, base64)).await.map_err(|e| {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding the answer failed: {e}"))
+            })?
+        }
+        Outcome::Failed(error) => {
+            tracing::warn!(%error, "generation failed");
+            Err(ApiError::from_generation(&error))
+        }
+        Outcome::Panicked(message) => {
+            tracing::error!(%message, "generation panicked");
+            Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("generation failed: internal error ({message})"),
+            ))
+        }
+        Outcome::ShuttingDown => Err(ApiError::shutting_down()),
+    }
+}
+
+/// Any other path under `/v1/`: a model this server does not serve (after the key check, like the real one).
+pub async fn other_model(State(state): State<AppState>, headers: HeaderMap) -> ApiError {
+    match state.keys.check(&headers) {
+        Err(e) => e,
+        Ok(()) => ApiError::model_not_found(),
+    }
+}
+
+/// `GET /health`: whether the model is loaded and how many requests wait. 503 while shutting down.
+pub async fn health(State(state): State<AppState>) -> Response {
+    let status = state.queue.status();
+    let body = serde_json::json!({
+        "status": if status.closed { "shutting_down" } else { "ok" },
+        "model": &*state.model_name,
+        "model_loaded": true,
+        "queue_length": status.waiting,
+        "running": status.running,
+        "max_queue": status.capacity,
+        "completed": status.completed,
+        "cancelled": status.cancelled,
+    });
+    let code = if status.closed { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+    (code, [(axum::http::header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+}
+
+pub async fn not_found() -> ApiError {
+    ApiError::not_found()
+}
+
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::method_not_allowed()
+}

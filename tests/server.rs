@@ -1,0 +1,847 @@
+//! The HTTP server as a client of the hosted API sees it: in-process servers (and the `serve` binary) on ephemeral
+//! loopback ports, the tiny model for real generations, a stand-in engine where only the HTTP side is under test.
+//!
+//! Only 127.0.0.1 is ever contacted; every request has a read timeout and every loop a bound in count and time.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use candle_core::{DType, Device, Tensor};
+use dreamshaper::request::MAX_SEED;
+use dreamshaper::sampling::ProgressFn;
+use dreamshaper::server::{ApiKeys, Engine, Ranges, Server, ServerConfig};
+use dreamshaper::{Error, GenerateRequest, Generation, Pipeline, PipelineOptions, Residency};
+use serde_json::{json, Value};
+
+const PATH: &str = "/v1/sdxl1.0-dreamshaper";
+/// No single answer in these tests may take longer.
+const READ_TIMEOUT: Duration = Duration::from_secs(120);
+
+// ---------------------------------------------------------------------------------------------------------------
+// A minimal HTTP/1.1 client on std's TcpStream: full control over headers, bodies and disconnects.
+
+#[derive(Debug)]
+struct Reply {
+    status: u16,
+    headers: HashMap<String, String>,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(String::as_str)
+    }
+
+    fn json(&self) -> Value {
+        assert_eq!(self.header("content-type"), Some("application/json"), "status {}", self.status);
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.text()))
+    }
+
+    /// The message of a JSON error answer (exactly one field, `error`).
+    fn error(&self) -> String {
+        let v = self.json();
+        let obj = v.as_object().expect("JSON object");
+        assert_eq!(obj.len(), 1, "{v}");
+        obj["error"].as_str().expect("error string").to_string()
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    fn jpeg_size(&self) -> (u32, u32) {
+        assert_eq!(self.header("content-type"), Some("image/jpeg"), "{}: {}", self.status, self.text());
+        jpeg_size(&self.body)
+    }
+}
+
+fn jpeg_size(bytes: &[u8]) -> (u32, u32) {
+    let image = image::load_from_memory_with_format(bytes, image::ImageFormat::Jpeg).expect("a decodable JPEG");
+    (image.width(), image.height())
+}
+
+fn connect(addr: SocketAddr) -> TcpStream {
+    assert!(addr.ip().is_loopback(), "tests only talk to loopback");
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).unwrap();
+    stream.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+    stream.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
+    stream
+}
+
+fn request_bytes(method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
+    let mut head = format!("{method} {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n");
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str(&format!("content-length: {}\r\n\r\n", body.len()));
+    let mut bytes = head.into_bytes();
+    bytes.extend_from_slice(body);
+    bytes
+}
+
+/// Sends a request and leaves the connection open (the caller reads the answer, or hangs up).
+fn send(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> TcpStream {
+    let mut stream = connect(addr);
+    // The server may answer (413, 401) and close before the whole body is written: that is fine.
+    let _ = stream.write_all(&request_bytes(method, path, headers, body));
+    stream
+}
+
+fn read_reply(mut stream: TcpStream) -> Reply {
+    let mut raw = Vec::new();
+    if let Err(e) = stream.read_to_end(&mut raw) {
+        assert!(!raw.is_empty(), "no answer: {e}");
+    }
+    parse_reply(&raw)
+}
+
+fn parse_reply(raw: &[u8]) -> Reply {
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or_else(|| panic!("no HTTP head in {raw:?}"));
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+    let headers: HashMap<String, String> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let mut body = raw[split + 4..].to_vec();
+    if headers.get("transfer-encoding").is_some_and(|t| t.contains("chunked")) {
+        body = dechunk(&body);
+    } else if let Some(n) = headers.get("content-length").and_then(|n| n.parse::<usize>().ok()) {
+        assert_eq!(body.len(), n, "body length");
+    }
+    Reply { status, headers, body }
+}
+
+fn dechunk(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = data.windows(2).position(|w| w == b"\r\n").expect("chunk size line");
+        let size = usize::from_str_radix(std::str::from_utf8(&data[..line_end]).unwrap().trim(), 16).unwrap();
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&data[line_end + 2..line_end + 2 + size]);
+        data = &data[line_end + 2 + size + 2..];
+    }
+}
+
+fn call(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Reply {
+    read_reply(send(addr, method, path, headers, body))
+}
+
+fn post_json(addr: SocketAddr, body: &Value) -> Reply {
+    post_with(addr, &[], body)
+}
+
+fn post_with(addr: SocketAddr, extra: &[(&str, &str)], body: &Value) -> Reply {
+    let mut headers = vec![("content-type", "application/json")];
+    headers.extend_from_slice(extra);
+    call(addr, "POST", PATH, &headers, body.to_string().as_bytes())
+}
+
+fn health(addr: SocketAddr) -> Value {
+    let r = call(addr, "GET", "/health", &[], b"");
+    assert!(r.status == 200 || r.status == 503, "{}", r.status);
+    r.json()
+}
+
+/// Polls `/health` until `condition` holds; panics after `limit`.
+fn wait_for_health(addr: SocketAddr, limit: Duration, what: &str, condition: impl Fn(&Value) -> bool) -> Value {
+    let start = Instant::now();
+    loop {
+        let h = health(addr);
+        if condition(&h) {
+            return h;
+        }
+        assert!(start.elapsed() < limit, "timed out waiting for {what}: {h}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Servers.
+
+fn config(ranges: Ranges, max_queue: usize) -> ServerConfig {
+    ServerConfig {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        ranges,
+        max_queue,
+        model_name: "tiny-sdxl".into(),
+        ..ServerConfig::default()
+    }
+}
+
+fn tiny_server(config: ServerConfig) -> Server {
+    let model = common::tiny_model();
+    Server::start(config, move || {
+        Pipeline::load(
+            model.to_str().unwrap(),
+            PipelineOptions { residency: Residency::Resident, ..Default::default() },
+        )
+    })
+    .unwrap()
+}
+
+/// A small, fast request for the relaxed ranges.
+fn small(prompt: &str, size: u32, steps: u32) -> Value {
+    json!({"prompt": prompt, "scheduler": "Euler", "num_inference_steps": steps, "img_width": size,
+           "img_height": size, "seed": 1234})
+}
+
+/// Answers instantly (8×8 images whatever the size asked), fails or panics on request; for HTTP-side tests.
+struct StandIn;
+
+impl Engine for StandIn {
+    fn generate(&mut self, request: &GenerateRequest, progress: &mut ProgressFn) -> dreamshaper::Result<Generation> {
+        match request.prompt.as_str() {
+            "fail" => return Err(Error::Other("the stand-in engine failed on purpose".into())),
+            "panic" => panic!("the stand-in engine panicked on purpose"),
+            _ => {}
+        }
+        progress(&dreamshaper::Progress::Stage("denoising"));
+        let images = vec![image::RgbImage::from_pixel(8, 8, image::Rgb([200, 30, 30])); request.samples as usize];
+        let latents = Tensor::zeros(1, DType::F32, &Device::Cpu)?;
+        Ok(Generation { images, seed: request.resolve_seed(), latents })
+    }
+}
+
+fn stand_in_server(config: ServerConfig) -> Server {
+    Server::start(config, || Ok(StandIn)).unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Real generations with the tiny model.
+
+#[test]
+fn hosted_ranges_valid_request_returns_a_jpeg_of_the_requested_size() {
+    let server = tiny_server(config(Ranges::Hosted, 2));
+    let body = json!({"prompt": "a photo of a Grumpy cat", "negative_prompt": "blurry", "samples": 1,
+        "scheduler": "Euler", "num_inference_steps": 20, "guidance_scale": 7.5, "seed": 42, "img_width": 520,
+        "img_height": 512, "base64": false, "some_future_field": {"x": 1}});
+    let r = post_json(server.addr(), &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.jpeg_size(), (520, 512));
+    assert_eq!(r.header("x-seed-value"), Some("42"));
+    let time: f64 = r.header("x-generation-time").unwrap().parse().unwrap();
+    assert!(time > 0.0);
+    assert!(!r.header("x-request-id").unwrap().is_empty());
+    let h = health(server.addr());
+    assert_eq!(
+        (h["status"].as_str(), h["model_loaded"].as_bool(), h["queue_length"].as_u64()),
+        (Some("ok"), Some(true), Some(0))
+    );
+    server.shutdown().unwrap();
+}
+
+#[test]
+fn base64_form_and_several_samples() {
+    let server = tiny_server(config(Ranges::Relaxed, 2));
+    let addr = server.addr();
+    let mut body = small("a lighthouse", 64, 2);
+    body["base64"] = json!(true);
+    let r = post_json(addr, &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["status"], "Success");
+    assert!(v["infer_time"].as_f64().unwrap() > 0.0);
+    assert!(v.get("images").is_none(), "one sample: the hosted form exactly");
+    let one = base64::engine::general_purpose::STANDARD.decode(v["image"].as_str().unwrap()).unwrap();
+    assert_eq!(jpeg_size(&one), (64, 64));
+    assert_eq!(r.header("x-seed-value"), Some("1234"));
+
+    // Three samples: JSON even without base64, every image in "images", the first also in "image".
+    let mut body = small("a lighthouse", 64, 2);
+    body["samples"] = json!(3);
+    body["img_height"] = json!(72);
+    let r = post_json(addr, &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    let images = v["images"].as_array().unwrap();
+    assert_eq!(images.len(), 3);
+    assert_eq!(v["image"], images[0]);
+    for image in images {
+        let jpeg = base64::engine::general_purpose::STANDARD.decode(image.as_str().unwrap()).unwrap();
+        assert_eq!(jpeg_size(&jpeg), (64, 72));
+    }
+    assert_ne!(images[0], images[1], "different samples");
+    server.shutdown().unwrap();
+}
+
+#[test]
+fn random_seed_is_reported_and_reproducible() {
+    let server = tiny_server(config(Ranges::Relaxed, 2));
+    let mut body = small("a castle", 64, 3);
+    body["seed"] = json!(-1);
+    let first = post_json(server.addr(), &body);
+    assert_eq!(first.status, 200, "{}", first.text());
+    let seed: i64 = first.header("x-seed-value").unwrap().parse().unwrap();
+    assert!((0..=MAX_SEED).contains(&seed));
+    body["seed"] = json!(seed);
+    let again = post_json(server.addr(), &body);
+    assert_eq!(again.header("x-seed-value").unwrap(), seed.to_string());
+    assert_eq!(again.body, first.body, "the reported seed reproduces the image");
+    body["seed"] = json!(seed + 1);
+    assert_ne!(post_json(server.addr(), &body).body, first.body);
+    server.shutdown().unwrap();
+}
+
+#[test]
+fn api_keys_are_required_when_configured() {
+    let mut cfg = config(Ranges::Relaxed, 2);
+    cfg.api_keys = ApiKeys::new(["key-one", "key-two"]).unwrap();
+    let server = tiny_server(cfg);
+    let addr = server.addr();
+    let body = small("a key", 64, 2);
+    for headers in [vec![], vec![("x-api-key", "wrong")], vec![("x-api-key", "key-one-")], vec![("x-api-key", "")]] {
+        let r = post_with(addr, &headers, &body);
+        assert_eq!(r.status, 401, "{headers:?}");
+        assert!(r.error().contains("x-api-key"));
+    }
+    // The key is checked before anything else: a wrong key with a bad body is still 401.
+    let r = call(addr, "POST", PATH, &[("x-api-key", "wrong"), ("content-type", "text/plain")], b"hello");
+    assert_eq!(r.status, 401);
+    // Either key works.
+    let r = post_with(addr, &[("x-api-key", "key-two")], &json!({"prompt": "x", "samples": 9}));
+    assert_eq!(r.status, 400, "past the key check");
+    let r = post_with(addr, &[("x-api-key", "key-one")], &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.jpeg_size(), (64, 64));
+    // Other models: 401 without a key, 404 with one.
+    assert_eq!(call(addr, "POST", "/v1/sdxl1.0-other", &[], b"{}").status, 401);
+    let r = call(addr, "POST", "/v1/sdxl1.0-other", &[("x-api-key", "key-two")], b"{}");
+    assert_eq!((r.status, r.error()), (404, "Model not found".to_string()));
+    // Health needs no key.
+    assert_eq!(health(addr)["model_loaded"], true);
+    server.shutdown().unwrap();
+}
+
+#[test]
+fn bad_inputs_get_their_status_and_a_json_error_naming_the_field() {
+    let server = tiny_server(config(Ranges::Hosted, 2));
+    let addr = server.addr();
+    let valid =
+        json!({"prompt": "x", "scheduler": "Euler", "num_inference_steps": 20, "img_width": 512, "img_height": 512});
+    let with = |field: &str, value: Value| {
+        let mut body = valid.clone();
+        body[field] = value;
+        body
+    };
+    let cases: Vec<(Value, &str, &[&str])> = vec![
+        (with("samples", json!(0)), "samples", &["1 and 4"]),
+        (with("samples", json!(5)), "samples", &["1 and 4"]),
+        (with("samples", json!("2")), "samples", &["1 and 4"]),
+        (with("samples", json!(-1)), "samples", &["1 and 4"]),
+        (with("num_inference_steps", json!(19)), "num_inference_steps", &["20 and 100"]),
+        (with("num_inference_steps", json!(101)), "num_inference_steps", &["20 and 100"]),
+        (with("num_inference_steps", json!(20.5)), "num_inference_steps", &["20 and 100"]),
+        (with("guidance_scale", json!(0.99)), "guidance_scale", &["1 and 25"]),
+        (with("guidance_scale", json!(25.01)), "guidance_scale", &["1 and 25"]),
+        (with("guidance_scale", json!(null)), "guidance_scale", &["1 and 25"]),
+        (with("seed", json!(-2)), "seed", &["-1 and 999999999999999"]),
+        (with("seed", json!(1_000_000_000_000_000i64)), "seed", &["-1 and 999999999999999"]),
+        (with("seed", json!(1e30)), "seed", &["-1 and 999999999999999"]),
+        (with("img_width", json!(504)), "img_width", &["multiple of 8", "512 and 2048"]),
+        (with("img_width", json!(516)), "img_width", &["multiple of 8", "512 and 2048"]),
+        (with("img_width", json!(2056)), "img_width", &["multiple of 8", "512 and 2048"]),
+        (with("img_height", json!(511)), "img_height", &["multiple of 8", "512 and 2048"]),
+        (with("img_height", json!(4096)), "img_height", &["multiple of 8", "512 and 2048"]),
+        (with("scheduler", json!("NoSuchSampler")), "scheduler", &["Euler", "DDIM"]),
+        (with("scheduler", json!(7)), "scheduler", &["Euler"]),
+        (with("prompt", json!(["a", "b"])), "prompt", &["string"]),
+        (with("base64", json!("yes")), "base64", &["true or false"]),
+        (json!({"samples": 1}), "prompt", &["missing"]),
+    ];
+    for (body, field, needles) in &cases {
+        let r = post_json(addr, body);
+        assert_eq!(r.status, 400, "{body}: {}", r.text());
+        let e = r.error();
+        assert!(e.contains(&format!("`{field}`")), "{body}: {e}");
+        for needle in *needles {
+            assert!(e.contains(needle), "{body}: {e} lacks {needle}");
+        }
+        assert!(r.header("x-request-id").is_some());
+    }
+    // Malformed JSON and non-objects: 400.
+    for raw in [
+        &b"{\"prompt\": \"x\""[..],
+        b"",
+        b"not json",
+        b"[1, 2, 3]",
+        b"\"prompt\"",
+        b"{\"prompt\": \"x\"} {}",
+        b"\xff\xfe",
+    ] {
+        let r = call(addr, "POST", PATH, &[("content-type", "application/json")], raw);
+        assert_eq!(r.status, 400, "{raw:?}");
+        let e = r.error();
+        assert!(e.contains("JSON"), "{raw:?}: {e}");
+    }
+    // Not JSON: 406.
+    for content_type in
+        [Some("text/plain"), Some("application/x-www-form-urlencoded"), Some("multipart/form-data"), None]
+    {
+        let headers: Vec<(&str, &str)> = content_type.map(|t| ("content-type", t)).into_iter().collect();
+        let r = call(addr, "POST", PATH, &headers, valid.to_string().as_bytes());
+        assert_eq!(r.status, 406, "{content_type:?}");
+        assert!(r.error().contains("application/json"));
+    }
+    // Over the body limit: 413, whether the length is declared or found out while reading.
+    let r = read_reply({
+        let mut s = connect(addr);
+        let head = format!(
+            "POST {PATH} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            2 << 20
+        );
+        s.write_all(head.as_bytes()).unwrap();
+        s
+    });
+    assert_eq!(r.status, 413);
+    assert!(r.error().contains("limit"));
+    let huge = format!(r#"{{"prompt": "{}"}}"#, "a".repeat((1 << 20) + 10));
+    let r = read_reply({
+        let mut s = connect(addr);
+        let head = format!("POST {PATH} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n");
+        s.write_all(head.as_bytes()).unwrap();
+        for chunk in huge.as_bytes().chunks(64 << 10) {
+            if s.write_all(format!("{:x}\r\n", chunk.len()).as_bytes()).is_err()
+                || s.write_all(chunk).is_err()
+                || s.write_all(b"\r\n").is_err()
+            {
+                break;
+            }
+        }
+        let _ = s.write_all(b"0\r\n\r\n");
+        s
+    });
+    assert_eq!(r.status, 413);
+    // Routes: other models, unknown paths, wrong methods.
+    for (method, path, status, message) in [
+        ("POST", "/v1/sdxl1.0-other", 404, "Model not found"),
+        ("POST", "/v1/stable-diffusion-xl", 404, "Model not found"),
+        ("GET", "/v1/sdxl1.0-dreamshaper/x", 404, "Model not found"),
+        ("GET", "/", 404, "Not found"),
+        ("POST", "/v2/sdxl1.0-dreamshaper", 404, "Not found"),
+        ("GET", PATH, 405, "Method not allowed"),
+    ] {
+        let r = call(addr, method, path, &[("content-type", "application/json")], b"{}");
+        assert_eq!((r.status, r.error()), (status, message.to_string()), "{method} {path}");
+    }
+    // Nothing above reached the worker.
+    let h = health(addr);
+    assert_eq!((h["completed"].as_u64(), h["queue_length"].as_u64()), (Some(0), Some(0)));
+    server.shutdown().unwrap();
+}
+
+#[test]
+fn queue_overflow_every_client_is_answered() {
+    const CLIENTS: usize = 8;
+    let server = tiny_server(config(Ranges::Relaxed, 1));
+    let addr = server.addr();
+    let start = Instant::now();
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(CLIENTS));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                barrier.wait();
+                post_json(addr, &small(&format!("client {i}"), 128, 12))
+            })
+        })
+        .collect();
+    let replies: Vec<Reply> = clients.into_iter().map(|c| c.join().expect("client answered")).collect();
+    let elapsed = start.elapsed();
+    let ok = replies.iter().filter(|r| r.status == 200).count();
+    let refused: Vec<&Reply> = replies.iter().filter(|r| r.status == 429).collect();
+    assert_eq!(ok + refused.len(), CLIENTS, "{:?}", replies.iter().map(|r| r.status).collect::<Vec<_>>());
+    assert!(ok >= 1 && !refused.is_empty(), "{ok} ok, {} refused", refused.len());
+    for r in &refused {
+        let retry: u64 = r.header("retry-after").expect("Retry-After").parse().unwrap();
+        assert!(retry >= 1);
+        assert!(r.error().contains("queue"));
+    }
+    for r in replies.iter().filter(|r| r.status == 200) {
+        assert_eq!(r.jpeg_size(), (128, 128));
+    }
+    assert!(elapsed < Duration::from_secs(90), "{elapsed:?}");
+    let h = wait_for_health(addr, Duration::from_secs(10), "an idle queue", |h| h["running"] == false);
+    assert_eq!((h["queue_length"].as_u64(), h["completed"].as_u64()), (Some(0), Some(ok as u64)));
+    server.shutdown().unwrap();
+}
+
+#[test]
+fn disconnects_free_queue_places_and_stop_the_running_generation() {
+    let server = tiny_server(config(Ranges::Relaxed, 1));
+    let addr = server.addr();
+    let json = [("content-type", "application/json")];
+    // A: a long generation (hosted-valid; about a minute on two cores if it ran to the end).
+    let long = json!({"prompt": "long", "scheduler": "Euler", "num_inference_steps": 100, "img_width": 512, "img_height": 512});
+    let a = send(addr, "POST", PATH, &json, long.to_string().as_bytes());
+    wait_for_health(addr, Duration::from_secs(30), "A running", |h| h["running"] == true);
+    // B waits in the only place; C is refused.
+    let b = send(addr, "POST", PATH, &json, small("b", 64, 2).to_string().as_bytes());
+    wait_for_health(addr, Duration::from_secs(30), "B queued", |h| h["queue_length"] == 1);
+    assert_eq!(post_json(addr, &small("c", 64, 2)).status, 429);
+    // B hangs up: its place is free at once, and D gets it.
+    drop(b);
+    let h = wait_for_health(addr, Duration::from_secs(10), "B's place freed", |h| h["queue_length"] == 0);
+    assert_eq!(h["cancelled"], 1);
+    let d = std::thread::spawn(move || post_json(addr, &small("d", 64, 2)));
+    wait_for_health(addr, Duration::from_secs(30), "D queued", |h| h["queue_length"] == 1);
+    // A hangs up mid-generation: stopped at the next step, far sooner than its 100 steps would take.
+    let hang_up = Instant::now();
+    drop(a);
+    wait_for_health(addr, Duration::from_secs(20), "A stopped", |h| h["cancelled"] == 2);
+    let stopped_after = hang_up.elapsed();
+    let d = d.join().unwrap();
+    assert_eq!(d.status, 200, "{}", d.text());
+    assert_eq!(d.jpeg_size(), (64, 64));
+    let h = health(addr);
+    assert_eq!((h["completed"].as_u64(), h["running"].as_bool()), (Some(1), Some(false)));
+    eprintln!("the running generation stopped {stopped_after:?} after its client hung up");
+    server.shutdown().unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The HTTP side alone, with the stand-in engine.
+
+#[test]
+fn failed_generations_are_500_and_the_server_keeps_serving() {
+    let server = stand_in_server(config(Ranges::Hosted, 2));
+    let addr = server.addr();
+    let body = |prompt: &str| json!({"prompt": prompt, "scheduler": "Euler", "seed": 5});
+    for prompt in ["fail", "panic", "fail"] {
+        let r = post_json(addr, &body(prompt));
+        assert_eq!(r.status, 500, "{prompt}");
+        assert!(r.error().contains("on purpose"), "{}", r.text());
+    }
+    let r = post_json(addr, &body("fine"));
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-seed-value"), Some("5"));
+    assert_eq!(health(addr)["completed"], 4);
+    server.shutdown().unwrap();
+}
+
+/// A small deterministic generator (xorshift64*), so failures reproduce.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+
+    fn value(&mut self, depth: usize) -> Value {
+        match self.below(if depth > 2 { 6 } else { 8 }) {
+            0 => Value::Null,
+            1 => json!(self.below(2) == 0),
+            2 => json!(self.next() as i64 >> self.below(64)),
+            3 => json!((self.next() as f64 / u64::MAX as f64 - 0.5) * 10f64.powi(self.below(30) as i32)),
+            4 => json!(
+                [512, 1024, 2048, 8, 0, -1, 20, 100, 999_999_999_999_999i64, 1_000_000_000_000_000i64][self.below(10)]
+            ),
+            5 => json!(["", "Euler", "DDIM", "UniPC", "a cat", "\u{0}", "é✓"][self.below(7)]),
+            6 => Value::Array((0..self.below(4)).map(|_| self.value(depth + 1)).collect()),
+            _ => Value::Object((0..self.below(4)).map(|i| (format!("k{i}"), self.value(depth + 1))).collect()),
+        }
+    }
+
+    /// A body: random bytes, a mutated valid body, or an object of the real fields with random values.
+    fn body(&mut self) -> Vec<u8> {
+        const FIELDS: [&str; 10] = [
+            "prompt",
+            "negative_prompt",
+            "samples",
+            "scheduler",
+            "num_inference_steps",
+            "guidance_scale",
+            "seed",
+            "img_width",
+            "img_height",
+            "base64",
+        ];
+        match self.below(3) {
+            0 => {
+                let n = self.below(300);
+                self.bytes(n)
+            }
+            1 => {
+                let mut b = br#"{"prompt": "a cat", "samples": 2, "scheduler": "Euler", "num_inference_steps": 20, "guidance_scale": 7.5, "seed": 12, "img_width": 512, "img_height": 512, "base64": true}"#.to_vec();
+                for _ in 0..1 + self.below(4) {
+                    let i = self.below(b.len());
+                    match self.below(3) {
+                        0 => b[i] = self.next() as u8,
+                        1 => b.truncate(i),
+                        _ => b.insert(i, b"{}[],:\"0-9e.\\"[self.below(13)]),
+                    }
+                    if b.is_empty() {
+                        break;
+                    }
+                }
+                b
+            }
+            _ => {
+                let mut obj = serde_json::Map::new();
+                for field in FIELDS {
+                    if self.below(4) != 0 {
+                        obj.insert(field.into(), self.value(0));
+                    }
+                }
+                if self.below(2) == 0 {
+                    obj.insert("prompt".into(), json!("fuzz"));
+                }
+                Value::Object(obj).to_string().into_bytes()
+            }
+        }
+    }
+}
+
+#[test]
+fn the_request_decoder_survives_arbitrary_input() {
+    // Directly: never panics, and whatever it accepts is within the hosted ranges.
+    let mut rng = Rng(0x5eed_1234_abcd_0001);
+    let mut accepted = 0;
+    for _ in 0..5000 {
+        let body = rng.body();
+        match dreamshaper::server::decode::decode(&body, Ranges::Hosted) {
+            Ok(request) => {
+                request.validate_hosted().unwrap();
+                accepted += 1;
+            }
+            Err(e) => assert_eq!(e.status, 400, "{e}"),
+        }
+    }
+    eprintln!("decoder: {accepted} of 5000 random bodies were valid requests");
+
+    // Over HTTP: a few hundred random bodies, then raw garbage instead of HTTP; the server answers every one
+    // and is still healthy.
+    let server = stand_in_server(config(Ranges::Hosted, 64));
+    let addr = server.addr();
+    let start = Instant::now();
+    let mut statuses: HashMap<u16, usize> = HashMap::new();
+    for _ in 0..300 {
+        let body = rng.body();
+        let r = call(addr, "POST", PATH, &[("content-type", "application/json")], &body);
+        assert!(matches!(r.status, 200 | 400), "{}: {:?} -> {}", r.status, String::from_utf8_lossy(&body), r.text());
+        if r.status == 400 {
+            r.error();
+        } else {
+            assert_eq!(
+                r.header("content-type").unwrap(),
+                if body_is_base64_or_many(&body) { "application/json" } else { "image/jpeg" }
+            );
+        }
+        *statuses.entry(r.status).or_default() += 1;
+        assert!(start.elapsed() < Duration::from_secs(60));
+    }
+    eprintln!("HTTP fuzz statuses: {statuses:?}");
+    for _ in 0..30 {
+        let n = 1 + rng.below(500);
+        let garbage = rng.bytes(n);
+        let mut s = connect(addr);
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = s.write_all(&garbage);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut answer = Vec::new();
+        let _ = s.read_to_end(&mut answer);
+        if !answer.is_empty() {
+            let status = parse_reply(&answer).status;
+            assert!((400..500).contains(&status), "{status}");
+        }
+    }
+    let h = health(addr);
+    assert_eq!(h["status"], "ok");
+    assert_eq!(h["queue_length"], 0);
+    server.shutdown().unwrap();
+}
+
+fn body_is_base64_or_many(body: &[u8]) -> bool {
+    let r: GenerateRequest = serde_json::from_slice(body).unwrap();
+    r.base64 || r.samples > 1
+}
+
+#[test]
+fn in_process_shutdown_answers_queued_requests_503() {
+    /// Holds each generation until told to go.
+    struct Held(std::sync::Mutex<mpsc::Receiver<()>>);
+    impl Engine for Held {
+        fn generate(&mut self, r: &GenerateRequest, p: &mut ProgressFn) -> dreamshaper::Result<Generation> {
+            self.0.lock().unwrap().recv_timeout(Duration::from_secs(30)).unwrap();
+            StandIn.generate(r, p)
+        }
+    }
+    let (go, held) = mpsc::channel();
+    let server = Server::start(config(Ranges::Hosted, 4), move || Ok(Held(std::sync::Mutex::new(held)))).unwrap();
+    let addr = server.addr();
+    let body = json!({"prompt": "x", "scheduler": "Euler"}).to_string();
+    let json = [("content-type", "application/json")];
+    let running = send(addr, "POST", PATH, &json, body.as_bytes());
+    wait_for_health(addr, Duration::from_secs(10), "running", |h| h["running"] == true);
+    let queued: Vec<TcpStream> = (0..3).map(|_| send(addr, "POST", PATH, &json, body.as_bytes())).collect();
+    wait_for_health(addr, Duration::from_secs(10), "three queued", |h| h["queue_length"] == 3);
+    let stopping = std::thread::spawn(move || server.shutdown());
+    for q in queued {
+        let r = read_reply(q);
+        assert_eq!(r.status, 503);
+        assert!(r.error().contains("shutting down"));
+    }
+    go.send(()).unwrap();
+    let r = read_reply(running);
+    assert_eq!(r.status, 200, "the running generation finishes and is answered");
+    stopping.join().unwrap().unwrap();
+    assert!(TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_err(), "no longer listening");
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The binary.
+
+struct Serve {
+    child: Child,
+    addr: SocketAddr,
+    log: mpsc::Receiver<String>,
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        // Only our own child, by its handle.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve(args: &[&str]) -> Serve {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dreamshaper"))
+        .arg("serve")
+        .arg("--model")
+        .arg(common::tiny_model())
+        .args(["--addr", "127.0.0.1:0"])
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, log) = mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let addr = loop {
+        let line = log.recv_timeout(deadline.saturating_duration_since(Instant::now())).expect("a listening line");
+        if let Some(rest) = line.split("listening on http://").nth(1) {
+            break rest.split_whitespace().next().unwrap().parse().unwrap();
+        }
+    };
+    Serve { child, addr, log }
+}
+
+fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(start.elapsed() < limit, "the server did not exit within {limit:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn serve_binary_with_a_key_file_and_sigterm() {
+    let dir = std::env::temp_dir().join(format!("dreamshaper-serve-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let keys = dir.join("keys.txt");
+    std::fs::write(&keys, "# local keys\nfirst-key\n\nsecond-key\n").unwrap();
+    let mut server = serve(&["--api-keys-file", keys.to_str().unwrap(), "--max-queue", "2", "--relaxed-ranges"]);
+    let addr = server.addr;
+    assert_eq!(post_json(addr, &small("x", 64, 2)).status, 401);
+    assert_eq!(post_with(addr, &[("x-api-key", "local keys")], &small("x", 64, 2)).status, 401);
+    let r = post_with(addr, &[("x-api-key", "second-key")], &small("x", 64, 2));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.jpeg_size(), (64, 64));
+
+    // SIGTERM with one generation running and one queued: the running one is answered, the queued one gets 503,
+    // and the process exits cleanly.
+    let key = [("content-type", "application/json"), ("x-api-key", "first-key")];
+    let running = send(addr, "POST", PATH, &key, small("running", 256, 30).to_string().as_bytes());
+    wait_for_health(addr, Duration::from_secs(30), "running", |h| h["running"] == true);
+    let queued = send(addr, "POST", PATH, &key, small("queued", 64, 2).to_string().as_bytes());
+    wait_for_health(addr, Duration::from_secs(30), "queued", |h| h["queue_length"] == 1);
+    let kill = Command::new("kill").args(["-TERM", &server.child.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let q = read_reply(queued);
+    assert_eq!(q.status, 503, "{}", q.text());
+    let r = read_reply(running);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.jpeg_size(), (256, 256));
+    let status = wait_exit(&mut server.child, Duration::from_secs(60));
+    assert!(status.success(), "{status:?}");
+    let log: Vec<String> = server.log.try_iter().collect();
+    let requests = log.iter().filter(|l| l.contains("request_id=") && l.contains(PATH)).count();
+    assert!(requests >= 5, "one log line per request:\n{}", log.join("\n"));
+    assert!(log.iter().any(|l| l.contains("status=401")) && log.iter().any(|l| l.contains("status=503")));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn serve_binary_refuses_bad_options() {
+    for (args, needle) in [
+        (vec!["--api-key", "a", "--api-keys-file", "/x"], "--api-keys-file"),
+        (vec!["--api-keys-file", "/no/such/keys.txt"], "/no/such/keys.txt"),
+        (vec!["--api-key", "  "], "empty"),
+        (vec!["--addr", "not-an-address"], "--addr"),
+    ] {
+        let o = Command::new(env!("CARGO_BIN_EXE_dreamshaper"))
+            .arg("serve")
+            .arg("--model")
+            .arg(common::tiny_model())
+            .args(&args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(!o.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn shutdown_is_not_held_up_by_a_stalled_client() {
+    let server = stand_in_server(ServerConfig { shutdown_grace: Duration::from_secs(1), ..config(Ranges::Hosted, 2) });
+    let addr = server.addr();
+    // Half a request head, then silence.
+    let mut stalled = connect(addr);
+    stalled.write_all(b"POST /v1/sdxl1.0-dreamshaper HTTP/1.1\r\nhost: x\r\n").unwrap();
+    let idle = connect(addr);
+    std::thread::sleep(Duration::from_millis(100));
+    let (done, finished) = mpsc::channel();
+    let start = Instant::now();
+    std::thread::spawn(move || done.send(server.shutdown()).unwrap());
+    let result = finished.recv_timeout(Duration::from_secs(30)).expect("shutdown finished");
+    result.unwrap();
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    eprintln!("shutdown with a stalled client took {took:?}");
+    drop((stalled, idle));
+}
