@@ -62,6 +62,20 @@ pub struct Remapped {
     map: HashMap<String, Mapped>,
 }
 
+impl Transform {
+    /// The manifest's name of the transform (`identity`, `in_proj_q`, `transpose`, `conv1x1_to_linear`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Transform::Same => "identity",
+            Transform::Slice { index: 0, .. } => "in_proj_q",
+            Transform::Slice { index: 1, .. } => "in_proj_k",
+            Transform::Slice { .. } => "in_proj_v",
+            Transform::Transpose => "transpose",
+            Transform::Conv1x1ToLinear => "conv1x1_to_linear",
+        }
+    }
+}
+
 impl Remapped {
     pub fn into_var_builder(self, dtype: DType, device: &Device) -> VarBuilder<'static> {
         VarBuilder::from_backend(Box::new(self), dtype, device.clone())
@@ -136,7 +150,8 @@ struct Level {
 /// A single-file checkpoint, opened and indexed.
 pub struct SingleFile {
     path: PathBuf,
-    weights: Arc<Weights>,
+    /// `None` for a key listing without data (see [`SingleFile::from_key_shapes`]).
+    weights: Option<Arc<Weights>>,
     /// stored name → shape
     shapes: BTreeMap<String, Vec<usize>>,
     /// Where the VAE's keys start ("first_stage_model." or "" for a standalone VAE file).
@@ -148,6 +163,16 @@ impl SingleFile {
         let weights = Weights::open(&[path.to_path_buf()])?;
         let shapes: BTreeMap<String, Vec<usize>> =
             weights.names().filter_map(|n| Some((n.to_string(), weights.shape_of(n)?))).collect();
+        Ok(Self::index(path, Some(Arc::new(weights)), shapes))
+    }
+
+    /// A checkpoint known only by its key names and shapes (no tensor data): enough to derive its configs and key
+    /// mapping, e.g. to check a manifest of a real checkpoint's keys.
+    pub fn from_key_shapes(origin: &Path, shapes: BTreeMap<String, Vec<usize>>) -> Self {
+        Self::index(origin, None, shapes)
+    }
+
+    fn index(path: &Path, weights: Option<Arc<Weights>>, shapes: BTreeMap<String, Vec<usize>>) -> Self {
         let has = |prefix: &str| shapes.range(prefix.to_string()..).next().is_some_and(|(k, _)| k.starts_with(prefix));
         let vae_prefix = if has("first_stage_model.decoder.") {
             Some(VAE_PREFIX)
@@ -156,7 +181,7 @@ impl SingleFile {
         } else {
             None
         };
-        Ok(Self { path: path.to_path_buf(), weights: Arc::new(weights), shapes, vae_prefix })
+        Self { path: path.to_path_buf(), weights, shapes, vae_prefix }
     }
 
     pub fn path(&self) -> &Path {
@@ -388,18 +413,33 @@ impl SingleFile {
 
     /// The diffusers-named weights of one component.
     pub fn component(&self, part: Part) -> Result<Remapped> {
-        let map = match part {
+        let weights =
+            self.weights.clone().ok_or_else(|| Error::model(&self.path, "a key listing holds no tensor data"))?;
+        Ok(Remapped { weights, map: self.key_map(part)? })
+    }
+
+    /// For one component: each diffusers tensor name with the stored key it comes from and the transform's name.
+    pub fn mapping(&self, part: Part) -> Result<Vec<(String, String, &'static str)>> {
+        let mut rows: Vec<_> =
+            self.key_map(part)?.into_iter().map(|(d, m)| (d, m.source, m.transform.name())).collect();
+        rows.sort();
+        Ok(rows)
+    }
+
+    fn key_map(&self, part: Part) -> Result<HashMap<String, Mapped>> {
+        Ok(match part {
             Part::Unet => self.unet_map()?,
+            // `position_ids` is a buffer the encoder recomputes (some files even store it as broken floats).
             Part::ClipL => self
                 .keys_under(CLIP_L_PREFIX)
+                .filter(|(k, _)| !k.ends_with("position_ids"))
                 .map(|(k, _)| {
                     (k.to_string(), Mapped { source: format!("{CLIP_L_PREFIX}{k}"), transform: Transform::Same })
                 })
                 .collect(),
             Part::ClipG => self.clip_g_map(),
             Part::Vae => self.vae_map()?,
-        };
-        Ok(Remapped { weights: self.weights.clone(), map })
+        })
     }
 
     /// Stored keys that no component uses (EMA copies, the VAE encoder, `logit_scale`, …), for a debug report.
@@ -409,7 +449,7 @@ impl SingleFile {
             if part == Part::Vae && !self.has_vae() {
                 continue;
             }
-            used.extend(self.component(part)?.map.into_values().map(|m| m.source));
+            used.extend(self.key_map(part)?.into_values().map(|m| m.source));
         }
         Ok(self.shapes.keys().filter(|k| !used.contains(*k)).cloned().collect())
     }
