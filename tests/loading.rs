@@ -162,10 +162,8 @@ fn clip_keys_without_text_model_prefix_load_identically() {
     let dir = copy_model("no-prefix");
     let path = dir.join("text_encoder/model.safetensors");
     let tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
-    let renamed: std::collections::HashMap<String, Tensor> = tensors
-        .into_iter()
-        .map(|(k, v)| (k.strip_prefix("text_model.").map(str::to_string).unwrap_or(k), v))
-        .collect();
+    let renamed: std::collections::HashMap<String, Tensor> =
+        tensors.into_iter().map(|(k, v)| (k.strip_prefix("text_model.").map(str::to_string).unwrap_or(k), v)).collect();
     assert!(renamed.keys().all(|k| !k.starts_with("text_model.")));
     candle_core::safetensors::save(&renamed, &path).unwrap();
 

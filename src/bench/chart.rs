@@ -25,6 +25,8 @@ pub struct Panel<'a> {
     pub series: &'a [Series],
     /// Where the legend goes: the corner the lines are least likely to be in.
     pub legend: SeriesLabelPosition,
+    /// Whether the y axis starts at 0 (distances such as RMSE) rather than just under the smallest value.
+    pub from_zero: bool,
 }
 
 fn drawing_error(e: impl std::fmt::Display) -> Error {
@@ -61,8 +63,7 @@ where
         (y_min, y_max) = (0.0, 1.0);
     }
     let pad = ((y_max - y_min) * 0.08).max(y_max.abs() * 0.05).max(1e-3);
-    // Distances that can't be negative (RMSE) start at 0.
-    let y_low = if y_min >= 0.0 && y_min - pad < 0.0 { 0.0 } else { y_min - pad };
+    let y_low = if panel.from_zero || (y_min >= 0.0 && y_min - pad < 0.0) { 0.0 } else { y_min - pad };
     let mut chart = ChartBuilder::on(area)
         .margin(12)
         .caption(panel.caption, (PLOTTERS_FAMILY, 17))
@@ -76,7 +77,9 @@ where
         .y_desc(panel.y_label)
         .label_style((PLOTTERS_FAMILY, 13))
         .axis_desc_style((PLOTTERS_FAMILY, 15))
-        .light_line_style(RGBColor(235, 235, 235))
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .max_light_lines(1)
+        .light_line_style(RGBColor(240, 240, 240))
         .draw()
         .map_err(drawing_error)?;
     if panel.series.iter().all(|s| s.points.is_empty()) {
@@ -124,8 +127,20 @@ mod tests {
         let img = convergence_chart(
             "test",
             &[
-                Panel { caption: "a", y_label: "RMSE", series: &series, legend: SeriesLabelPosition::UpperRight },
-                Panel { caption: "b", y_label: "PSNR", series: &empty, legend: SeriesLabelPosition::LowerRight },
+                Panel {
+                    caption: "a",
+                    y_label: "RMSE",
+                    series: &series,
+                    legend: SeriesLabelPosition::UpperRight,
+                    from_zero: true,
+                },
+                Panel {
+                    caption: "b",
+                    y_label: "PSNR",
+                    series: &empty,
+                    legend: SeriesLabelPosition::LowerRight,
+                    from_zero: false,
+                },
             ],
         )
         .unwrap();

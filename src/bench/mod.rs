@@ -107,6 +107,7 @@ pub fn parse_schedulers(list: &str) -> Result<Vec<String>> {
                 schedulers::names().join(", ")
             )));
         }
+        let item = item.trim();
         check_known(item)?;
         let name = canonical(item);
         if !out.iter().any(|n| n.eq_ignore_ascii_case(&name)) {
@@ -368,10 +369,9 @@ struct RunOutput {
     decode_seconds: f64,
 }
 
-/// Runs the benchmark on a loaded pipeline (load it with [`crate::Residency::Resident`] so that the UNet and VAE
-/// are not reloaded for every run) and writes everything into `options.out` (see the module docs).
-pub fn run(pipeline: &Pipeline, options: &BenchOptions, on_event: &mut BenchEventFn) -> Result<BenchReport> {
-    let started = Instant::now();
+/// The request every run shares (one sample, the reference's scheduler and steps), checked against the model,
+/// and the plan: everything that can go wrong before the first run.
+pub fn prepare(pipeline: &Pipeline, options: &BenchOptions) -> Result<(GenerateRequest, Plan)> {
     let plan = Plan::new(options, &pipeline.configs.scheduler)?;
     let mut request = options.request.clone();
     request.samples = 1;
@@ -379,6 +379,14 @@ pub fn run(pipeline: &Pipeline, options: &BenchOptions, on_event: &mut BenchEven
     request.num_inference_steps = u32::try_from(plan.reference.steps)
         .map_err(|_| Error::invalid("num_inference_steps", "reference step count too large"))?;
     pipeline.validate(&request)?;
+    Ok((request, plan))
+}
+
+/// Runs the benchmark on a loaded pipeline (load it with [`crate::Residency::Resident`] so that the UNet and VAE
+/// are not reloaded for every run) and writes everything into `options.out` (see the module docs).
+pub fn run(pipeline: &Pipeline, options: &BenchOptions, on_event: &mut BenchEventFn) -> Result<BenchReport> {
+    let started = Instant::now();
+    let (request, plan) = prepare(pipeline, options)?;
     prepare_output_dir(&options.out)?;
     let seed = request.resolve_seed();
     let total = plan.total_nfe();
@@ -635,12 +643,14 @@ impl BenchReport {
                     y_label: "latent RMSE",
                     series: &rmse,
                     legend: plotters::chart::SeriesLabelPosition::UpperRight,
+                    from_zero: true,
                 },
                 chart::Panel {
                     caption: "Pixel PSNR (higher is better)",
                     y_label: "PSNR (dB)",
                     series: &psnr,
                     legend: plotters::chart::SeriesLabelPosition::LowerRight,
+                    from_zero: false,
                 },
             ],
         )
