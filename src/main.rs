@@ -308,16 +308,18 @@ fn bench_schedulers(args: BenchArgs) -> anyhow::Result<()> {
     // Resident: the UNet and VAE are loaded once, not once per run.
     let pipeline = Pipeline::load(&args.model.model, pipeline_options(Residency::Resident))?;
 
-    let mut bar_is_steps = false;
+    let (mut bar_is_steps, mut running) = (false, false);
     let mut on_event = |event: &BenchEvent| {
         match event {
+            // Loading and prompt encoding; once the runs start, the message names the run instead.
             BenchEvent::Stage(name) => {
-                if !bar_is_steps {
+                if !running {
                     bar.set_message(*name);
                     bar.tick();
                 }
             }
             BenchEvent::RunStarted { index, runs, run } => {
+                running = true;
                 let what = if run.reference { "reference " } else { "" };
                 bar.set_message(format!("run {}/{runs}: {what}{} × {} steps", index + 1, run.scheduler, run.steps));
             }
