@@ -2,6 +2,7 @@
 //! with plotters' bitmap backend and the bundled font (no system font lookup).
 
 use image::RgbImage;
+use plotters::element::DashedPathElement;
 use plotters::prelude::*;
 
 use super::text::{register_plotters_font, PLOTTERS_FAMILY};
@@ -95,11 +96,17 @@ where
     for (i, series) in panel.series.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
         let line = color.stroke_width(2);
-        chart
-            .draw_series(LineSeries::new(series.points.iter().copied(), line))
+        // Every other line is dashed, so that lines lying on top of each other stay visible.
+        let (dash, gap) = if i % 2 == 1 { (6, 4) } else { (1000, 1) };
+        let drawn = if i % 2 == 1 {
+            chart.draw_series(DashedLineSeries::new(series.points.iter().copied(), dash, gap, line))
+        } else {
+            chart.draw_series(LineSeries::new(series.points.iter().copied(), line))
+        };
+        drawn
             .map_err(drawing_error)?
             .label(series.name.as_str())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 22, y)], line));
+            .legend(move |(x, y)| DashedPathElement::new(vec![(x, y), (x + 22, y)], dash, gap, line));
         chart.draw_series(series.points.iter().map(|&p| Circle::new(p, 3, color.filled()))).map_err(drawing_error)?;
     }
     chart
