@@ -152,6 +152,17 @@ pub fn slug(name: &str) -> String {
     out
 }
 
+/// [`slug`], numbered (`-2`, `-3`, …) when another name already took it (`"Euler a"` and `"euler_a"`).
+fn unique_slug(name: &str, taken: &mut Vec<String>) -> String {
+    let base = slug(name);
+    let unique = std::iter::once(base.clone())
+        .chain((2..).map(|i| format!("{base}-{i}")))
+        .find(|s| !taken.contains(s))
+        .expect("an unused name");
+    taken.push(unique.clone());
+    unique
+}
+
 /// Creates `dir` and `dir/images` and checks that files can be written there; the error names the folder.
 pub fn prepare_output_dir(dir: &Path) -> Result<()> {
     let fail = |e: std::io::Error| Error::Other(format!("output directory {} is not writable: {e}", dir.display()));
@@ -236,13 +247,20 @@ impl Plan {
             reference: true,
         };
         let mut runs = Vec::new();
+        let mut names: Vec<String> = Vec::new();
+        let mut slugs: Vec<String> = Vec::new();
         for name in &options.schedulers {
             check_known(name)?;
             let name = canonical(name);
+            if names.iter().any(|n| n.eq_ignore_ascii_case(&name)) {
+                continue;
+            }
+            names.push(name.clone());
+            let file_slug = unique_slug(&name, &mut slugs);
             for &steps in &options.steps {
                 runs.push(PlannedRun {
                     nfe: nfe(&name, steps)?,
-                    image: format!("images/{}_{steps}.png", slug(&name)),
+                    image: format!("images/{file_slug}_{steps}.png"),
                     scheduler: name.clone(),
                     steps,
                     reference: false,
@@ -708,6 +726,10 @@ mod tests {
         assert_eq!(slug("  UniPC "), "unipc");
         assert_eq!(slug("+++"), "ppp");
         assert_eq!(slug("///"), "scheduler");
+        let mut taken = Vec::new();
+        let slugs: Vec<String> =
+            ["Euler a", "euler_a", "DDIM", "Euler-A"].iter().map(|n| unique_slug(n, &mut taken)).collect();
+        assert_eq!(slugs, ["euler-a", "euler-a-2", "ddim", "euler-a-3"]);
     }
 
     #[test]
@@ -726,6 +748,9 @@ mod tests {
             assert_eq!(run.nfe, expected, "{run:?}");
         }
         assert_eq!(plan.runs[0].scheduler, "Euler");
+        options.schedulers.push("EULER".into());
+        assert_eq!(Plan::new(&options, &config).unwrap().runs.len(), 4, "duplicate names run once");
+        options.schedulers.pop();
         assert_eq!(plan.runs[1].image, "images/euler_5.png");
         // DDIM × 5 repeats the reference and is not run (or counted) twice.
         assert!(plan.repeats_reference(&plan.runs[3]));
