@@ -2,6 +2,7 @@
 //!
 //! Data flows one way: [`GenerateRequest`] → prompt conditioning → denoising loop → VAE decode → images.
 
+pub mod bench;
 pub mod conditioning;
 pub mod error;
 pub mod loading;

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use dreamshaper::bench::{self, BenchEvent, BenchOptions};
 use dreamshaper::loading::DEFAULT_MODEL;
 use dreamshaper::output::{a1111_parameters, output_paths, save_png};
 use dreamshaper::server::{self, ApiKeys, Ranges, Server, ServerConfig};
@@ -30,6 +31,9 @@ enum Command {
     Generate(GenerateArgs),
     /// Serve the hosted text-to-image API locally (POST /v1/sdxl1.0-dreamshaper).
     Serve(ServeArgs),
+    /// Compare schedulers × step counts against a high-step reference run: timings, model evaluations, distances,
+    /// images, a labelled grid and a convergence chart.
+    BenchSchedulers(BenchArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -122,11 +126,49 @@ struct ServeArgs {
     relaxed_ranges: bool,
 }
 
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long)]
+    prompt: String,
+    #[arg(long, default_value = "")]
+    negative_prompt: String,
+    /// Comma-separated scheduler names, or `all` for every registered scheduler.
+    #[arg(long, default_value = "all")]
+    schedulers: String,
+    /// Comma-separated step counts; every scheduler runs at each.
+    #[arg(long, default_value = "10,20,30,50")]
+    steps: String,
+    /// One seed for every run; -1 picks a random one (printed and recorded in results.json).
+    #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
+    seed: i64,
+    /// Step count of the reference run.
+    #[arg(long, default_value_t = bench::DEFAULT_REFERENCE_STEPS)]
+    reference_steps: usize,
+    /// Scheduler of the reference run.
+    #[arg(long, default_value = bench::DEFAULT_REFERENCE_SCHEDULER)]
+    reference_scheduler: String,
+    #[arg(long, default_value_t = 7.5)]
+    guidance_scale: f64,
+    #[arg(long, default_value_t = 1024)]
+    img_width: u32,
+    #[arg(long, default_value_t = 1024)]
+    img_height: u32,
+    /// Output folder: results.csv, results.json, images/, grid.png, convergence.png.
+    #[arg(long)]
+    out: PathBuf,
+    /// No progress display.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate(args),
         Command::Serve(args) => serve(args),
+        Command::BenchSchedulers(args) => bench_schedulers(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -190,6 +232,10 @@ fn build_request(args: &GenerateArgs) -> anyhow::Result<GenerateRequest> {
     Ok(request)
 }
 
+fn model_name(model: &str) -> String {
+    model.trim_end_matches('/').rsplit('/').next().unwrap_or(model).to_string()
+}
+
 fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let request = build_request(&args)?;
     let (device, dtype) = device_and_dtype(&args.model)?;
@@ -242,8 +288,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let generation = pipeline.generate(&request, &mut on_progress)?;
     bar.finish_and_clear();
 
-    let model_name = args.model.model.trim_end_matches('/').rsplit('/').next().unwrap_or(&args.model.model).to_string();
-    let parameters = a1111_parameters(&request, generation.seed, &model_name);
+    let parameters = a1111_parameters(&request, generation.seed, &model_name(&args.model.model));
     let paths = output_paths(&args.output, generation.images.len());
     for (image, path) in generation.images.iter().zip(&paths) {
         save_png(image, path, &parameters)?;
@@ -275,4 +320,89 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let options = PipelineOptions { device, dtype, vae, config: model_config, residency: Residency::Resident };
     let load = move || Pipeline::load(&model, options);
     Ok(Server::start(config, load)?.wait()?)
+}
+
+fn bench_schedulers(args: BenchArgs) -> anyhow::Result<()> {
+    // Everything that can be checked without the model is checked before loading it.
+    let schedulers = bench::parse_schedulers(&args.schedulers).map_err(|e| anyhow::anyhow!("--schedulers: {e}"))?;
+    let steps = bench::parse_steps(&args.steps).map_err(|e| anyhow::anyhow!("--steps: {e}"))?;
+    let reference_scheduler = bench::check_reference_scheduler(&args.reference_scheduler)?;
+    if args.reference_steps == 0 {
+        anyhow::bail!("--reference-steps must be at least 1");
+    }
+    let mut request = GenerateRequest::new(args.prompt.clone());
+    request.negative_prompt = args.negative_prompt.clone();
+    request.guidance_scale = args.guidance_scale;
+    request.seed = args.seed;
+    request.img_width = args.img_width;
+    request.img_height = args.img_height;
+    let mut options = BenchOptions::new(request, &args.out);
+    options.schedulers = schedulers;
+    options.steps = steps;
+    options.reference_scheduler = reference_scheduler;
+    options.reference_steps = args.reference_steps;
+    options.model_name = model_name(&args.model.model);
+    bench::prepare_output_dir(&args.out)?;
+
+    let (device, dtype) = device_and_dtype(&args.model)?;
+    let pipeline_options = |residency| PipelineOptions {
+        device: device.clone(),
+        dtype,
+        vae: args.model.vae.clone(),
+        config: args.model.config.clone(),
+        residency,
+    };
+    // Check the plan against the model's configs (cheap) before loading its weights.
+    bench::prepare(&Pipeline::load(&args.model.model, pipeline_options(Residency::Sequential))?, &options)?;
+    let show = !args.quiet && std::io::stderr().is_terminal();
+    let bar = if show { ProgressBar::new_spinner() } else { ProgressBar::hidden() };
+    bar.set_message("loading the model");
+    bar.tick();
+    // Resident: the UNet and VAE are loaded once, not once per run.
+    let pipeline = Pipeline::load(&args.model.model, pipeline_options(Residency::Resident))?;
+
+    let (mut bar_is_steps, mut running) = (false, false);
+    let mut on_event = |event: &BenchEvent| {
+        match event {
+            // Loading and prompt encoding; once the runs start, the message names the run instead.
+            BenchEvent::Stage(name) => {
+                if !running {
+                    bar.set_message(*name);
+                    bar.tick();
+                }
+            }
+            BenchEvent::RunStarted { index, runs, run } => {
+                running = true;
+                let what = if run.reference { "reference " } else { "" };
+                bar.set_message(format!("run {}/{runs}: {what}{} × {} steps", index + 1, run.scheduler, run.steps));
+            }
+            BenchEvent::Evaluations { done, total } => {
+                if !bar_is_steps {
+                    bar_is_steps = true;
+                    bar.set_style(
+                        ProgressStyle::with_template(
+                            "{bar:30} {pos}/{len} model evals [{elapsed_precise}<{eta_precise}] {msg}",
+                        )
+                        .expect("valid template"),
+                    );
+                    bar.set_length(*total as u64);
+                    bar.reset_elapsed();
+                }
+                bar.set_position(*done as u64);
+            }
+            BenchEvent::RunFinished { .. } => {}
+            BenchEvent::Writing => bar.set_message("writing results"),
+        }
+        Control::Continue
+    };
+    let report = bench::run(&pipeline, &options, &mut on_event)?;
+    bar.finish_and_clear();
+
+    print!("{}", report.summary_table());
+    println!();
+    for name in ["results.csv", "results.json", "grid.png", "convergence.png"] {
+        println!("{}", args.out.join(name).display());
+    }
+    eprintln!("seed: {}", report.seed);
+    Ok(())
 }
