@@ -60,6 +60,10 @@ impl Scheduler for Euler {
         self.init_noise_sigma as f64
     }
 
+    fn sigmas(&self) -> Option<Vec<f64>> {
+        Some(self.sigmas.iter().map(|&s| s as f64).collect())
+    }
+
     fn scale_model_input(&self, sample: Tensor, index: usize) -> Result<Tensor> {
         let sigma = self.sigmas[index];
         Ok(divide(&sample, (sigma * sigma + 1.0).sqrt())?)

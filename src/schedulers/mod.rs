@@ -37,6 +37,11 @@ pub trait Scheduler: Send {
 
     /// Computes the previous sample from the model output at evaluation `index`. Any noise is drawn from `rng`.
     fn step(&mut self, model_output: &Tensor, index: usize, sample: &Tensor, rng: &mut TorchRng) -> Result<Tensor>;
+
+    /// The noise levels, for schedulers that have them (diffusers' `scheduler.sigmas`, final 0 included).
+    fn sigmas(&self) -> Option<Vec<f64>> {
+        None
+    }
 }
 
 /// A model's `scheduler_config.json`, kept whole: each scheduler reads the keys its diffusers class reads, with that

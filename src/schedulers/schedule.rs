@@ -65,7 +65,9 @@ pub fn spaced_timesteps(config: &SchedulerConfig, num_inference_steps: usize) ->
     let n = num_inference_steps;
     let offset = config.usize_or("steps_offset", 0) as f64;
     match config.str_or("timestep_spacing", "leading") {
-        "linspace" => Ok(numpy_linspace(0.0, (train - 1) as f64, n).into_iter().rev().collect()),
+        "linspace" => {
+            Ok(numpy_linspace(0.0, (train - 1) as f64, n).into_iter().rev().map(f64::round_ties_even).collect())
+        }
         "leading" => {
             let ratio = (train / n) as f64;
             Ok((0..n).rev().map(|i| (i as f64 * ratio).round_ties_even() + offset).collect())
