@@ -115,3 +115,29 @@ pub fn interp(x: f64, ys: &[f32]) -> f64 {
     // numpy: slope * (x - xp[j]) + fp[j]
     (y1 - y0) * frac + y0
 }
+
+/// Karras et al. (2022) noise levels between the ends of `sigmas` (diffusers' `_convert_to_karras`, ρ = 7, numpy
+/// float64). The config's `sigma_min` / `sigma_max` override the ends when set.
+pub fn karras_sigmas(sigma_min: f64, sigma_max: f64, n: usize) -> Vec<f64> {
+    const RHO: f64 = 7.0;
+    let (min_inv, max_inv) = (sigma_min.powf(1.0 / RHO), sigma_max.powf(1.0 / RHO));
+    numpy_linspace(0.0, 1.0, n).into_iter().map(|r| (max_inv + r * (min_inv - max_inv)).powf(RHO)).collect()
+}
+
+/// The (fractional) training timestep of a noise level: diffusers' `_sigma_to_t`, interpolating linearly in
+/// log-sigma between the two neighbouring training sigmas. `log_sigmas` are `ln` of the float32 training sigmas
+/// (float32, as numpy computes them).
+pub fn sigma_to_t(sigma: f64, log_sigmas: &[f32]) -> f64 {
+    let log_sigma = sigma.max(1e-10).ln();
+    let n = log_sigmas.len();
+    // The last index whose log-sigma is ≤ ours (0 if none), at most n − 2.
+    let low = log_sigmas.iter().rposition(|&l| log_sigma - l as f64 >= 0.0).unwrap_or(0).min(n - 2);
+    let (lo, hi) = (log_sigmas[low] as f64, log_sigmas[low + 1] as f64);
+    let w = ((lo - log_sigma) / (lo - hi)).clamp(0.0, 1.0);
+    (1.0 - w) * low as f64 + w * (low + 1) as f64
+}
+
+/// `np.log` of the float32 training sigmas (float32 results).
+pub fn log_sigmas(train_sigmas: &[f32]) -> Vec<f32> {
+    train_sigmas.iter().map(|s| s.ln()).collect()
+}
