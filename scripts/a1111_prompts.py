@@ -239,12 +239,21 @@ def _text_at(nodes, step: int) -> str:
     return "".join(out)
 
 
+def _read(prompt: str):
+    try:
+        return _Reader(prompt).start()
+    except _TooDeep:
+        return None
+
+
+def is_literal(prompt: str) -> bool:
+    """True when the grammar rejects the prompt (it is then used as written at every step)."""
+    return _read(prompt) is None
+
+
 def schedule(prompt: str, steps: int) -> list[list]:
     """[[until_step, text], ...] (A1111's get_learned_conditioning_prompt_schedules for one prompt)."""
-    try:
-        nodes = _Reader(prompt).start()
-    except _TooDeep:
-        nodes = None
+    nodes = _read(prompt)
     if nodes is None:
         return [[steps, prompt]]
     return [[t, _text_at(nodes, t)] for t in _resolve_steps(nodes, steps)]

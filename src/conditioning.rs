@@ -1,9 +1,17 @@
-//! Prompt conditioning: text → the UNet's cross-attention context and pooled embedding, as diffusers'
-//! `StableDiffusionXLPipeline.encode_prompt` computes them.
+//! Prompt conditioning: text → the UNet's cross-attention context and pooled embedding, per denoising step.
+//!
+//! [`TextEncoders::condition`] is diffusers' `StableDiffusionXLPipeline.encode_prompt`; [`TextEncoders::schedule`]
+//! reads the prompts with the request's [`PromptSyntax`] (A1111's by default, see [`crate::prompt`]) and gives the
+//! loop a [`ConditioningSchedule`].
+
+use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
 
 use crate::models::clip::ClipTextModel;
+use crate::prompt::encode::encode_reading;
+use crate::prompt::schedule::entry_at;
+use crate::prompt::{Emphasis, PromptReading, PromptSyntax};
 use crate::tokenizer::ClipTokenizer;
 use crate::Result;
 
@@ -22,8 +30,8 @@ pub struct PromptEmbedding {
     pub pooled: Tensor,
 }
 
-/// What the denoising loop is conditioned on, for the whole batch: with classifier-free guidance the first half of
-/// the rows is the negative prompt and the second half the prompt (diffusers' order).
+/// One UNet batch's text inputs, for the whole batch: with classifier-free guidance the first half of the rows is the
+/// negative prompt and the second half the prompt (diffusers' order).
 #[derive(Debug, Clone)]
 pub struct Conditioning {
     /// (batch, tokens, width)
@@ -81,3 +89,204 @@ impl TextEncoders {
         })
     }
 }
+
+/// The text inputs of the UNet at one denoising step.
+#[derive(Debug, Clone)]
+pub enum StepConditioning {
+    /// One UNet batch (always with diffusers' reading; with A1111's when prompt and negative prompt have the same
+    /// number of chunks).
+    Batched(Conditioning),
+    /// Guidance with a prompt and negative prompt of different token counts: two UNet batches, as A1111 runs them
+    /// (its default does not pad one to the other's length).
+    Split { negative: PromptEmbedding, positive: PromptEmbedding },
+}
+
+/// What the denoising loop is conditioned on at each model evaluation: constant, or changing with A1111's prompt
+/// editing and alternation. Each distinct conditioning is stored once.
+#[derive(Debug, Clone)]
+pub struct ConditioningSchedule {
+    conditionings: Vec<StepConditioning>,
+    /// (last 0-based evaluation index, index into `conditionings`), ascending; the last entry also covers every later
+    /// evaluation.
+    entries: Vec<(usize, usize)>,
+    /// Whether the rows come in (negative, positive) halves.
+    pub guided: bool,
+    /// What the user should know about how the prompts were read (truncation with diffusers' reading).
+    pub warnings: Vec<String>,
+}
+
+impl From<Conditioning> for ConditioningSchedule {
+    fn from(conditioning: Conditioning) -> Self {
+        let guided = conditioning.guided;
+        Self {
+            conditionings: vec![StepConditioning::Batched(conditioning)],
+            entries: vec![(usize::MAX, 0)],
+            guided,
+            warnings: Vec::new(),
+        }
+    }
+}
+
+impl ConditioningSchedule {
+    /// The conditioning of 0-based model evaluation `index`.
+    pub fn at(&self, index: usize) -> &StepConditioning {
+        &self.conditionings[self.entries[entry_at(&self.entries, |e| e.0, index)].1]
+    }
+
+    /// (last 0-based evaluation index, conditioning) in order; consecutive entries differ.
+    pub fn entries(&self) -> impl Iterator<Item = (usize, &StepConditioning)> {
+        self.entries.iter().map(|&(until, i)| (until, &self.conditionings[i]))
+    }
+
+    /// How many distinct conditionings there are.
+    pub fn distinct(&self) -> usize {
+        self.conditionings.len()
+    }
+}
+
+/// A request's prompts and how to read them.
+#[derive(Debug, Clone, Copy)]
+pub struct PromptInputs<'a> {
+    pub prompt: &'a str,
+    pub negative_prompt: &'a str,
+    pub syntax: PromptSyntax,
+    pub emphasis: Emphasis,
+    /// The model's `force_zeros_for_empty_prompt`: an empty negative prompt gives zero embeddings.
+    pub force_zeros_for_empty_prompt: bool,
+    /// Images per prompt.
+    pub samples: usize,
+    /// Classifier-free guidance (the negative prompt is encoded only then).
+    pub guided: bool,
+    /// Model evaluations of the denoising loop: A1111's prompt-editing steps count these.
+    pub evaluations: usize,
+}
+
+impl TextEncoders {
+    /// The loop's conditioning for a request's prompts, read with `inputs.syntax`.
+    pub fn schedule(&self, inputs: &PromptInputs, device: &Device) -> Result<ConditioningSchedule> {
+        match inputs.syntax {
+            PromptSyntax::None => {
+                let mut schedule: ConditioningSchedule = self
+                    .condition(
+                        inputs.prompt,
+                        inputs.negative_prompt,
+                        inputs.force_zeros_for_empty_prompt,
+                        inputs.samples,
+                        inputs.guided,
+                        device,
+                    )?
+                    .into();
+                schedule.warnings.extend(self.truncation_warning("prompt", inputs.prompt)?);
+                if inputs.guided {
+                    schedule.warnings.extend(self.truncation_warning("negative prompt", inputs.negative_prompt)?);
+                }
+                Ok(schedule)
+            }
+            PromptSyntax::A1111 => self.schedule_a1111(inputs, device),
+        }
+    }
+
+    /// diffusers' truncation, said: how many tokens of `text` CLIP does not see.
+    fn truncation_warning(&self, what: &str, text: &str) -> Result<Option<String>> {
+        let tokens = self.tokenizer.encode_tokens(text)?.len().max(self.tokenizer_2.encode_tokens(text)?.len());
+        let kept = self.tokenizer.max_length() - 2;
+        Ok((tokens > kept).then(|| {
+            format!(
+                "the {what} is {tokens} tokens long; CLIP reads the first {kept}, the last {} are ignored \
+                 (--prompt-syntax a1111 reads long prompts in chunks)",
+                tokens - kept
+            )
+        }))
+    }
+
+    /// A1111: each prompt's schedule, its distinct texts encoded once, combined per evaluation.
+    fn schedule_a1111(&self, inputs: &PromptInputs, device: &Device) -> Result<ConditioningSchedule> {
+        let tokenizers = [&self.tokenizer, &self.tokenizer_2];
+        let samples = inputs.samples;
+        let repeat = |e: PromptEmbedding| -> Result<PromptEmbedding> {
+            Ok(PromptEmbedding { context: e.context.repeat((samples, 1, 1))?, pooled: e.pooled.repeat((samples, 1))? })
+        };
+        let positive = PromptReading::new(inputs.prompt, inputs.evaluations, tokenizers)?;
+        let positive_embeddings = encode_reading(&positive, self, inputs.emphasis, device)?
+            .into_iter()
+            .map(repeat)
+            .collect::<Result<Vec<_>>>()?;
+        let last = inputs.evaluations.max(1) - 1;
+        // (last evaluation index, positive text, negative text) per distinct stretch of evaluations.
+        let mut stretches: Vec<(usize, usize, usize)> = Vec::new();
+        let negative_embeddings = if inputs.guided {
+            let negative = PromptReading::new(inputs.negative_prompt, inputs.evaluations, tokenizers)?;
+            let embeddings = if negative.is_empty() && inputs.force_zeros_for_empty_prompt {
+                let like = &positive_embeddings[0];
+                let (_, _, width) = like.context.dims3()?;
+                let context = Tensor::zeros((samples, CLIP_TOKENS, width), like.context.dtype(), device)?;
+                vec![PromptEmbedding { context, pooled: like.pooled.zeros_like()? }; negative.texts.len()]
+            } else {
+                encode_reading(&negative, self, inputs.emphasis, device)?
+                    .into_iter()
+                    .map(repeat)
+                    .collect::<Result<Vec<_>>>()?
+            };
+            let mut bounds: Vec<usize> =
+                positive.schedule.entries.iter().chain(&negative.schedule.entries).map(|e| e.until.min(last)).collect();
+            bounds.sort_unstable();
+            bounds.dedup();
+            for until in bounds {
+                stretches.push((until, positive.text_at(until), negative.text_at(until)));
+            }
+            Some(embeddings)
+        } else {
+            let mut bounds: Vec<usize> = positive.schedule.entries.iter().map(|e| e.until.min(last)).collect();
+            bounds.dedup();
+            for until in bounds {
+                stretches.push((until, positive.text_at(until), 0));
+            }
+            None
+        };
+
+        let mut conditionings = Vec::new();
+        let mut known: HashMap<(usize, usize), usize> = HashMap::new();
+        let mut entries: Vec<(usize, usize)> = Vec::new();
+        for (until, p, n) in stretches {
+            let index = match known.get(&(p, n)) {
+                Some(&i) => i,
+                None => {
+                    let positive = positive_embeddings[p].clone();
+                    let step = match &negative_embeddings {
+                        None => StepConditioning::Batched(Conditioning {
+                            context: positive.context,
+                            pooled: positive.pooled,
+                            guided: false,
+                        }),
+                        Some(negatives) => {
+                            let negative = negatives[n].clone();
+                            if negative.context.dim(1)? == positive.context.dim(1)? {
+                                StepConditioning::Batched(Conditioning {
+                                    context: Tensor::cat(&[negative.context, positive.context], 0)?,
+                                    pooled: Tensor::cat(&[negative.pooled, positive.pooled], 0)?,
+                                    guided: true,
+                                })
+                            } else {
+                                StepConditioning::Split { negative, positive }
+                            }
+                        }
+                    };
+                    conditionings.push(step);
+                    known.insert((p, n), conditionings.len() - 1);
+                    conditionings.len() - 1
+                }
+            };
+            match entries.last_mut() {
+                Some(previous) if previous.1 == index => previous.0 = until,
+                _ => entries.push((until, index)),
+            }
+        }
+        if let Some(final_entry) = entries.last_mut() {
+            final_entry.0 = usize::MAX;
+        }
+        Ok(ConditioningSchedule { conditionings, entries, guided: inputs.guided, warnings: Vec::new() })
+    }
+}
+
+/// CLIP's sequence length: one chunk.
+const CLIP_TOKENS: usize = 77;

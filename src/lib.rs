@@ -17,6 +17,6 @@ pub mod tokenizer;
 
 pub use error::{Error, Result};
 pub use pipeline::{Generation, Pipeline, PipelineOptions, Residency};
-pub use prompt::PromptSyntax;
+pub use prompt::{Emphasis, PromptSyntax};
 pub use request::GenerateRequest;
 pub use sampling::{Control, Progress};

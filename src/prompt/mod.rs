@@ -5,16 +5,24 @@
 //! any length in 75-token chunks. [`PromptSyntax::None`] is diffusers' reading: the literal text, cut to 77 tokens.
 //!
 //! One idea per file: [`schedule`] (editing and alternation → text per step), [`attention`] (emphasis → weighted
-//! fragments), [`chunks`] (tokens → 77-token chunks).
+//! fragments), [`chunks`] (tokens → 77-token chunks), [`emphasis`] (weights applied to hidden states), [`reading`]
+//! (a whole prompt read, before any model runs), [`encode`] (a reading through both text encoders), [`explain`]
+//! (a reading, printed).
 
 pub mod attention;
 pub mod chars;
 pub mod chunks;
+pub mod emphasis;
+pub mod encode;
+pub mod explain;
+pub mod reading;
 pub mod schedule;
 
 use serde::{Deserialize, Serialize};
 
 pub use attention::{parse_attention, Fragment};
+pub use emphasis::Emphasis;
+pub use reading::PromptReading;
 pub use schedule::{schedule, Schedule, ScheduledText};
 
 /// How prompt text is read.
