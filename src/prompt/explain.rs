@@ -96,13 +96,17 @@ fn explain_reading(
         }
         first = last + 1;
     }
-    if texts > 1 {
-        for (from, to, text) in &runs {
-            let _ = writeln!(out, "  steps {}–{}: text {}", from + 1, to + 1, text + 1);
-        }
-    }
+    let steps_of = |t: usize| -> String {
+        let ranges: Vec<String> = runs
+            .iter()
+            .filter(|run| run.2 == t)
+            .map(|&(from, to, _)| if from == to { format!("{}", from + 1) } else { format!("{}–{}", from + 1, to + 1) })
+            .collect();
+        let word = if ranges.len() == 1 && !ranges[0].contains('–') { "step" } else { "steps" };
+        format!("{word} {}", ranges.join(", "))
+    };
     for (t, text) in reading.texts.iter().enumerate() {
-        let label = if texts > 1 { format!("text {}: ", t + 1) } else { String::new() };
+        let label = if texts > 1 { format!("text {} ({}): ", t + 1, steps_of(t)) } else { String::new() };
         let _ = writeln!(out, "  {label}{:?}", text.text);
         let _ = writeln!(out, "    fragments:");
         for fragment in &text.fragments {
@@ -142,7 +146,7 @@ fn describe_chunk(chunk: &Chunk, tokenizer: &ClipTokenizer) -> String {
     } else {
         format!(", weights {}…{}", format_weight(lo), format_weight(hi))
     };
-    format!("{} tokens{range}: {:?}", chunk.len, render(ids, tokenizer))
+    format!("{} token{}{range}: {:?}", chunk.len, plural(chunk.len), render(ids, tokenizer))
 }
 
 /// Token ids as text: vocabulary entries with `</w>` as a space.
