@@ -1,6 +1,6 @@
 //! Prompt conditioning: text → the UNet's cross-attention context and pooled embedding, per denoising step.
 //!
-//! [`TextEncoders::condition`] is diffusers' `StableDiffusionXLPipeline.encode_prompt`; [`TextEncoders::schedule`]
+//! [`TextEncoders::condition`] is diffusers' `StableDiffusionXLPipeline.encode_prompt`; [`TextEncoders::condition_prompts`]
 //! reads the prompts with the request's [`PromptSyntax`] (A1111's by default, see [`crate::prompt`]) and gives the
 //! loop a [`ConditioningSchedule`].
 
@@ -163,7 +163,7 @@ pub struct PromptInputs<'a> {
 
 impl TextEncoders {
     /// The loop's conditioning for a request's prompts, read with `inputs.syntax`.
-    pub fn schedule(&self, inputs: &PromptInputs, device: &Device) -> Result<ConditioningSchedule> {
+    pub fn condition_prompts(&self, inputs: &PromptInputs, device: &Device) -> Result<ConditioningSchedule> {
         match inputs.syntax {
             PromptSyntax::None => {
                 let mut schedule: ConditioningSchedule = self
@@ -193,7 +193,7 @@ impl TextEncoders {
         Ok((tokens > kept).then(|| {
             format!(
                 "the {what} is {tokens} tokens long; CLIP reads the first {kept}, the last {} are ignored \
-                 (--prompt-syntax a1111 reads long prompts in chunks)",
+                 (the a1111 prompt syntax reads long prompts in chunks)",
                 tokens - kept
             )
         }))
@@ -202,90 +202,98 @@ impl TextEncoders {
     /// A1111: each prompt's schedule, its distinct texts encoded once, combined per evaluation.
     fn schedule_a1111(&self, inputs: &PromptInputs, device: &Device) -> Result<ConditioningSchedule> {
         let tokenizers = [&self.tokenizer, &self.tokenizer_2];
-        let samples = inputs.samples;
-        let repeat = |e: PromptEmbedding| -> Result<PromptEmbedding> {
-            Ok(PromptEmbedding { context: e.context.repeat((samples, 1, 1))?, pooled: e.pooled.repeat((samples, 1))? })
-        };
         let positive = PromptReading::new(inputs.prompt, inputs.evaluations, tokenizers)?;
-        let positive_embeddings = encode_reading(&positive, self, inputs.emphasis, device)?
-            .into_iter()
-            .map(repeat)
-            .collect::<Result<Vec<_>>>()?;
-        let last = inputs.evaluations.max(1) - 1;
-        // (last evaluation index, positive text, negative text) per distinct stretch of evaluations.
-        let mut stretches: Vec<(usize, usize, usize)> = Vec::new();
-        let negative_embeddings = if inputs.guided {
-            let negative = PromptReading::new(inputs.negative_prompt, inputs.evaluations, tokenizers)?;
-            let embeddings = if negative.is_empty() && inputs.force_zeros_for_empty_prompt {
+        let positive_embeddings = self.encode_a1111(&positive, inputs, device)?;
+        let negative = if inputs.guided {
+            let reading = PromptReading::new(inputs.negative_prompt, inputs.evaluations, tokenizers)?;
+            let embeddings = if reading.is_empty() && inputs.force_zeros_for_empty_prompt {
+                // Zeros shaped like the encoding of "": one chunk.
                 let like = &positive_embeddings[0];
-                let (_, _, width) = like.context.dims3()?;
+                let (samples, _, width) = like.context.dims3()?;
                 let context = Tensor::zeros((samples, CLIP_TOKENS, width), like.context.dtype(), device)?;
-                vec![PromptEmbedding { context, pooled: like.pooled.zeros_like()? }; negative.texts.len()]
+                vec![PromptEmbedding { context, pooled: like.pooled.zeros_like()? }; reading.texts.len()]
             } else {
-                encode_reading(&negative, self, inputs.emphasis, device)?
-                    .into_iter()
-                    .map(repeat)
-                    .collect::<Result<Vec<_>>>()?
+                self.encode_a1111(&reading, inputs, device)?
             };
-            let mut bounds: Vec<usize> =
-                positive.schedule.entries.iter().chain(&negative.schedule.entries).map(|e| e.until.min(last)).collect();
-            bounds.sort_unstable();
-            bounds.dedup();
-            for until in bounds {
-                stretches.push((until, positive.text_at(until), negative.text_at(until)));
-            }
-            Some(embeddings)
+            Some((reading, embeddings))
         } else {
-            let mut bounds: Vec<usize> = positive.schedule.entries.iter().map(|e| e.until.min(last)).collect();
-            bounds.dedup();
-            for until in bounds {
-                stretches.push((until, positive.text_at(until), 0));
-            }
             None
         };
 
-        let mut conditionings = Vec::new();
-        let mut known: HashMap<(usize, usize), usize> = HashMap::new();
-        let mut entries: Vec<(usize, usize)> = Vec::new();
-        for (until, p, n) in stretches {
-            let index = match known.get(&(p, n)) {
+        // Every evaluation index where either prompt may change; between two, both are constant.
+        let last = inputs.evaluations.max(1) - 1;
+        let readings = std::iter::once(&positive).chain(negative.as_ref().map(|(r, _)| r));
+        let mut bounds: Vec<usize> =
+            readings.flat_map(|r| r.schedule.entries.iter().map(|e| e.until.min(last))).collect();
+        bounds.sort_unstable();
+        bounds.dedup();
+
+        let mut schedule = ConditioningSchedule {
+            conditionings: Vec::new(),
+            entries: Vec::new(),
+            guided: inputs.guided,
+            warnings: Vec::new(),
+        };
+        let mut known: HashMap<(usize, Option<usize>), usize> = HashMap::new();
+        for until in bounds {
+            let key = (positive.text_at(until), negative.as_ref().map(|(r, _)| r.text_at(until)));
+            let index = match known.get(&key) {
                 Some(&i) => i,
                 None => {
-                    let positive = positive_embeddings[p].clone();
-                    let step = match &negative_embeddings {
-                        None => StepConditioning::Batched(Conditioning {
-                            context: positive.context,
-                            pooled: positive.pooled,
-                            guided: false,
-                        }),
-                        Some(negatives) => {
-                            let negative = negatives[n].clone();
-                            if negative.context.dim(1)? == positive.context.dim(1)? {
-                                StepConditioning::Batched(Conditioning {
-                                    context: Tensor::cat(&[negative.context, positive.context], 0)?,
-                                    pooled: Tensor::cat(&[negative.pooled, positive.pooled], 0)?,
-                                    guided: true,
-                                })
-                            } else {
-                                StepConditioning::Split { negative, positive }
-                            }
-                        }
-                    };
-                    conditionings.push(step);
-                    known.insert((p, n), conditionings.len() - 1);
-                    conditionings.len() - 1
+                    let positive = positive_embeddings[key.0].clone();
+                    let negative = negative.as_ref().zip(key.1).map(|((_, embeddings), n)| embeddings[n].clone());
+                    schedule.conditionings.push(step_conditioning(positive, negative)?);
+                    known.insert(key, schedule.conditionings.len() - 1);
+                    schedule.conditionings.len() - 1
                 }
             };
-            match entries.last_mut() {
+            match schedule.entries.last_mut() {
                 Some(previous) if previous.1 == index => previous.0 = until,
-                _ => entries.push((until, index)),
+                _ => schedule.entries.push((until, index)),
             }
         }
-        if let Some(final_entry) = entries.last_mut() {
+        if let Some(final_entry) = schedule.entries.last_mut() {
             final_entry.0 = usize::MAX;
         }
-        Ok(ConditioningSchedule { conditionings, entries, guided: inputs.guided, warnings: Vec::new() })
+        Ok(schedule)
     }
+
+    /// A reading's embeddings, one per distinct text, repeated for the request's samples.
+    fn encode_a1111(
+        &self,
+        reading: &PromptReading,
+        inputs: &PromptInputs,
+        device: &Device,
+    ) -> Result<Vec<PromptEmbedding>> {
+        encode_reading(reading, self, inputs.emphasis, device)?
+            .into_iter()
+            .map(|e| {
+                Ok(PromptEmbedding {
+                    context: e.context.repeat((inputs.samples, 1, 1))?,
+                    pooled: e.pooled.repeat((inputs.samples, 1))?,
+                })
+            })
+            .collect()
+    }
+}
+
+/// One evaluation's UNet inputs: the prompt alone, or with the negative prompt in one batch (same length) or two.
+fn step_conditioning(positive: PromptEmbedding, negative: Option<PromptEmbedding>) -> Result<StepConditioning> {
+    Ok(match negative {
+        None => StepConditioning::Batched(Conditioning {
+            context: positive.context,
+            pooled: positive.pooled,
+            guided: false,
+        }),
+        Some(negative) if negative.context.dim(1)? == positive.context.dim(1)? => {
+            StepConditioning::Batched(Conditioning {
+                context: Tensor::cat(&[negative.context, positive.context], 0)?,
+                pooled: Tensor::cat(&[negative.pooled, positive.pooled], 0)?,
+                guided: true,
+            })
+        }
+        Some(negative) => StepConditioning::Split { negative, positive },
+    })
 }
 
 /// CLIP's sequence length: one chunk.

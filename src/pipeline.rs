@@ -157,7 +157,7 @@ impl Pipeline {
         let encoders =
             component(&self.resident.text, &mut slot, progress, "loading text encoders", || self.load_text_encoders())?;
         stage(progress, "encoding prompt")?;
-        encoders.schedule(
+        encoders.condition_prompts(
             &PromptInputs {
                 prompt: &request.prompt,
                 negative_prompt: &request.negative_prompt,

@@ -124,21 +124,25 @@ fn unit_weights_give_the_plain_prompt_exactly() {
             wrapped.push_str(sep);
             i += span;
         }
-        let a = enc.schedule(&inputs(&plain, "blurry, low quality", PromptSyntax::A1111), &Device::Cpu).unwrap();
-        let b = enc.schedule(&inputs(&wrapped, "blurry, low quality", PromptSyntax::A1111), &Device::Cpu).unwrap();
+        let a =
+            enc.condition_prompts(&inputs(&plain, "blurry, low quality", PromptSyntax::A1111), &Device::Cpu).unwrap();
+        let b =
+            enc.condition_prompts(&inputs(&wrapped, "blurry, low quality", PromptSyntax::A1111), &Device::Cpu).unwrap();
         let (ca, pa) = positive(&a);
         let (cb, pb) = positive(&b);
         assert_eq!(ca.dims(), cb.dims(), "{wrapped}");
         assert!(values(&ca) == values(&cb) && values(&pa) == values(&pb), "weights of 1 changed {wrapped:?}");
         let tokens = enc.tokenizer.encode_tokens(&plain).unwrap().len();
         if tokens <= 75 {
-            let d = enc.schedule(&inputs(&plain, "blurry, low quality", PromptSyntax::None), &Device::Cpu).unwrap();
+            let d = enc
+                .condition_prompts(&inputs(&plain, "blurry, low quality", PromptSyntax::None), &Device::Cpu)
+                .unwrap();
             let ((ca, pa), (cd, pd)) = (batched(&a), batched(&d));
             assert!(values(&ca) == values(&cd) && values(&pa) == values(&pd), "A1111 ≠ diffusers for {plain:?}");
             assert!(d.warnings.is_empty());
         } else {
             assert!(ca.dim(1).unwrap() >= 154 && ca.dim(1).unwrap() % 77 == 0, "{tokens} tokens");
-            let d = enc.schedule(&inputs(&plain, "", PromptSyntax::None), &Device::Cpu).unwrap();
+            let d = enc.condition_prompts(&inputs(&plain, "", PromptSyntax::None), &Device::Cpu).unwrap();
             assert_eq!(d.warnings.len(), 1, "truncation warning");
             assert!(d.warnings[0].contains(&format!("last {} are ignored", tokens - 75)), "{}", d.warnings[0]);
         }

@@ -161,7 +161,9 @@ mod tests {
         assert_eq!(chunks[0].len, 61);
         assert_eq!(chunks[0].ids[61], 7);
         assert_eq!(chunks[1].len, 17);
-        assert_eq!(&chunks[1].ids[1..16], &[6; 14][..].iter().chain(&[8]).copied().collect::<Vec<_>>()[..]);
+        let mut moved = vec![6; 14];
+        moved.push(8);
+        assert_eq!(&chunks[1].ids[1..16], &moved[..]);
         // A comma further back than 20 tokens: a hard cut at 75.
         let chunks = chunk_pieces(&[words(10, 5), Piece::Tokens(vec![7], 1.0), words(70, 6)], T);
         assert_eq!((chunks[0].len, chunks[1].len), (75, 6));
