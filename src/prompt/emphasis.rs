@@ -5,7 +5,7 @@
 //! encodes together — all the schedule entries of one prompt, duplicates included — so the rows here carry how often
 //! each distinct text appears in that batch.
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::Result;
@@ -54,9 +54,10 @@ pub fn apply(emphasis: Emphasis, hidden: &Tensor, weights: &[&[f64]], uses: &[us
     Ok(out.to_dtype(hidden.dtype())?)
 }
 
-/// The mean of the batch in which row `r` appears `uses[r]` times.
+/// The mean of the batch in which row `r` appears `uses[r]` times (summed in f64 on the CPU: not every GPU backend
+/// has f64).
 fn batch_mean(z: &Tensor, uses: &[usize]) -> Result<f64> {
-    let per_row = z.to_dtype(DType::F64)?.flatten_from(1)?.mean(1)?.to_vec1::<f64>()?;
+    let per_row = z.to_device(&Device::Cpu)?.to_dtype(DType::F64)?.flatten_from(1)?.mean(1)?.to_vec1::<f64>()?;
     let total: usize = uses.iter().sum();
     let sum: f64 = per_row.iter().zip(uses).map(|(m, &n)| m * n as f64).sum();
     Ok(sum / total.max(1) as f64)
@@ -65,7 +66,6 @@ fn batch_mean(z: &Tensor, uses: &[usize]) -> Result<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
 
     #[test]
     fn original_keeps_the_mean_and_no_norm_only_scales() {
