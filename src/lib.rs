@@ -9,6 +9,7 @@ pub mod loading;
 pub mod models;
 pub mod output;
 pub mod pipeline;
+pub mod prompt;
 pub mod request;
 pub mod rng;
 pub mod sampling;
@@ -18,5 +19,6 @@ pub mod tokenizer;
 
 pub use error::{Error, Result};
 pub use pipeline::{Generation, Pipeline, PipelineOptions, Residency};
+pub use prompt::{Emphasis, PromptSyntax};
 pub use request::GenerateRequest;
 pub use sampling::{Control, Progress};

@@ -11,7 +11,7 @@ use dreamshaper::bench::{self, BenchEvent, BenchOptions};
 use dreamshaper::loading::DEFAULT_MODEL;
 use dreamshaper::output::{a1111_parameters, output_paths, save_png};
 use dreamshaper::server::{self, ApiKeys, Ranges, Server, ServerConfig};
-use dreamshaper::{Control, GenerateRequest, Pipeline, PipelineOptions, Progress, Residency};
+use dreamshaper::{Control, Emphasis, GenerateRequest, Pipeline, PipelineOptions, Progress, PromptSyntax, Residency};
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Parser)]
@@ -48,6 +48,18 @@ enum DtypeArg {
     F32,
     F16,
     Bf16,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SyntaxArg {
+    A1111,
+    None,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum EmphasisArg {
+    Original,
+    NoNorm,
 }
 
 #[derive(Args)]
@@ -94,9 +106,20 @@ struct GenerateArgs {
     img_width: Option<u32>,
     #[arg(long)]
     img_height: Option<u32>,
-    /// Output PNG; with several samples, `out_0.png`, `out_1.png`, …
-    #[arg(long, short, default_value = "out.png")]
-    output: PathBuf,
+    /// How prompts are read: A1111's syntax (weights, editing, alternation, BREAK, long prompts) or none
+    /// (diffusers: literal text cut to 77 tokens). Default: a1111, or the request file's `prompt_syntax`.
+    #[arg(long, value_enum)]
+    prompt_syntax: Option<SyntaxArg>,
+    /// With A1111 syntax, how weights apply: original (A1111's default) or no-norm.
+    #[arg(long, value_enum)]
+    emphasis: Option<EmphasisArg>,
+    /// Print how the prompts are read (texts per step, weighted fragments, 77-token chunks). Without an explicit
+    /// --output, stop there; with one, generate too.
+    #[arg(long)]
+    explain_prompt: bool,
+    /// Output PNG (default out.png); with several samples, `out_0.png`, `out_1.png`, …
+    #[arg(long, short)]
+    output: Option<PathBuf>,
     /// No progress display.
     #[arg(long, short)]
     quiet: bool,
@@ -229,6 +252,18 @@ fn build_request(args: &GenerateArgs) -> anyhow::Result<GenerateRequest> {
     request.seed = args.seed.unwrap_or(request.seed);
     request.img_width = args.img_width.unwrap_or(request.img_width);
     request.img_height = args.img_height.unwrap_or(request.img_height);
+    if let Some(v) = args.prompt_syntax {
+        request.prompt_syntax = match v {
+            SyntaxArg::A1111 => PromptSyntax::A1111,
+            SyntaxArg::None => PromptSyntax::None,
+        };
+    }
+    if let Some(v) = args.emphasis {
+        request.emphasis = match v {
+            EmphasisArg::Original => Emphasis::Original,
+            EmphasisArg::NoNorm => Emphasis::NoNorm,
+        };
+    }
     Ok(request)
 }
 
@@ -251,6 +286,13 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         },
     )?;
     pipeline.validate(&request)?;
+    if args.explain_prompt {
+        print!("{}", pipeline.explain_prompt(&request)?);
+        if args.output.is_none() {
+            return Ok(());
+        }
+    }
+    let output = args.output.clone().unwrap_or_else(|| PathBuf::from("out.png"));
 
     let bar = if show { ProgressBar::new_spinner() } else { ProgressBar::hidden() };
     let mut bar_is_steps = false;
@@ -287,9 +329,12 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     };
     let generation = pipeline.generate(&request, &mut on_progress)?;
     bar.finish_and_clear();
+    for warning in &generation.warnings {
+        eprintln!("warning: {warning}");
+    }
 
     let parameters = a1111_parameters(&request, generation.seed, &model_name(&args.model.model));
-    let paths = output_paths(&args.output, generation.images.len());
+    let paths = output_paths(&output, generation.images.len());
     for (image, path) in generation.images.iter().zip(&paths) {
         save_png(image, path, &parameters)?;
         println!("{}", path.display());

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use image::RgbImage;
 
+use crate::prompt::{Emphasis, PromptSyntax};
 use crate::{Error, GenerateRequest, Result};
 
 /// A1111's infotext: prompt, `Negative prompt: …` (when there is one), then the settings line.
@@ -25,6 +26,11 @@ pub fn a1111_parameters(request: &GenerateRequest, seed: u64, model: &str) -> St
         request.img_height,
         model
     ));
+    // A1111 names a non-default emphasis when a prompt has brackets it applies to.
+    let bracketed = [&request.prompt, &request.negative_prompt].iter().any(|p| p.contains('(') || p.contains('['));
+    if request.prompt_syntax == PromptSyntax::A1111 && request.emphasis != Emphasis::Original && bracketed {
+        text.push_str(&format!(", Emphasis: {}", request.emphasis.a1111_name()));
+    }
     text
 }
 
@@ -80,5 +86,8 @@ mod tests {
             t,
             "a cat\nNegative prompt: blurry\nSteps: 30, Sampler: Euler a, CFG scale: 7.5, Seed: 42, Size: 1024x1024, Model: tiny"
         );
+        r.prompt = "a (cat:1.2)".into();
+        r.emphasis = Emphasis::NoNorm;
+        assert!(a1111_parameters(&r, 42, "tiny").ends_with("Model: tiny, Emphasis: No norm"));
     }
 }

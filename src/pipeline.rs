@@ -4,7 +4,7 @@
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 
-use crate::conditioning::{Conditioning, TextEncoders};
+use crate::conditioning::{ConditioningSchedule, PromptInputs, TextEncoders};
 use crate::loading::{Component, ModelConfigs, ModelSource};
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
 use crate::models::unet::UNet2DConditionModel;
@@ -53,6 +53,8 @@ pub struct Generation {
     pub seed: u64,
     /// The denoised latents, (samples, 4, h/8, w/8), f32.
     pub latents: Tensor,
+    /// What the user should know about how the prompts were read (e.g. truncation with `prompt_syntax: none`).
+    pub warnings: Vec<String>,
 }
 
 /// Loaded components, kept when [`Residency::Resident`].
@@ -151,27 +153,47 @@ impl Pipeline {
         Error::Other(format!("loading the {component:?} weights: {}{}", Error::from(e), self.source.config_hint()))
     }
 
-    /// Prompt conditioning for a request (text encoders loaded for the call unless resident).
-    pub fn condition(&self, request: &GenerateRequest, progress: &mut ProgressFn) -> Result<Conditioning> {
+    /// Prompt conditioning for a request (text encoders loaded for the call unless resident), read with the
+    /// request's prompt syntax, for every model evaluation of its scheduler.
+    pub fn condition(&self, request: &GenerateRequest, progress: &mut ProgressFn) -> Result<ConditioningSchedule> {
+        let evaluations = self.evaluations(request)?;
         let mut slot = None;
         let encoders =
             component(&self.resident.text, &mut slot, progress, "loading text encoders", || self.load_text_encoders())?;
         stage(progress, "encoding prompt")?;
-        encoders.condition(
-            &request.prompt,
-            &request.negative_prompt,
-            self.configs.force_zeros_for_empty_prompt,
-            request.samples as usize,
-            request.guidance_scale > 1.0,
+        encoders.condition_prompts(
+            &PromptInputs {
+                prompt: &request.prompt,
+                negative_prompt: &request.negative_prompt,
+                syntax: request.prompt_syntax,
+                emphasis: request.emphasis,
+                force_zeros_for_empty_prompt: self.configs.force_zeros_for_empty_prompt,
+                samples: request.samples as usize,
+                guided: request.guidance_scale > 1.0,
+                evaluations,
+            },
             &self.device,
         )
+    }
+
+    /// How many model evaluations the request's scheduler makes (what A1111's prompt-editing steps count).
+    fn evaluations(&self, request: &GenerateRequest) -> Result<usize> {
+        let scheduler =
+            schedulers::create(&request.scheduler, &self.configs.scheduler, request.num_inference_steps as usize)?;
+        Ok(scheduler.timesteps().len())
+    }
+
+    /// How the request's prompts are read, in words (`--explain-prompt`); needs only the tokenizers.
+    pub fn explain_prompt(&self, request: &GenerateRequest) -> Result<String> {
+        let (tokenizer, tokenizer_2) = self.source.tokenizers()?;
+        crate::prompt::explain::explain(request, self.evaluations(request)?, [&tokenizer, &tokenizer_2])
     }
 
     /// The denoising loop for a request, from the seed's initial noise to the denoised latents.
     pub fn denoise(
         &self,
         request: &GenerateRequest,
-        conditioning: &Conditioning,
+        conditioning: &ConditioningSchedule,
         seed: u64,
         progress: &mut ProgressFn,
     ) -> Result<Tensor> {
@@ -224,9 +246,10 @@ impl Pipeline {
         let seed = request.resolve_seed();
         let conditioning = self.condition(request, progress)?;
         let latents = self.denoise(request, &conditioning, seed, progress)?;
+        let warnings = conditioning.warnings.clone();
         drop(conditioning);
         let images = self.decode(&latents, progress)?;
-        Ok(Generation { images, seed, latents })
+        Ok(Generation { images, seed, latents, warnings })
     }
 }
 

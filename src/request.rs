@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::prompt::{Emphasis, PromptSyntax};
 use crate::{Error, Result};
 
 /// The largest seed the hosted API accepts.
@@ -33,6 +34,13 @@ pub struct GenerateRequest {
     /// Server output format: JSON with base64 JPEG instead of the JPEG itself.
     #[serde(default)]
     pub base64: bool,
+    /// How prompts are read: `"a1111"` (default: weights, editing, alternation, BREAK, long prompts) or `"none"`
+    /// (diffusers: literal text cut to 77 tokens).
+    #[serde(default)]
+    pub prompt_syntax: PromptSyntax,
+    /// With A1111 syntax, how weights apply: `"original"` (default, A1111's) or `"no-norm"`.
+    #[serde(default)]
+    pub emphasis: Emphasis,
 }
 
 fn default_samples() -> u32 {
@@ -68,6 +76,8 @@ impl GenerateRequest {
             img_width: default_size(),
             img_height: default_size(),
             base64: false,
+            prompt_syntax: PromptSyntax::default(),
+            emphasis: Emphasis::default(),
         }
     }
 
@@ -149,6 +159,11 @@ mod tests {
         assert_eq!(r.scheduler, "UniPC");
         assert_eq!(r.guidance_scale, 7.5);
         assert!(!r.base64);
+        assert_eq!((r.prompt_syntax, r.emphasis), (PromptSyntax::A1111, Emphasis::Original));
+        let r: GenerateRequest =
+            serde_json::from_str(r#"{"prompt": "a", "prompt_syntax": "none", "emphasis": "no-norm"}"#).unwrap();
+        assert_eq!((r.prompt_syntax, r.emphasis), (PromptSyntax::None, Emphasis::NoNorm));
+        assert!(serde_json::from_str::<GenerateRequest>(r#"{"prompt": "a", "prompt_syntax": "compel"}"#).is_err());
     }
 
     #[test]

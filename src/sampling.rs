@@ -1,9 +1,10 @@
 //! The denoising loop: initial noise from the torch-compatible generator, then for every model evaluation the
-//! scheduler's input scaling, one UNet call (both guidance halves in one batch) and the scheduler's update.
+//! scheduler's input scaling, the UNet on that evaluation's conditioning (both guidance halves in one batch, or in
+//! two when A1111 prompts of different lengths make them differ) and the scheduler's update.
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::conditioning::Conditioning;
+use crate::conditioning::{ConditioningSchedule, StepConditioning};
 use crate::models::unet::{AddedConditioning, UNet2DConditionModel};
 use crate::rng::TorchRng;
 use crate::schedulers::Scheduler;
@@ -58,11 +59,12 @@ pub struct Guidance {
     pub width: usize,
 }
 
-/// Runs the scheduler's timesteps from `latents` and returns the denoised latents.
+/// Runs the scheduler's timesteps from `latents` and returns the denoised latents. Model evaluation `index` uses
+/// `conditioning.at(index)`.
 pub fn denoise(
     unet: &UNet2DConditionModel,
     scheduler: &mut dyn Scheduler,
-    conditioning: &Conditioning,
+    conditioning: &ConditioningSchedule,
     mut latents: Tensor,
     guidance: Guidance,
     rng: &mut TorchRng,
@@ -70,18 +72,15 @@ pub fn denoise(
 ) -> Result<Tensor> {
     let Guidance { scale: guidance_scale, height, width } = guidance;
     let device = latents.device().clone();
-    let batch = conditioning.context.dim(0)?;
-    let added = AddedConditioning {
-        text_embeds: conditioning.pooled.clone(),
-        time_ids: time_ids(height, width, batch, &device)?.to_dtype(unet.dtype())?,
-    };
+    let batch = latents.dim(0)? * if conditioning.guided { 2 } else { 1 };
+    let time_ids = time_ids(height, width, batch, &device)?.to_dtype(unet.dtype())?;
     let timesteps = scheduler.timesteps().to_vec();
     let evaluations = timesteps.len();
     let steps = scheduler.num_inference_steps();
     for (index, &t) in timesteps.iter().enumerate() {
         let input = if conditioning.guided { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
         let input = scheduler.scale_model_input(input, index)?;
-        let prediction = unet.forward(&input, t, &conditioning.context, &added)?.to_dtype(latents.dtype())?;
+        let prediction = predict(unet, &input, t, conditioning.at(index), &time_ids)?.to_dtype(latents.dtype())?;
         let prediction = if conditioning.guided {
             let half = prediction.dim(0)? / 2;
             let uncond = prediction.narrow(0, 0, half)?;
@@ -98,4 +97,33 @@ pub fn denoise(
         }
     }
     Ok(latents)
+}
+
+/// The UNet's prediction for `input` (all rows) under one evaluation's conditioning.
+fn predict(
+    unet: &UNet2DConditionModel,
+    input: &Tensor,
+    t: f64,
+    conditioning: &StepConditioning,
+    time_ids: &Tensor,
+) -> Result<Tensor> {
+    let run = |input: &Tensor, context: &Tensor, pooled: &Tensor, time_ids: Tensor| -> Result<Tensor> {
+        let added = AddedConditioning { text_embeds: pooled.clone(), time_ids };
+        Ok(unet.forward(input, t, context, &added)?)
+    };
+    match conditioning {
+        StepConditioning::Batched(c) => run(input, &c.context, &c.pooled, time_ids.clone()),
+        StepConditioning::Split { negative, positive } => {
+            let half = input.dim(0)? / 2;
+            let uncond =
+                run(&input.narrow(0, 0, half)?, &negative.context, &negative.pooled, time_ids.narrow(0, 0, half)?)?;
+            let cond = run(
+                &input.narrow(0, half, half)?,
+                &positive.context,
+                &positive.pooled,
+                time_ids.narrow(0, half, half)?,
+            )?;
+            Ok(Tensor::cat(&[uncond, cond], 0)?)
+        }
+    }
 }

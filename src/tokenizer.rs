@@ -456,6 +456,16 @@ impl ClipTokenizer {
         Ok(self.encode_tokens(text)?.len().saturating_sub(self.max_length - 2))
     }
 
+    /// The id of a vocabulary entry (`",</w>"`), if it has one.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.tokenizer.token_to_id(token)
+    }
+
+    /// The vocabulary entry of an id (`"cat</w>"`), if there is one.
+    pub fn token(&self, id: u32) -> Option<String> {
+        self.tokenizer.id_to_token(id)
+    }
+
     pub fn bos_id(&self) -> u32 {
         self.bos_id
     }

@@ -131,3 +131,75 @@ fn bad_input_is_a_one_line_error() {
         assert!(!out.exists());
     }
 }
+
+fn run_in(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dreamshaper"))
+        .current_dir(dir)
+        .arg("generate")
+        .arg("--model")
+        .arg(tiny_model())
+        .args(["--scheduler", "Euler", "--num-inference-steps", "4", "--img-width", "64", "--img-height", "64"])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn explain_prompt_prints_the_reading_and_stops_without_output() {
+    let dir = temp_dir("explain");
+    let o = run_in(
+        &dir,
+        &[
+            "--prompt",
+            "a photo of (the Grumpy Cat:1.25), [deformed | disfigured], [bad : wrong] BREAK (mutated hands)",
+            "--negative-prompt",
+            "(worst quality:1.4), blurry",
+            "--explain-prompt",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    for needle in [
+        "Prompt (prompt syntax: a1111, emphasis: Original; 4 model evaluations; 2 texts, 2 chunks",
+        "text 1 (steps 1–2, 4)",
+        "\"the Grumpy Cat\" ×1.25",
+        "\"bad : wrong\" ×0.9091",
+        "BREAK (new chunk)",
+        "\"mutated hands\" ×1.1",
+        "Negative prompt (prompt syntax: a1111",
+        "\"worst quality\" ×1.4",
+    ] {
+        assert!(out.contains(needle), "missing {needle:?} in:\n{out}");
+    }
+    assert!(std::fs::read_dir(&dir).unwrap().next().is_none(), "nothing generated without --output");
+
+    // With --output it explains, then generates.
+    let png = dir.join("e.png");
+    let o = run_in(&dir, &["--prompt", "(a cat:1.3)", "--explain-prompt", "--output", png.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("\"a cat\" ×1.3"));
+    assert!(png.is_file());
+}
+
+#[test]
+fn literal_syntax_warns_how_much_was_cut() {
+    let dir = temp_dir("literal");
+    let long = vec!["a very long tail of words"; 14].join(", ");
+    let png = dir.join("l.png");
+    let o =
+        run_in(&dir, &["--prompt", &long, "--prompt-syntax", "none", "--seed", "1", "--output", png.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("warning: the prompt is 97 tokens long; CLIP reads the first 75, the last 22 are ignored"),
+        "{err}"
+    );
+    // The default syntax reads it all, silently.
+    let o = run_in(&dir, &["--prompt", &long, "--seed", "1", "--output", png.to_str().unwrap()]);
+    assert!(o.status.success() && !stderr(&o).contains("warning"), "{}", stderr(&o));
+    let (_, _, text) = png_parameters(&png);
+    assert!(!text.contains("Emphasis"), "{text}");
+    let o = run_in(&dir, &["--prompt", "(a cat:1.2)", "--emphasis", "no-norm", "--output", png.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(png_parameters(&png).2.ends_with(", Emphasis: No norm"));
+}

@@ -28,7 +28,7 @@ use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 use serde::Serialize;
 
-use crate::conditioning::Conditioning;
+use crate::conditioning::ConditioningSchedule;
 use crate::output::{a1111_parameters, save_png};
 use crate::schedulers::{self, SchedulerConfig};
 use crate::{Control, Error, GenerateRequest, Pipeline, Progress, Result};
@@ -511,7 +511,7 @@ fn parameters(request: &GenerateRequest, run: &PlannedRun, seed: u64, options: &
 fn execute(
     pipeline: &Pipeline,
     request: &GenerateRequest,
-    conditioning: &Conditioning,
+    conditioning: &ConditioningSchedule,
     seed: u64,
     run: &PlannedRun,
     (done, total): (usize, usize),

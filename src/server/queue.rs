@@ -327,7 +327,7 @@ mod tests {
                 }
             }
             let latents = Tensor::zeros(1, DType::F32, &Device::Cpu)?;
-            Ok(Generation { images: vec![RgbImage::new(8, 8)], seed: 1, latents })
+            Ok(Generation { images: vec![RgbImage::new(8, 8)], seed: 1, latents, warnings: Vec::new() })
         }
     }
 

@@ -1,0 +1,47 @@
+//! Encoding a read prompt A1111's way: every chunk through both text encoders (the penultimate layer, as SDXL
+//! uses), emphasis per encoder and chunk index over all the prompt's texts at once, chunks concatenated along the
+//! sequence, the pooled embedding from the first chunk of the second encoder.
+
+use candle_core::{Device, Tensor};
+
+use super::chunks::{encoder_ids, ChunkTokens, CHUNK_TOKENS};
+use super::emphasis::{self, Emphasis};
+use super::reading::PromptReading;
+use crate::conditioning::{PromptEmbedding, TextEncoders};
+use crate::{Error, Result};
+
+/// One embedding per distinct text of `reading` (same order): (1, 77 · chunks, width₁ + width₂) and (1, projection).
+pub fn encode_reading(
+    reading: &PromptReading,
+    encoders: &TextEncoders,
+    emphasis: Emphasis,
+    device: &Device,
+) -> Result<Vec<PromptEmbedding>> {
+    let uses: Vec<usize> = reading.texts.iter().map(|t| t.uses).collect();
+    let rows = reading.texts.len();
+    let models = [(&encoders.tokenizer, &encoders.text_encoder), (&encoders.tokenizer_2, &encoders.text_encoder_2)];
+    let mut contexts = Vec::with_capacity(2);
+    let mut pooled = None;
+    for (e, (tokenizer, model)) in models.into_iter().enumerate() {
+        let tokens = ChunkTokens::of(tokenizer);
+        let mut per_chunk = Vec::with_capacity(reading.chunk_count);
+        for c in 0..reading.chunk_count {
+            let chunks: Vec<_> = (0..rows).map(|t| reading.chunk(t, e, c, tokens)).collect();
+            let ids: Vec<u32> =
+                chunks.iter().flat_map(|chunk| encoder_ids(chunk, tokens.eos, tokenizer.pad_id())).collect();
+            let ids = Tensor::from_vec(ids, (rows, CHUNK_TOKENS + 2), device)?;
+            let out = model.forward(&ids)?;
+            if e == 1 && c == 0 {
+                pooled = out.pooled;
+            }
+            let weights: Vec<&[f64]> = chunks.iter().map(|chunk| chunk.weights.as_slice()).collect();
+            per_chunk.push(emphasis::apply(emphasis, &out.penultimate, &weights, &uses)?);
+        }
+        contexts.push(Tensor::cat(&per_chunk, 1)?);
+    }
+    let pooled = pooled.ok_or_else(|| Error::Other("text_encoder_2 has no text_projection".into()))?;
+    let context = Tensor::cat(&[&contexts[0], &contexts[1].to_dtype(contexts[0].dtype())?], 2)?;
+    (0..rows)
+        .map(|t| Ok(PromptEmbedding { context: context.narrow(0, t, 1)?, pooled: pooled.narrow(0, t, 1)? }))
+        .collect()
+}

@@ -1,0 +1,37 @@
+//! Prompt syntax: how a prompt's text becomes what the text encoders see.
+//!
+//! [`PromptSyntax::A1111`] (the default) reads prompts as AUTOMATIC1111's webui does, with its default settings:
+//! emphasis weights `(a:1.2)` `(a)` `[a]`, prompt editing `[a:b:0.5]`, alternation `[a|b]`, `BREAK`, and prompts of
+//! any length in 75-token chunks. [`PromptSyntax::None`] is diffusers' reading: the literal text, cut to 77 tokens.
+//!
+//! One idea per file: [`schedule`] (editing and alternation → text per step), [`attention`] (emphasis → weighted
+//! fragments), [`chunks`] (tokens → 77-token chunks), [`emphasis`] (weights applied to hidden states), [`reading`]
+//! (a whole prompt read, before any model runs), [`encode`] (a reading through both text encoders), [`explain`]
+//! (a reading, printed).
+
+pub mod attention;
+pub mod chars;
+pub mod chunks;
+pub mod emphasis;
+pub mod encode;
+pub mod explain;
+pub mod reading;
+pub mod schedule;
+
+use serde::{Deserialize, Serialize};
+
+pub use attention::{parse_attention, Fragment};
+pub use emphasis::Emphasis;
+pub use reading::PromptReading;
+pub use schedule::{schedule, Schedule, ScheduledText};
+
+/// How prompt text is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PromptSyntax {
+    /// AUTOMATIC1111's syntax and long prompts.
+    #[default]
+    A1111,
+    /// diffusers: literal text, truncated to 77 tokens (with a warning saying how much was cut).
+    None,
+}
