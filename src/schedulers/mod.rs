@@ -6,7 +6,9 @@
 
 mod ddim;
 mod euler;
+mod multistep;
 pub mod schedule;
+mod unipc;
 
 use std::path::Path;
 
@@ -106,6 +108,7 @@ struct Entry {
 }
 
 const REGISTRY: &[Entry] = &[
+    Entry { name: "UniPC", aliases: &["UniPCMultistepScheduler", "unipc", "uni_pc"], build: unipc::UniPc::boxed },
     Entry { name: "DDIM", aliases: &["DDIMScheduler", "ddim"], build: ddim::Ddim::boxed },
     Entry { name: "Euler", aliases: &["EulerDiscreteScheduler", "euler", "k_euler"], build: euler::Euler::boxed },
 ];

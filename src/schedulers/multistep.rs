@@ -5,7 +5,9 @@
 use candle_core::Tensor;
 
 use super::ddim::{divide, scale};
-use super::schedule::{alphas_cumprod, betas, interp, karras_sigmas, log_sigmas, numpy_linspace, sigma_to_t, train_sigmas};
+use super::schedule::{
+    alphas_cumprod, betas, interp, karras_sigmas, log_sigmas, numpy_linspace, sigma_to_t, train_sigmas,
+};
 use super::SchedulerConfig;
 use crate::{Error, Result};
 
@@ -90,7 +92,7 @@ pub fn lambda(sigma: f32) -> f32 {
 pub enum Prediction {
     Epsilon,
     Sample,
-    VPrediction,
+    Velocity,
 }
 
 impl Prediction {
@@ -98,7 +100,7 @@ impl Prediction {
         match config.str_or("prediction_type", "epsilon") {
             "epsilon" => Ok(Prediction::Epsilon),
             "sample" => Ok(Prediction::Sample),
-            "v_prediction" => Ok(Prediction::VPrediction),
+            "v_prediction" => Ok(Prediction::Velocity),
             other => Err(Error::Other(format!("{scheduler}: unsupported prediction_type {other:?}"))),
         }
     }
@@ -109,7 +111,7 @@ impl Prediction {
         Ok(match self {
             Prediction::Epsilon => divide(&(sample - scale(model_output, sigma_t)?)?, alpha_t)?,
             Prediction::Sample => model_output.clone(),
-            Prediction::VPrediction => (scale(sample, alpha_t)? - scale(model_output, sigma_t)?)?,
+            Prediction::Velocity => (scale(sample, alpha_t)? - scale(model_output, sigma_t)?)?,
         })
     }
 }
