@@ -83,6 +83,7 @@ VAE_LATENT_SEED = 4321  # vae.latents = randn((1,4,8,12)) from this seed
 SCHEDULERS = {
     "DDIM": {"class": "DDIMScheduler", "options": {}},
     "Euler": {"class": "EulerDiscreteScheduler", "options": {}},
+    "UniPC": {"class": "UniPCMultistepScheduler", "options": {}},
     # e.g. "DPM++ 2M Karras": {"class": "DPMSolverMultistepScheduler", "options": {"use_karras_sigmas": True}},
 }
 
@@ -127,6 +128,13 @@ E2E_CASES = [
     {"name": "ddim_w72h80_neg_oddlatent", "model": "tiny-sdxl",
      "request": {"prompt": PROMPT_CAT, "negative_prompt": NEGATIVE, "samples": 1, "scheduler": "DDIM",
                  "num_inference_steps": 5, "guidance_scale": 7.5, "seed": 42, "img_width": 72, "img_height": 80}},
+    # The hosted API's default scheduler.
+    {"name": "unipc_w96h64_neg_n2", "model": "tiny-sdxl",
+     "request": {"prompt": PROMPT_CAT, "negative_prompt": NEGATIVE, "samples": 2, "scheduler": "UniPC",
+                 "num_inference_steps": 6, "guidance_scale": 7.5, "seed": 42, "img_width": 96, "img_height": 64}},
+    {"name": "unipc_w64h128_noneg_steps9", "model": "tiny-sdxl",
+     "request": {"prompt": PROMPT_CAT, "negative_prompt": "", "samples": 1, "scheduler": "UniPC",
+                 "num_inference_steps": 9, "guidance_scale": 5.0, "seed": 7, "img_width": 64, "img_height": 128}},
 ]
 
 # ---------------------------------------------------------------------------------------------------------------------
