@@ -5,6 +5,7 @@
 //! `Class.from_config(config, **options)` would build it.
 
 mod ddim;
+mod dpm_solver;
 mod euler;
 mod multistep;
 pub mod schedule;
@@ -109,6 +110,21 @@ struct Entry {
 
 const REGISTRY: &[Entry] = &[
     Entry { name: "UniPC", aliases: &["UniPCMultistepScheduler", "unipc", "uni_pc"], build: unipc::UniPc::boxed },
+    Entry {
+        name: "DPM Multi",
+        aliases: &["DPMSolverMultistepScheduler", "dpm_multi", "dpmpp_2m"],
+        build: dpm_solver::DpmSolverMultistep::boxed,
+    },
+    Entry {
+        name: "DPM++ 2M Karras",
+        aliases: &["dpmpp_2m_karras", "DPM++ 2M Karras"],
+        build: dpm_solver::DpmSolverMultistep::karras,
+    },
+    Entry {
+        name: "DPM++ 2M SDE Karras",
+        aliases: &["dpmpp_2m_sde_karras"],
+        build: dpm_solver::DpmSolverMultistep::sde_karras,
+    },
     Entry { name: "DDIM", aliases: &["DDIMScheduler", "ddim"], build: ddim::Ddim::boxed },
     Entry { name: "Euler", aliases: &["EulerDiscreteScheduler", "euler", "k_euler"], build: euler::Euler::boxed },
 ];
