@@ -5,7 +5,7 @@
 use candle_core::{DType, Tensor};
 
 use super::ddim::scale;
-use super::multistep::{alpha_sigma, lambda, reject_unsupported, tables, Prediction};
+use super::multistep::{alpha_sigma, lambda, reject_unsupported, tables, FinalSigma, Prediction};
 use super::{Scheduler, SchedulerConfig};
 use crate::rng::TorchRng;
 use crate::{Error, Result};
@@ -42,7 +42,7 @@ impl DpmSolverMultistep {
         if !(1..=2).contains(&solver_order) {
             return Err(Error::Other(format!("DPM-Solver: solver_order {solver_order} is not supported (1 or 2)")));
         }
-        let t = tables(config, steps)?;
+        let t = tables(config, steps, FinalSigma::FromConfig)?;
         Ok(Box::new(Self {
             timesteps: t.timesteps,
             sigmas: t.sigmas,

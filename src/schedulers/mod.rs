@@ -5,6 +5,7 @@
 //! `Class.from_config(config, **options)` would build it.
 
 mod ddim;
+mod deis;
 mod dpm_solver;
 mod euler;
 mod multistep;
@@ -125,6 +126,7 @@ const REGISTRY: &[Entry] = &[
         aliases: &["dpmpp_2m_sde_karras"],
         build: dpm_solver::DpmSolverMultistep::sde_karras,
     },
+    Entry { name: "DEIS", aliases: &["DEISMultistepScheduler", "deis"], build: deis::Deis::boxed },
     Entry { name: "DDIM", aliases: &["DDIMScheduler", "ddim"], build: ddim::Ddim::boxed },
     Entry { name: "Euler", aliases: &["EulerDiscreteScheduler", "euler", "k_euler"], build: euler::Euler::boxed },
 ];

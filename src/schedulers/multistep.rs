@@ -17,9 +17,18 @@ pub struct MultistepTables {
     pub sigmas: Vec<f32>,
 }
 
+/// How a solver picks the noise level after its last step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinalSigma {
+    /// `final_sigmas_type`: "zero" (default) or "sigma_min" (UniPC, DPM-Solver).
+    FromConfig,
+    /// DEIS: the training schedule's smallest sigma, or with Karras sigmas the last Karras sigma repeated.
+    Deis,
+}
+
 /// `set_timesteps` of the multistep solvers: `n + 1` points for linspace/leading (the last dropped), Karras sigmas
-/// mapped back to (rounded) timesteps when `use_karras_sigmas`, the final sigma per `final_sigmas_type`.
-pub fn tables(config: &SchedulerConfig, n: usize) -> Result<MultistepTables> {
+/// mapped back to (rounded) timesteps when `use_karras_sigmas`, then the final sigma.
+pub fn tables(config: &SchedulerConfig, n: usize, final_sigma: FinalSigma) -> Result<MultistepTables> {
     let train = config.usize_or("num_train_timesteps", 1000);
     let offset = config.usize_or("steps_offset", 0) as f64;
     let mut timesteps: Vec<f64> = match config.str_or("timestep_spacing", "linspace") {
@@ -43,7 +52,8 @@ pub fn tables(config: &SchedulerConfig, n: usize) -> Result<MultistepTables> {
     };
     let cumprod = alphas_cumprod(&betas(config)?);
     let sigmas_train = train_sigmas(&cumprod);
-    let mut sigmas: Vec<f64> = if config.bool_or("use_karras_sigmas", false) {
+    let karras = config.bool_or("use_karras_sigmas", false);
+    let mut sigmas: Vec<f64> = if karras {
         let log_sigmas = log_sigmas(&sigmas_train);
         let min = config.f64_or("sigma_min", sigmas_train[0] as f64);
         let max = config.f64_or("sigma_max", sigmas_train[sigmas_train.len() - 1] as f64);
@@ -64,10 +74,14 @@ pub fn tables(config: &SchedulerConfig, n: usize) -> Result<MultistepTables> {
     } else {
         timesteps.iter().map(|&t| interp(t, &sigmas_train)).collect()
     };
-    let last = match config.str_or("final_sigmas_type", "zero") {
-        "zero" => 0.0,
-        "sigma_min" => ((1f32 - cumprod[0]) / cumprod[0]).sqrt() as f64,
-        other => return Err(Error::Other(format!("scheduler config: final_sigmas_type {other:?} is not supported"))),
+    let sigma_min = ((1f32 - cumprod[0]) / cumprod[0]).sqrt() as f64;
+    let last = match (final_sigma, config.str_or("final_sigmas_type", "zero")) {
+        (FinalSigma::Deis, _) if karras => *sigmas.last().expect("n ≥ 1"),
+        (FinalSigma::Deis, _) | (FinalSigma::FromConfig, "sigma_min") => sigma_min,
+        (FinalSigma::FromConfig, "zero") => 0.0,
+        (_, other) => {
+            return Err(Error::Other(format!("scheduler config: final_sigmas_type {other:?} is not supported")))
+        }
     };
     sigmas.push(last);
     // The model receives integer timesteps (torch int64).

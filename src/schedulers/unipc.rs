@@ -4,7 +4,7 @@
 use candle_core::{DType, Tensor};
 
 use super::ddim::{divide, scale};
-use super::multistep::{alpha_sigma, lambda, reject_unsupported, tables, Prediction};
+use super::multistep::{alpha_sigma, lambda, reject_unsupported, tables, FinalSigma, Prediction};
 use super::{Scheduler, SchedulerConfig};
 use crate::rng::TorchRng;
 use crate::{Error, Result};
@@ -30,7 +30,7 @@ impl UniPc {
         if !config.bool_or("predict_x0", true) {
             return Err(Error::Other("UniPC: predict_x0 = false is not supported".into()));
         }
-        let t = tables(config, steps)?;
+        let t = tables(config, steps, FinalSigma::FromConfig)?;
         // diffusers maps the DEIS/DPM solver names (`logrho`, `midpoint`, `heun`) to bh2.
         let bh1 = config.str_or("solver_type", "bh2") == "bh1";
         let disable_corrector =
