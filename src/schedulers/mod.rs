@@ -126,6 +126,11 @@ const REGISTRY: &[Entry] = &[
         aliases: &["dpmpp_2m_sde_karras"],
         build: dpm_solver::DpmSolverMultistep::sde_karras,
     },
+    Entry {
+        name: "DPM Single",
+        aliases: &["DPMSolverSinglestepScheduler", "dpm_single", "dpmpp_2s"],
+        build: dpm_solver::DpmSolverSinglestep::boxed,
+    },
     Entry { name: "DEIS", aliases: &["DEISMultistepScheduler", "deis"], build: deis::Deis::boxed },
     Entry { name: "DDIM", aliases: &["DDIMScheduler", "ddim"], build: ddim::Ddim::boxed },
     Entry { name: "Euler", aliases: &["EulerDiscreteScheduler", "euler", "k_euler"], build: euler::Euler::boxed },
