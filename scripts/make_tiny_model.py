@@ -84,6 +84,12 @@ SCHEDULERS = {
     "DDIM": {"class": "DDIMScheduler", "options": {}},
     "Euler": {"class": "EulerDiscreteScheduler", "options": {}},
     "UniPC": {"class": "UniPCMultistepScheduler", "options": {}},
+    "DPM Multi": {"class": "DPMSolverMultistepScheduler", "options": {}},
+    "DPM Single": {"class": "DPMSolverSinglestepScheduler", "options": {}},
+    "DEIS": {"class": "DEISMultistepScheduler", "options": {}},
+    "DPM++ 2M Karras": {"class": "DPMSolverMultistepScheduler", "options": {"use_karras_sigmas": True}},
+    "DPM++ 2M SDE Karras": {"class": "DPMSolverMultistepScheduler",
+                            "options": {"use_karras_sigmas": True, "algorithm_type": "sde-dpmsolver++"}},
     # e.g. "DPM++ 2M Karras": {"class": "DPMSolverMultistepScheduler", "options": {"use_karras_sigmas": True}},
 }
 
@@ -135,6 +141,33 @@ E2E_CASES = [
     {"name": "unipc_w64h128_noneg_steps9", "model": "tiny-sdxl",
      "request": {"prompt": PROMPT_CAT, "negative_prompt": "", "samples": 1, "scheduler": "UniPC",
                  "num_inference_steps": 9, "guidance_scale": 5.0, "seed": 7, "img_width": 64, "img_height": 128}},
+    {"name": "dpm_multi_w96h64_neg_n2", "model": "tiny-sdxl",
+     "request": {"prompt": PROMPT_CAT, "negative_prompt": NEGATIVE, "samples": 2, "scheduler": "DPM Multi",
+                 "num_inference_steps": 8, "guidance_scale": 7.5, "seed": 11, "img_width": 96, "img_height": 64}},
+    {"name": "dpmpp_2m_karras_w64h128_noneg", "model": "tiny-sdxl",
+     "request": {"prompt": PROMPT_CAT, "negative_prompt": "", "samples": 1, "scheduler": "DPM++ 2M Karras",
+                 "num_inference_steps": 10, "guidance_scale": 7.5, "seed": 12, "img_width": 64, "img_height": 128}},
+    {"name": "dpmpp_2m_sde_karras_w96h64_neg_n2", "model": "tiny-sdxl",
+     "request": {"prompt": PROMPT_CAT, "negative_prompt": NEGATIVE, "samples": 2, "scheduler": "DPM++ 2M SDE Karras",
+                 "num_inference_steps": 8, "guidance_scale": 7.5, "seed": 13, "img_width": 96, "img_height": 64}},
+    {"name": "dpm_single_w96h64_g1", "model": "tiny-sdxl",
+     "request": {"prompt": PROMPT_CAT, "negative_prompt": "", "samples": 1, "scheduler": "DPM Single",
+                 "num_inference_steps": 7, "guidance_scale": 1.0, "seed": 14, "img_width": 96, "img_height": 64}},
+    {"name": "deis_w64h128_neg", "model": "tiny-sdxl",
+     "request": {"prompt": PROMPT_CAT, "negative_prompt": NEGATIVE, "samples": 1, "scheduler": "DEIS",
+                 "num_inference_steps": 8, "guidance_scale": 7.5, "seed": 15, "img_width": 64, "img_height": 128}},
+    # v-prediction models (the scheduler config says so): Euler and the DPM family.
+    {"name": "euler_vpred_w96h64_neg", "model": "tiny-sdxl", "scheduler_config_overrides": {"prediction_type": "v_prediction"},
+     "request": {"prompt": PROMPT_CAT, "negative_prompt": NEGATIVE, "samples": 1, "scheduler": "Euler",
+                 "num_inference_steps": 6, "guidance_scale": 7.5, "seed": 16, "img_width": 96, "img_height": 64}},
+    {"name": "dpmpp_2m_karras_vpred_w96h64_n2", "model": "tiny-sdxl",
+     "scheduler_config_overrides": {"prediction_type": "v_prediction"},
+     "request": {"prompt": PROMPT_CAT, "negative_prompt": "", "samples": 2, "scheduler": "DPM++ 2M Karras",
+                 "num_inference_steps": 8, "guidance_scale": 7.5, "seed": 17, "img_width": 96, "img_height": 64}},
+    {"name": "unipc_vpred_w64h128_neg", "model": "tiny-sdxl",
+     "scheduler_config_overrides": {"prediction_type": "v_prediction", "timestep_spacing": "trailing"},
+     "request": {"prompt": PROMPT_CAT, "negative_prompt": NEGATIVE, "samples": 1, "scheduler": "UniPC",
+                 "num_inference_steps": 7, "guidance_scale": 7.5, "seed": 18, "img_width": 64, "img_height": 128}},
 ]
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -541,10 +574,20 @@ class Refs:
         return list(self.tensors[name].shape)
 
 
-def make_scheduler(pipe, api_name: str):
+# Keys of Dreamshaper's DEIS config that only DEIS reads; diffusers intends the other classes' defaults for them (and
+# 0.42 crashes building DPMSolverMultistepScheduler with them), so they are dropped for every other class.
+DEIS_ONLY_KEYS = ("algorithm_type", "solver_type")
+
+
+def make_scheduler(pipe, api_name: str, overrides: dict | None = None):
     entry = SCHEDULERS[api_name]
     cls = getattr(diffusers, entry["class"])
-    return cls.from_config(pipe.scheduler.config, **entry["options"])
+    config = dict(pipe.scheduler.config)
+    if entry["class"] != "DEISMultistepScheduler":
+        for key in DEIS_ONLY_KEYS:
+            config.pop(key, None)
+    config.update(overrides or {})
+    return cls.from_config(config, **entry["options"])
 
 
 @torch.no_grad()
@@ -642,7 +685,7 @@ def compute_references(pipe: StableDiffusionXLPipeline, refs: Refs) -> dict:
         assert case.get("model", "tiny-sdxl") == pipe._fixture_model_name, "one pipeline per model variant"
         r = case["request"]
         default_scheduler = pipe.scheduler
-        pipe.scheduler = make_scheduler(pipe, r["scheduler"])
+        pipe.scheduler = make_scheduler(pipe, r["scheduler"], case.get("scheduler_config_overrides"))
         final = {}
 
         def grab(p, i, t, kw):
@@ -685,6 +728,7 @@ def compute_references(pipe: StableDiffusionXLPipeline, refs: Refs) -> dict:
                                if k not in ("generator", "callback_on_step_end", "callback_on_step_end_tensor_inputs")},
             "do_classifier_free_guidance": r["guidance_scale"] > 1.0,
             "scheduler": {"api_name": r["scheduler"], **SCHEDULERS[r["scheduler"]], **scheduler_info},
+            "scheduler_config_overrides": case.get("scheduler_config_overrides", {}),
             "unet_timesteps_seen": final["timesteps"],
             "images": refs.add(f"e2e.{name}.images", torch.from_numpy(u8)),
             "latents": refs.add(f"e2e.{name}.latents", final["latents"]),
@@ -700,10 +744,12 @@ def compute_references(pipe: StableDiffusionXLPipeline, refs: Refs) -> dict:
         noise = randn((r["samples"], 4, r["img_height"] // 8, r["img_width"] // 8), r["seed"])
         entry["init_noise"] = refs.add(f"e2e.{name}.init_noise", noise)
         entry["init_noise_shape"] = refs.shape(entry["init_noise"])
-        kw2 = dict(kwargs, output_type="latent", callback_on_step_end=None, latents=noise.clone(),
-                   generator=torch.Generator("cpu").manual_seed(r["seed"]))
+        # The generator has drawn the initial noise before a stochastic scheduler draws its own: do the same.
+        generator = torch.Generator("cpu").manual_seed(r["seed"])
+        torch.randn(noise.shape, generator=generator)
+        kw2 = dict(kwargs, output_type="latent", callback_on_step_end=None, latents=noise.clone(), generator=generator)
         kw2.pop("callback_on_step_end_tensor_inputs")
-        pipe.scheduler = make_scheduler(pipe, r["scheduler"])
+        pipe.scheduler = make_scheduler(pipe, r["scheduler"], case.get("scheduler_config_overrides"))
         lat = pipe(**kw2).images
         pipe.scheduler = default_scheduler
         assert torch.equal(lat, final["latents"]), (name, "init noise / final latents mismatch")

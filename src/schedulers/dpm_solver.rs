@@ -199,7 +199,8 @@ impl DpmSolverSinglestep {
         let t = tables(&config.clone().with("timestep_spacing", "linspace".into()), steps, FinalSigma::FromConfig)?;
         let final_zero = config.str_or("final_sigmas_type", "zero") == "zero";
         // diffusers forces lower_order_final for uneven step counts and for a zero final sigma.
-        let lower_order_final = config.bool_or("lower_order_final", false) || !steps.is_multiple_of(order) || final_zero;
+        let lower_order_final =
+            config.bool_or("lower_order_final", false) || !steps.is_multiple_of(order) || final_zero;
         let mut orders: Vec<usize> = match (order, lower_order_final) {
             (1, _) => vec![1; steps],
             (_, true) if steps.is_multiple_of(2) => [1, 2].repeat(steps / 2 - 1).into_iter().chain([1, 1]).collect(),
