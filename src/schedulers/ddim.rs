@@ -50,18 +50,6 @@ impl Scheduler for Ddim {
         &self.timesteps
     }
 
-    fn num_inference_steps(&self) -> usize {
-        self.timesteps.len()
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: Tensor, _index: usize) -> Result<Tensor> {
-        Ok(sample)
-    }
-
     fn step(&mut self, model_output: &Tensor, index: usize, sample: &Tensor, _rng: &mut TorchRng) -> Result<Tensor> {
         let t = self.timesteps[index] as i64;
         let prev = t - self.step_ratio as i64;

@@ -52,10 +52,6 @@ impl Scheduler for Euler {
         &self.timesteps
     }
 
-    fn num_inference_steps(&self) -> usize {
-        self.timesteps.len()
-    }
-
     fn init_noise_sigma(&self) -> f64 {
         self.init_noise_sigma as f64
     }

@@ -30,14 +30,21 @@ pub trait Scheduler: Send {
     /// fractional).
     fn timesteps(&self) -> &[f64];
 
-    /// The number of inference steps this scheduler was set up for (not the number of model evaluations).
-    fn num_inference_steps(&self) -> usize;
+    /// The number of inference steps this scheduler was set up for (not the number of model evaluations, which
+    /// differ for schedulers that evaluate the model more than once per step).
+    fn num_inference_steps(&self) -> usize {
+        self.timesteps().len()
+    }
 
-    /// What the initial standard-normal latents are multiplied by.
-    fn init_noise_sigma(&self) -> f64;
+    /// What the initial standard-normal latents are multiplied by (1 unless the scheduler works in σ-space).
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
 
-    /// Scales the model input at evaluation `index`.
-    fn scale_model_input(&self, sample: Tensor, index: usize) -> Result<Tensor>;
+    /// Scales the model input at evaluation `index` (unchanged unless the scheduler works in σ-space).
+    fn scale_model_input(&self, sample: Tensor, _index: usize) -> Result<Tensor> {
+        Ok(sample)
+    }
 
     /// Computes the previous sample from the model output at evaluation `index`. Any noise is drawn from `rng`.
     fn step(&mut self, model_output: &Tensor, index: usize, sample: &Tensor, rng: &mut TorchRng) -> Result<Tensor>;

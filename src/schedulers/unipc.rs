@@ -181,20 +181,8 @@ impl Scheduler for UniPc {
         &self.timesteps
     }
 
-    fn num_inference_steps(&self) -> usize {
-        self.timesteps.len()
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
     fn sigmas(&self) -> Option<Vec<f64>> {
         Some(self.sigmas.iter().map(|&s| s as f64).collect())
-    }
-
-    fn scale_model_input(&self, sample: Tensor, _index: usize) -> Result<Tensor> {
-        Ok(sample)
     }
 
     fn step(&mut self, model_output: &Tensor, index: usize, sample: &Tensor, _rng: &mut TorchRng) -> Result<Tensor> {
