@@ -186,6 +186,17 @@ struct BenchArgs {
     quiet: bool,
 }
 
+/// Moves the progress display to `done` of `total`, first turning the start-up spinner into a counting bar.
+fn count_on(bar: &ProgressBar, counting: &mut bool, template: &str, done: usize, total: usize) {
+    if !*counting {
+        *counting = true;
+        bar.set_style(ProgressStyle::with_template(template).expect("valid template"));
+        bar.set_length(total as u64);
+        bar.reset_elapsed();
+    }
+    bar.set_position(done as u64);
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -305,18 +316,8 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
                 }
             }
             Progress::Step { step, steps, evaluation, evaluations } => {
-                if !bar_is_steps {
-                    bar_is_steps = true;
-                    bar.set_style(
-                        ProgressStyle::with_template(
-                            "{bar:30} step {msg} [{elapsed_precise}<{eta_precise}, {per_sec}]",
-                        )
-                        .expect("valid template"),
-                    );
-                    bar.set_length(*evaluations as u64);
-                    bar.reset_elapsed();
-                }
-                bar.set_position(*evaluation as u64);
+                let template = "{bar:30} step {msg} [{elapsed_precise}<{eta_precise}, {per_sec}]";
+                count_on(&bar, &mut bar_is_steps, template, *evaluation, *evaluations);
                 let evals = if evaluations != steps {
                     format!(" ({evaluation}/{evaluations} model evals)")
                 } else {
@@ -422,18 +423,8 @@ fn bench_schedulers(args: BenchArgs) -> anyhow::Result<()> {
                 bar.set_message(format!("run {}/{runs}: {what}{} × {} steps", index + 1, run.scheduler, run.steps));
             }
             BenchEvent::Evaluations { done, total } => {
-                if !bar_is_steps {
-                    bar_is_steps = true;
-                    bar.set_style(
-                        ProgressStyle::with_template(
-                            "{bar:30} {pos}/{len} model evals [{elapsed_precise}<{eta_precise}] {msg}",
-                        )
-                        .expect("valid template"),
-                    );
-                    bar.set_length(*total as u64);
-                    bar.reset_elapsed();
-                }
-                bar.set_position(*done as u64);
+                let template = "{bar:30} {pos}/{len} model evals [{elapsed_precise}<{eta_precise}] {msg}";
+                count_on(&bar, &mut bar_is_steps, template, *done, *total);
             }
             BenchEvent::RunFinished { .. } => {}
             BenchEvent::Writing => bar.set_message("writing results"),
