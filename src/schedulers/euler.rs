@@ -1,4 +1,6 @@
-//! diffusers' `EulerDiscreteScheduler` (no churn: deterministic), on sigmas interpolated from the training schedule.
+//! diffusers' Euler schedulers on sigmas interpolated from the training schedule: `EulerDiscreteScheduler` ("Euler",
+//! no churn: deterministic) and `EulerAncestralDiscreteScheduler` ("Euler a": steps down to σ_down and adds fresh
+//! noise of σ_up from the run's generator).
 
 use candle_core::{DType, Tensor};
 
@@ -14,10 +16,20 @@ pub struct Euler {
     sigmas: Vec<f32>,
     init_noise_sigma: f32,
     prediction_type: String,
+    ancestral: bool,
 }
 
 impl Euler {
     pub fn boxed(config: &SchedulerConfig, steps: usize) -> Result<Box<dyn Scheduler>> {
+        Ok(Box::new(Self::new(config, steps, false)?))
+    }
+
+    /// "Euler a" (`EulerAncestralDiscreteScheduler`).
+    pub fn ancestral(config: &SchedulerConfig, steps: usize) -> Result<Box<dyn Scheduler>> {
+        Ok(Box::new(Self::new(config, steps, true)?))
+    }
+
+    fn new(config: &SchedulerConfig, steps: usize, ancestral: bool) -> Result<Self> {
         let train = train_sigmas(&alphas_cumprod(&betas(config)?));
         let spacing = config.str_or("timestep_spacing", "linspace");
         // Euler's linspace keeps fractional timesteps (numpy float64 linspace stored as float32); the other rules
@@ -38,12 +50,13 @@ impl Euler {
             "linspace" | "trailing" => max,
             _ => (max * max + 1.0).sqrt(),
         };
-        Ok(Box::new(Self {
+        Ok(Self {
             timesteps,
             sigmas,
             init_noise_sigma,
             prediction_type: config.str_or("prediction_type", "epsilon").to_string(),
-        }))
+            ancestral,
+        })
     }
 }
 
@@ -65,7 +78,7 @@ impl Scheduler for Euler {
         Ok(divide(&sample, (sigma * sigma + 1.0).sqrt())?)
     }
 
-    fn step(&mut self, model_output: &Tensor, index: usize, sample: &Tensor, _rng: &mut TorchRng) -> Result<Tensor> {
+    fn step(&mut self, model_output: &Tensor, index: usize, sample: &Tensor, rng: &mut TorchRng) -> Result<Tensor> {
         let sigma = self.sigmas[index];
         let sample32 = sample.to_dtype(DType::F32)?;
         let out = model_output.to_dtype(DType::F32)?;
@@ -78,7 +91,16 @@ impl Scheduler for Euler {
             other => return Err(Error::Other(format!("Euler: unsupported prediction_type {other:?}"))),
         };
         let derivative = divide(&(&sample32 - x0)?, sigma)?;
-        let dt = self.sigmas[index + 1] - sigma;
-        Ok((sample32 + scale(&derivative, dt)?)?.to_dtype(model_output.dtype())?)
+        let next = self.sigmas[index + 1];
+        let prev = if self.ancestral {
+            let up = (next * next * (sigma * sigma - next * next) / (sigma * sigma)).sqrt();
+            let down = (next * next - up * up).sqrt();
+            let prev = (&sample32 + scale(&derivative, down - sigma)?)?;
+            let noise = rng.randn_tensor(model_output.dims(), model_output.device())?;
+            (prev + scale(&noise, up)?)?
+        } else {
+            (&sample32 + scale(&derivative, next - sigma)?)?
+        };
+        Ok(prev.to_dtype(model_output.dtype())?)
     }
 }

@@ -140,6 +140,11 @@ const REGISTRY: &[Entry] = &[
     },
     Entry { name: "DEIS", aliases: &["DEISMultistepScheduler", "deis"], build: deis::Deis::boxed },
     Entry { name: "DDIM", aliases: &["DDIMScheduler", "ddim"], build: ddim::Ddim::boxed },
+    Entry {
+        name: "Euler a",
+        aliases: &["EulerAncestralDiscreteScheduler", "euler_a", "k_euler_a", "euler_ancestral"],
+        build: euler::Euler::ancestral,
+    },
     Entry { name: "Euler", aliases: &["EulerDiscreteScheduler", "euler", "k_euler"], build: euler::Euler::boxed },
 ];
 
