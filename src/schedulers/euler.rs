@@ -30,10 +30,32 @@ impl Euler {
     }
 
     fn new(config: &SchedulerConfig, steps: usize, ancestral: bool) -> Result<Self> {
+        let SigmaTables { timesteps, sigmas, init_noise_sigma } = SigmaTables::new(config, steps, "Euler")?;
+        Ok(Self {
+            timesteps,
+            sigmas,
+            init_noise_sigma,
+            prediction_type: config.str_or("prediction_type", "epsilon").to_string(),
+            ancestral,
+        })
+    }
+}
+
+/// The σ-space tables of the Euler-family schedulers (Euler, Euler a, Heun): timesteps by the spacing rule,
+/// sigmas interpolated from the training schedule (numpy float64, stored as float32) plus a final 0, and the
+/// initial noise scale.
+pub(super) struct SigmaTables {
+    pub timesteps: Vec<f64>,
+    pub sigmas: Vec<f32>,
+    pub init_noise_sigma: f32,
+}
+
+impl SigmaTables {
+    pub fn new(config: &SchedulerConfig, steps: usize, scheduler: &str) -> Result<Self> {
         let train = train_sigmas(&alphas_cumprod(&betas(config)?));
         let spacing = config.str_or("timestep_spacing", "linspace");
-        // Euler's linspace keeps fractional timesteps (numpy float64 linspace stored as float32); the other rules
-        // are integer-valued.
+        // linspace keeps fractional timesteps (numpy float64 linspace stored as float32); the other rules are
+        // integer-valued.
         let timesteps: Vec<f64> = if spacing == "linspace" {
             let last = (config.usize_or("num_train_timesteps", 1000) - 1) as f64;
             numpy_linspace(0.0, last, steps).into_iter().rev().map(|t| t as f32 as f64).collect()
@@ -41,7 +63,9 @@ impl Euler {
             spaced_timesteps(config, steps)?.into_iter().map(|t| t as f32 as f64).collect()
         };
         if config.bool_or("use_karras_sigmas", false) || config.str_or("interpolation_type", "linear") != "linear" {
-            return Err(Error::Other("Euler: Karras sigmas / log-linear interpolation are not supported yet".into()));
+            return Err(Error::Other(format!(
+                "{scheduler}: Karras sigmas / log-linear interpolation are not supported yet"
+            )));
         }
         let mut sigmas: Vec<f32> = timesteps.iter().map(|&t| interp(t, &train) as f32).collect();
         sigmas.push(0.0);
@@ -50,13 +74,7 @@ impl Euler {
             "linspace" | "trailing" => max,
             _ => (max * max + 1.0).sqrt(),
         };
-        Ok(Self {
-            timesteps,
-            sigmas,
-            init_noise_sigma,
-            prediction_type: config.str_or("prediction_type", "epsilon").to_string(),
-            ancestral,
-        })
+        Ok(Self { timesteps, sigmas, init_noise_sigma })
     }
 }
 

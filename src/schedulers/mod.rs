@@ -8,6 +8,7 @@ mod ddim;
 mod deis;
 mod dpm_solver;
 mod euler;
+mod heun;
 mod multistep;
 pub mod schedule;
 mod unipc;
@@ -145,6 +146,7 @@ const REGISTRY: &[Entry] = &[
         aliases: &["EulerAncestralDiscreteScheduler", "euler_a", "k_euler_a", "euler_ancestral"],
         build: euler::Euler::ancestral,
     },
+    Entry { name: "Heun", aliases: &["HeunDiscreteScheduler", "heun", "k_heun"], build: heun::Heun::boxed },
     Entry { name: "Euler", aliases: &["EulerDiscreteScheduler", "euler", "k_euler"], build: euler::Euler::boxed },
 ];
 
