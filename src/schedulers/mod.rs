@@ -5,6 +5,7 @@
 //! `Class.from_config(config, **options)` would build it.
 
 mod ddim;
+mod ddpm;
 mod deis;
 mod dpm_solver;
 mod euler;
@@ -139,6 +140,7 @@ const REGISTRY: &[Entry] = &[
         aliases: &["DPMSolverSinglestepScheduler", "dpm_single", "dpmpp_2s"],
         build: dpm_solver::DpmSolverSinglestep::boxed,
     },
+    Entry { name: "DDPM", aliases: &["DDPMScheduler", "ddpm"], build: ddpm::Ddpm::boxed },
     Entry { name: "DEIS", aliases: &["DEISMultistepScheduler", "deis"], build: deis::Deis::boxed },
     Entry { name: "DDIM", aliases: &["DDIMScheduler", "ddim"], build: ddim::Ddim::boxed },
     Entry {
