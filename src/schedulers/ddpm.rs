@@ -10,10 +10,10 @@ use crate::rng::TorchRng;
 use crate::{Error, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Variance {
-    FixedSmall,
-    FixedSmallLog,
-    FixedLarge,
+enum FixedVariance {
+    Small,
+    SmallLog,
+    Large,
 }
 
 pub struct Ddpm {
@@ -21,7 +21,7 @@ pub struct Ddpm {
     timesteps: Vec<f64>,
     prediction_type: String,
     clip_sample: Option<f32>,
-    variance: Variance,
+    variance: FixedVariance,
 }
 
 impl Ddpm {
@@ -30,9 +30,9 @@ impl Ddpm {
             return Err(Error::Other("DDPM: `thresholding` is not supported".into()));
         }
         let variance = match config.str_or("variance_type", "fixed_small") {
-            "fixed_small" => Variance::FixedSmall,
-            "fixed_small_log" => Variance::FixedSmallLog,
-            "fixed_large" => Variance::FixedLarge,
+            "fixed_small" => FixedVariance::Small,
+            "fixed_small_log" => FixedVariance::SmallLog,
+            "fixed_large" => FixedVariance::Large,
             other => return Err(Error::Other(format!("DDPM: variance_type {other:?} is not supported"))),
         };
         let prediction_type = config.str_or("prediction_type", "epsilon").to_string();
@@ -80,9 +80,9 @@ impl Scheduler for Ddpm {
             let noise = rng.randn_tensor(model_output.dims(), model_output.device())?;
             let small = (beta_prev / beta_t * current_beta).max(1e-20);
             let std = match self.variance {
-                Variance::FixedSmall => small.sqrt(),
-                Variance::FixedSmallLog => (0.5f32 * small.ln()).exp(),
-                Variance::FixedLarge => current_beta.sqrt(),
+                FixedVariance::Small => small.sqrt(),
+                FixedVariance::SmallLog => (0.5f32 * small.ln()).exp(),
+                FixedVariance::Large => current_beta.sqrt(),
             };
             prev = (prev + scale(&noise, std)?)?;
         }
