@@ -10,6 +10,7 @@ mod deis;
 mod dpm_solver;
 mod euler;
 mod heun;
+mod lms;
 mod multistep;
 pub mod schedule;
 mod unipc;
@@ -149,6 +150,7 @@ const REGISTRY: &[Entry] = &[
         build: euler::Euler::ancestral,
     },
     Entry { name: "Heun", aliases: &["HeunDiscreteScheduler", "heun", "k_heun"], build: heun::Heun::boxed },
+    Entry { name: "LMS", aliases: &["LMSDiscreteScheduler", "lms", "k_lms"], build: lms::Lms::boxed },
     Entry { name: "Euler", aliases: &["EulerDiscreteScheduler", "euler", "k_euler"], build: euler::Euler::boxed },
 ];
 
