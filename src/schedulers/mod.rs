@@ -10,6 +10,7 @@ mod deis;
 mod dpm_solver;
 mod euler;
 mod heun;
+mod kdpm2;
 mod lms;
 mod multistep;
 pub mod schedule;
@@ -151,6 +152,11 @@ const REGISTRY: &[Entry] = &[
     },
     Entry { name: "Heun", aliases: &["HeunDiscreteScheduler", "heun", "k_heun"], build: heun::Heun::boxed },
     Entry { name: "LMS", aliases: &["LMSDiscreteScheduler", "lms", "k_lms"], build: lms::Lms::boxed },
+    Entry {
+        name: "DPM2 Karras",
+        aliases: &["KDPM2DiscreteScheduler", "dpm2_karras", "k_dpm_2_karras"],
+        build: kdpm2::Kdpm2::karras,
+    },
     Entry { name: "Euler", aliases: &["EulerDiscreteScheduler", "euler", "k_euler"], build: euler::Euler::boxed },
 ];
 
