@@ -157,6 +157,11 @@ const REGISTRY: &[Entry] = &[
         aliases: &["KDPM2DiscreteScheduler", "dpm2_karras", "k_dpm_2_karras"],
         build: kdpm2::Kdpm2::karras,
     },
+    Entry {
+        name: "DPM2 a Karras",
+        aliases: &["KDPM2AncestralDiscreteScheduler", "dpm2_a_karras", "k_dpm_2_a_karras", "dpm2_ancestral_karras"],
+        build: kdpm2::Kdpm2::ancestral_karras,
+    },
     Entry { name: "Euler", aliases: &["EulerDiscreteScheduler", "euler", "k_euler"], build: euler::Euler::boxed },
 ];
 
