@@ -53,7 +53,11 @@ VARIATIONS = {
     "trailing": {"timestep_spacing": "trailing"},
     "linspace": {"timestep_spacing": "linspace"},
     "v_prediction": {"prediction_type": "v_prediction"},
+    "prk": {"skip_prk_steps": False},
 }
+
+# Variations that only mean something to some classes (PNDM's Runge-Kutta warm-up); the others run for every name.
+VARIATION_ONLY_FOR = {"prk": ["PNDM"]}
 
 STEPS = [1, 2, 7, 20, 35, 100]
 SHAPE = (1, 4, 4, 6)
@@ -119,6 +123,8 @@ def main():
     cases = []
     for name in SCHEDULERS:
         for variation in VARIATIONS:
+            if name not in VARIATION_ONLY_FOR.get(variation, [name]):
+                continue
             for steps in STEPS:
                 try:
                     cases.append(run(name, variation, steps))

@@ -1,7 +1,7 @@
 //! Every registered scheduler against diffusers (tests/fixtures/schedulers.json, made by
 //! scripts/make_scheduler_refs.py): timestep and sigma tables, `init_noise_sigma`, `scale_model_input`, and a full
 //! sampling loop driven by a deterministic stand-in model, for Dreamshaper XL's config and variations of it, at
-//! 1, 2, 7, 20, 35 and 100 steps.
+//! 1, 2, 7, 20, 35 and 100 steps. Where diffusers rejects a combination, we must reject it too.
 
 mod common;
 
@@ -58,7 +58,7 @@ fn registered_schedulers_match_diffusers() {
     let shape: Vec<usize> = fixture["shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
     let seed = fixture["seed"].as_u64().unwrap();
     let registered = schedulers::names();
-    let mut checked = 0;
+    let (mut checked, mut refused) = (0, 0);
     for case in fixture["cases"].as_array().unwrap() {
         let name = case["name"].as_str().unwrap();
         if !registered.contains(&name) {
@@ -67,8 +67,16 @@ fn registered_schedulers_match_diffusers() {
         let variation = case["variation"].as_str().unwrap();
         let steps = case["steps"].as_u64().unwrap() as usize;
         let what = format!("{name} / {variation} / {steps} steps");
-        assert!(case.get("error").is_none(), "{what}: diffusers failed: {}", case["error"]);
-        let mut s = schedulers::create(name, &config(&fixture, variation), steps).unwrap();
+        let built = schedulers::create(name, &config(&fixture, variation), steps);
+        if let Some(diffusers_error) = case.get("error") {
+            // diffusers rejects this combination (PNDM's Runge–Kutta warm-up below 4 steps): we must refuse it too,
+            // with an error that says why.
+            let e = built.err().unwrap_or_else(|| panic!("{what}: diffusers failed ({diffusers_error}), we did not"));
+            assert!(e.to_string().contains("num_inference_steps"), "{what}: unclear error {e}");
+            refused += 1;
+            continue;
+        }
+        let mut s = built.unwrap();
 
         let timesteps = s.timesteps().to_vec();
         let err = relative(&timesteps, &floats(&case["timesteps"]));
@@ -103,7 +111,10 @@ fn registered_schedulers_match_diffusers() {
         assert!(err <= SAMPLE_TOLERANCE, "{what}: final sample relative error {err:e}");
         checked += 1;
     }
-    eprintln!("{checked} scheduler cases match diffusers ({} registered: {registered:?})", registered.len());
+    eprintln!(
+        "{checked} scheduler cases match diffusers, {refused} refused like diffusers ({} registered: {registered:?})",
+        registered.len()
+    );
     assert!(checked >= registered.len() * 24, "every registered scheduler has 24 reference cases");
 }
 
@@ -119,4 +130,69 @@ fn names_are_case_insensitive_and_unknown_names_list_the_valid_ones() {
     assert!(e.contains("num_inference_steps"), "{e}");
     let e = schedulers::create("Euler", &config, 1001).err().unwrap().to_string();
     assert!(e.contains("num_inference_steps") && e.contains("1000"), "{e}");
+}
+
+/// The hosted API's scheduler names, exactly as its docs spell them.
+const HOSTED_NAMES: [&str; 15] = [
+    "UniPC",
+    "DDIM",
+    "DPM Multi",
+    "DPM Single",
+    "Euler a",
+    "Euler",
+    "Heun",
+    "DPM2 a Karras",
+    "DPM2 Karras",
+    "LMS",
+    "PNDM",
+    "DDPM",
+    "DEIS",
+    "DPM++ 2M Karras",
+    "DPM++ 2M SDE Karras",
+];
+
+#[test]
+fn every_hosted_name_is_registered_with_its_evaluation_count() {
+    let config = SchedulerConfig::from_json(&fixture()["base_config"].to_string()).unwrap();
+    let mut registered = schedulers::names();
+    registered.sort();
+    let mut hosted = HOSTED_NAMES.to_vec();
+    hosted.sort();
+    assert_eq!(registered, hosted);
+    for steps in [1, 2, 20, 35] {
+        for name in HOSTED_NAMES {
+            let s = schedulers::create(name, &config, steps).unwrap();
+            assert_eq!(s.num_inference_steps(), steps, "{name}");
+            let evaluations = match name {
+                // A second (corrector / midpoint) evaluation on every step but the last.
+                "Heun" | "DPM2 Karras" | "DPM2 a Karras" => 2 * steps - 1,
+                // skip_prk_steps: the first step is evaluated twice (when there is a second step to go to).
+                "PNDM" if steps > 1 => steps + 1,
+                _ => steps,
+            };
+            assert_eq!(s.timesteps().len(), evaluations, "{name} at {steps} steps");
+        }
+    }
+}
+
+#[test]
+fn stochastic_schedulers_follow_the_seed_and_deterministic_ones_ignore_it() {
+    let fixture = fixture();
+    let config = config(&fixture, "dreamshaper");
+    let run = |name: &str, seed: u64| {
+        let mut s = schedulers::create(name, &config, 7).unwrap();
+        let mut rng = TorchRng::new(seed);
+        let mut x = (initial_sample(&[1, 4, 4, 6]) * s.init_noise_sigma()).unwrap();
+        for (index, &t) in s.timesteps().to_vec().iter().enumerate() {
+            let input = s.scale_model_input(x.clone(), index).unwrap();
+            x = s.step(&stand_in_model(&input, t), index, &x, &mut rng).unwrap();
+        }
+        x.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
+    for name in HOSTED_NAMES {
+        let (a, b) = (run(name, 1), run(name, 2));
+        let stochastic = ["Euler a", "DPM2 a Karras", "DDPM", "DPM++ 2M SDE Karras"].contains(&name);
+        assert_eq!(a != b, stochastic, "{name}: does the result depend on the seed?");
+        assert_eq!(a, run(name, 1), "{name}: same seed, same result");
+    }
 }

@@ -13,6 +13,7 @@ mod heun;
 mod kdpm2;
 mod lms;
 mod multistep;
+mod pndm;
 pub mod schedule;
 mod unipc;
 
@@ -162,6 +163,7 @@ const REGISTRY: &[Entry] = &[
         aliases: &["KDPM2AncestralDiscreteScheduler", "dpm2_a_karras", "k_dpm_2_a_karras", "dpm2_ancestral_karras"],
         build: kdpm2::Kdpm2::ancestral_karras,
     },
+    Entry { name: "PNDM", aliases: &["PNDMScheduler", "pndm", "plms"], build: pndm::Pndm::boxed },
     Entry { name: "Euler", aliases: &["EulerDiscreteScheduler", "euler", "k_euler"], build: euler::Euler::boxed },
 ];
 
