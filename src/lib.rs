@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod conditioning;
 pub mod error;
+pub mod kernels;
 pub mod loading;
 pub mod models;
 pub mod output;

@@ -1,15 +1,28 @@
 //! Multi-head scaled dot-product attention, shared by the UNet's transformer blocks and the VAE's mid block.
 
-use candle_core::{Result, Tensor, D};
+use candle_core::{DType, Result, Tensor, D};
 use candle_nn::{linear, linear_no_bias, Linear, Module, VarBuilder};
+
+use crate::kernels;
 
 /// Upper bound on the number of attention-score elements materialised at once (per query chunk), so that large
 /// images never allocate a full batch × heads × N × N score tensor.
 const MAX_SCORE_ELEMENTS: usize = 1 << 24;
 
 /// softmax(q kᵀ · scale) v for `q`: (batch, heads, n_q, d), `k`, `v`: (batch, heads, n_kv, d).
-/// Queries are processed in chunks so the score tensor stays under [`MAX_SCORE_ELEMENTS`].
+/// On the CPU this is the fused kernel (in f32 whatever the storage dtype); elsewhere queries are processed in
+/// chunks so the score tensor stays under [`MAX_SCORE_ELEMENTS`].
 pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    if q.device().is_cpu() {
+        let dtype = q.dtype();
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        return kernels::attention::scaled_dot_product_attention(&f32(q)?, &f32(k)?, &f32(v)?, scale)?.to_dtype(dtype);
+    }
+    chunked_attention(q, k, v, scale)
+}
+
+/// The plain composition (matmul, softmax, matmul) over query chunks.
+pub fn chunked_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     let (b, h, n_q, _) = q.dims4()?;
     let n_kv = k.dim(2)?;
     let k_t = k.transpose(2, 3)?.contiguous()?;
