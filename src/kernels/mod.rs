@@ -3,7 +3,10 @@
 //! the plain candle composition in its tests.
 
 pub mod attention;
+pub mod conv;
+pub mod geglu;
 pub mod gemm;
+pub mod group_norm;
 pub mod vector;
 
 use candle_core::{CpuStorage, Layout, Result};

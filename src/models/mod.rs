@@ -5,6 +5,7 @@
 pub mod attention;
 pub mod clip;
 pub mod embeddings;
+pub mod layers;
 pub mod resnet;
 pub mod transformer;
 pub mod unet;

@@ -1,15 +1,10 @@
 //! ResNet blocks and the down/up-sampling convolutions shared by the UNet and the VAE.
 
 use candle_core::{Result, Tensor};
-use candle_nn::{conv2d, group_norm, linear, Conv2d, Conv2dConfig, GroupNorm, Linear, Module, VarBuilder};
+use candle_nn::{linear, Linear, Module, VarBuilder};
 
-pub fn conv3x3(vb: VarBuilder, c_in: usize, c_out: usize, stride: usize) -> Result<Conv2d> {
-    conv2d(c_in, c_out, 3, Conv2dConfig { padding: 1, stride, ..Default::default() }, vb)
-}
-
-pub fn conv1x1(vb: VarBuilder, c_in: usize, c_out: usize) -> Result<Conv2d> {
-    conv2d(c_in, c_out, 1, Default::default(), vb)
-}
+pub use super::layers::{conv1x1, conv3x3};
+use super::layers::{group_norm, Conv2d, GroupNorm};
 
 /// diffusers' `ResnetBlock2D` (default time-scale-shift, SiLU, output scale 1).
 #[derive(Debug, Clone)]
@@ -44,12 +39,12 @@ impl ResnetBlock2D {
 
     /// `temb` is the already-SiLU'd time embedding shared by all blocks (see [`crate::models::unet`]).
     pub fn forward(&self, x: &Tensor, temb_silu: Option<&Tensor>) -> Result<Tensor> {
-        let h = self.conv1.forward(&candle_nn::ops::silu(&self.norm1.forward(x)?)?)?;
+        let h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
         let h = match (&self.time_emb_proj, temb_silu) {
             (Some(proj), Some(t)) => h.broadcast_add(&proj.forward(t)?.unsqueeze(2)?.unsqueeze(3)?)?,
             _ => h,
         };
-        let h = self.conv2.forward(&candle_nn::ops::silu(&self.norm2.forward(&h)?)?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         match &self.conv_shortcut {
             Some(shortcut) => shortcut.forward(x)? + h,
             None => x + h,

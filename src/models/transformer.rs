@@ -1,11 +1,12 @@
 //! diffusers' `Transformer2DModel` (continuous input, linear or 1×1-conv projections) and its
 //! `BasicTransformerBlock`s: self-attention, cross-attention on the text, GEGLU feed-forward.
 
-use candle_core::{Result, Tensor, D};
-use candle_nn::{group_norm, layer_norm, linear, Conv2d, GroupNorm, LayerNorm, Linear, Module, VarBuilder};
+use candle_core::{DType, Result, Tensor, D};
+use candle_nn::{layer_norm, linear, LayerNorm, Linear, Module, VarBuilder};
 
 use super::attention::Attention;
-use super::resnet::conv1x1;
+use super::layers::{conv1x1, group_norm, Conv2d, GroupNorm};
+use crate::kernels;
 
 /// `ff.net.0` (GEGLU: a projection to twice the width, split into value and exact-GELU gate) then `ff.net.2`.
 #[derive(Debug, Clone)]
@@ -25,6 +26,9 @@ impl FeedForward {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.proj_in.forward(x)?;
+        if h.device().is_cpu() && h.dtype() == DType::F32 {
+            return self.proj_out.forward(&kernels::geglu::geglu(&h)?);
+        }
         let half = h.dim(D::Minus1)? / 2;
         let value = h.narrow(D::Minus1, 0, half)?;
         let gate = h.narrow(D::Minus1, half, half)?.gelu_erf()?;

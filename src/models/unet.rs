@@ -3,11 +3,12 @@
 //! UNet's `config.json`, so SDXL, SSD-1B, Vega and tiny test models all load.
 
 use candle_core::{DType, Device, Result, Tensor};
-use candle_nn::{group_norm, Conv2d, GroupNorm, Module, VarBuilder};
+use candle_nn::{Module, VarBuilder};
 use serde::Deserialize;
 
 use super::embeddings::{TimestepEmbedding, Timesteps};
-use super::resnet::{conv3x3, Downsample2D, ResnetBlock2D, Upsample2D};
+use super::layers::{conv3x3, group_norm, Conv2d, GroupNorm};
+use super::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
 use super::transformer::{Transformer2DModel, TransformerSpec};
 
 /// A config value given either once for all blocks or once per block.
@@ -448,7 +449,7 @@ impl UNet2DConditionModel {
                 x = up.forward(&x, size)?;
             }
         }
-        let x = candle_nn::ops::silu(&self.conv_norm_out.forward(&x)?)?;
+        let x = self.conv_norm_out.forward_silu(&x)?;
         self.conv_out.forward(&x)
     }
 }

@@ -1,11 +1,12 @@
 //! The decoder half of diffusers' `AutoencoderKL`: latents → RGB in [-1, 1].
 
 use candle_core::{Result, Tensor};
-use candle_nn::{group_norm, Conv2d, GroupNorm, Module, VarBuilder};
+use candle_nn::{Module, VarBuilder};
 use serde::Deserialize;
 
 use super::attention::Attention;
-use super::resnet::{conv1x1, conv3x3, ResnetBlock2D, Upsample2D};
+use super::layers::{conv1x1, conv3x3, group_norm, Conv2d, GroupNorm};
+use super::resnet::{ResnetBlock2D, Upsample2D};
 
 fn default_groups() -> usize {
     32
@@ -177,7 +178,7 @@ impl VaeDecoder {
                 x = up.forward(&x, None)?;
             }
         }
-        let x = candle_nn::ops::silu(&self.conv_norm_out.forward(&x)?)?;
+        let x = self.conv_norm_out.forward_silu(&x)?;
         self.conv_out.forward(&x)
     }
 

@@ -1,0 +1,141 @@
+//! 2-D convolution as one matrix product per batch item and band of output rows, written straight into the NCHW
+//! output: out (c_out × pixels) = W (c_out × c_in·kh·kw) · cols (c_in·kh·kw × pixels) + bias. A 1×1 convolution
+//! multiplies the input itself; otherwise the band's `cols` (im2col, transposed) is built in a bounded buffer, so
+//! large images never need a full-image im2col matrix.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::contiguous_f32;
+use super::gemm::{matmul, View};
+
+/// f32 elements of one band's im2col buffer (32 MiB).
+const BAND_ELEMENTS: usize = 8 << 20;
+
+#[derive(Debug, Clone, Copy)]
+pub struct ConvParams {
+    pub stride: usize,
+    pub padding: usize,
+}
+
+struct Conv2dOp(ConvParams);
+
+struct Geometry {
+    h: usize,
+    w: usize,
+    kh: usize,
+    kw: usize,
+    h_out: usize,
+    w_out: usize,
+    stride: usize,
+    padding: usize,
+}
+
+impl Geometry {
+    /// Fills `cols` ((c_in·kh·kw) × (rows·w_out)) for output rows `first_row..first_row + rows` of one image.
+    fn im2col(&self, image: &[f32], cols: &mut [f32], first_row: usize, rows: usize) {
+        let width = rows * self.w_out;
+        cols.par_chunks_mut(width).enumerate().for_each(|(r, col)| {
+            let (c, ky, kx) = (r / (self.kh * self.kw), r / self.kw % self.kh, r % self.kw);
+            let plane = &image[c * self.h * self.w..(c + 1) * self.h * self.w];
+            for (oy, out) in (first_row..first_row + rows).zip(col.chunks_mut(self.w_out)) {
+                let iy = (oy * self.stride + ky) as isize - self.padding as isize;
+                if iy < 0 || iy >= self.h as isize {
+                    out.fill(0.0);
+                    continue;
+                }
+                let row = &plane[iy as usize * self.w..(iy as usize + 1) * self.w];
+                if self.stride == 1 {
+                    // Output x maps to input x + kx − padding: one shifted copy with zero edges.
+                    let shift = kx as isize - self.padding as isize;
+                    let start = (-shift).clamp(0, self.w_out as isize) as usize;
+                    let end = (self.w as isize - shift).clamp(start as isize, self.w_out as isize) as usize;
+                    out[..start].fill(0.0);
+                    out[start..end]
+                        .copy_from_slice(&row[(start as isize + shift) as usize..(end as isize + shift) as usize]);
+                    out[end..].fill(0.0);
+                } else {
+                    for (ox, o) in out.iter_mut().enumerate() {
+                        let ix = (ox * self.stride + kx) as isize - self.padding as isize;
+                        *o = if ix >= 0 && ix < self.w as isize { row[ix as usize] } else { 0.0 };
+                    }
+                }
+            }
+        });
+    }
+}
+
+impl CustomOp3 for Conv2dOp {
+    fn name(&self) -> &'static str {
+        "dreamshaper-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        weight: &CpuStorage,
+        weight_layout: &Layout,
+        bias: &CpuStorage,
+        bias_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (batch, c_in, h, w) = x_layout.shape().dims4()?;
+        let (c_out, wc_in, kh, kw) = weight_layout.shape().dims4()?;
+        let ConvParams { stride, padding } = self.0;
+        if wc_in != c_in || bias_layout.shape().elem_count() != c_out || stride == 0 {
+            candle_core::bail!(
+                "conv2d: input {:?}, weight {:?}, bias {:?}, stride {stride} do not fit",
+                x_layout.shape(),
+                weight_layout.shape(),
+                bias_layout.shape()
+            );
+        }
+        if h + 2 * padding < kh || w + 2 * padding < kw {
+            candle_core::bail!("conv2d: a {kh}×{kw} kernel does not fit a {h}×{w} input padded by {padding}");
+        }
+        let (x, weight, bias) =
+            (contiguous_f32(x, x_layout)?, contiguous_f32(weight, weight_layout)?, contiguous_f32(bias, bias_layout)?);
+        let g = Geometry {
+            h,
+            w,
+            kh,
+            kw,
+            h_out: (h + 2 * padding - kh) / stride + 1,
+            w_out: (w + 2 * padding - kw) / stride + 1,
+            stride,
+            padding,
+        };
+        let (pixels, depth) = (g.h_out * g.w_out, c_in * kh * kw);
+        let threads = rayon::current_num_threads();
+        let mut out = vec![0f32; batch * c_out * pixels];
+        let pointwise = kh == 1 && kw == 1 && stride == 1 && padding == 0;
+        let band_rows = if pointwise { g.h_out } else { (BAND_ELEMENTS / (depth * g.w_out).max(1)).clamp(1, g.h_out) };
+        let mut cols = if pointwise { Vec::new() } else { vec![0f32; depth * band_rows * g.w_out] };
+        let w_view = View::row_major(weight, depth);
+        for (image, out) in x.chunks(c_in * h * w).zip(out.chunks_mut(c_out * pixels)) {
+            for (c, row) in out.chunks_mut(pixels).enumerate() {
+                row.fill(bias[c]);
+            }
+            let mut first_row = 0;
+            while first_row < g.h_out {
+                let rows = band_rows.min(g.h_out - first_row);
+                let width = rows * g.w_out;
+                let columns = if pointwise {
+                    View::row_major(image, pixels)
+                } else {
+                    g.im2col(image, &mut cols[..depth * width], first_row, rows);
+                    View::row_major(&cols[..depth * width], width)
+                };
+                let dst = &mut out[first_row * g.w_out..];
+                matmul(dst, pixels, w_view, columns, (c_out, width, depth), true, threads);
+                first_row += rows;
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((batch, c_out, g.h_out, g.w_out))))
+    }
+}
+
+/// conv2d of an f32 CPU tensor (batch, c_in, h, w) with `weight` (c_out, c_in, kh, kw) and `bias` (c_out).
+pub fn conv2d(x: &Tensor, weight: &Tensor, bias: &Tensor, params: ConvParams) -> Result<Tensor> {
+    x.contiguous()?.apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &Conv2dOp(params))
+}

@@ -1,0 +1,83 @@
+//! The fused CPU kernels against candle's own op compositions (and f64 references) on random inputs of the
+//! shapes SDXL uses, including odd sizes, strides and the band splitting of large convolutions.
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::Conv2dConfig;
+use dreamshaper::kernels::conv::{conv2d, ConvParams};
+use dreamshaper::kernels::{geglu::geglu, group_norm::group_norm};
+
+fn max_relative(a: &Tensor, b: &Tensor) -> f64 {
+    let (a, b) = (a.to_dtype(DType::F64).unwrap(), b.to_dtype(DType::F64).unwrap());
+    assert_eq!(a.dims(), b.dims());
+    let diff = (&a - &b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+    diff / b.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap()
+}
+
+fn randn(shape: &[usize]) -> Tensor {
+    Tensor::randn(0f32, 1., shape, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn convolution_matches_candle_in_f64() {
+    // (batch, c_in, c_out, h, w, kernel, stride, padding)
+    let cases = [
+        (2, 4, 8, 9, 7, 3, 1, 1),
+        (2, 16, 16, 33, 17, 3, 2, 1),
+        (1, 8, 4, 5, 5, 1, 1, 0),
+        (2, 3, 5, 12, 10, 3, 1, 0),
+        (1, 2, 3, 6, 6, 3, 2, 0),
+        // More than one band of output rows: depth 8·9 = 72, width 1500 → ~77 rows per band of 8 Mi elements.
+        (1, 8, 2, 200, 1500, 3, 1, 1),
+    ];
+    for (b, c_in, c_out, h, w, k, stride, padding) in cases {
+        let x = randn(&[b, c_in, h, w]);
+        let weight = randn(&[c_out, c_in, k, k]);
+        let bias = randn(&[c_out]);
+        let ours = conv2d(&x, &weight, &bias, ConvParams { stride, padding }).unwrap();
+        let f64 = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+        let config = Conv2dConfig { padding, stride, ..Default::default() };
+        let reference = candle_nn::Conv2d::new(f64(&weight), Some(f64(&bias)), config).forward(&f64(&x)).unwrap();
+        let err = max_relative(&ours, &reference);
+        assert!(err < 1e-6, "{:?}: relative error {err:e}", (b, c_in, c_out, h, w, k, stride, padding));
+    }
+    // A kernel larger than the padded input is an error, not a panic.
+    let e = conv2d(&randn(&[1, 1, 1, 1]), &randn(&[1, 1, 3, 3]), &randn(&[1]), ConvParams { stride: 1, padding: 0 });
+    assert!(e.unwrap_err().to_string().contains("does not fit"));
+}
+
+#[test]
+fn group_norm_with_and_without_silu_matches_candle() {
+    for (b, c, h, w, groups) in [(2, 64, 9, 7, 32), (1, 32, 16, 16, 32), (2, 12, 5, 3, 4)] {
+        // Shifted inputs: a mean far from 0 tests the variance's two-pass accumulation.
+        let x = randn(&[b, c, h, w]).affine(3.0, 20.0).unwrap();
+        let gamma = randn(&[c]);
+        let beta = randn(&[c]);
+        let reference = candle_nn::GroupNorm::new(gamma.clone(), beta.clone(), c, groups, 1e-5).unwrap();
+        let f64 = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+        let exact =
+            candle_nn::GroupNorm::new(f64(&gamma), f64(&beta), c, groups, 1e-5).unwrap().forward(&f64(&x)).unwrap();
+        let ours = group_norm(&x, &gamma, &beta, groups, 1e-5, false).unwrap();
+        assert!(max_relative(&ours, &exact) < 1e-6, "{:?}", (b, c, h, w, groups));
+        let ours = group_norm(&x, &gamma, &beta, groups, 1e-5, true).unwrap();
+        let expected = candle_nn::ops::silu(&reference.forward(&x).unwrap()).unwrap();
+        assert!(max_relative(&ours, &expected) < 2e-6, "silu {:?}", (b, c, h, w, groups));
+    }
+    let e = group_norm(&randn(&[1, 6, 2, 2]), &randn(&[6]), &randn(&[6]), 4, 1e-5, false).unwrap_err();
+    assert!(e.to_string().contains("groups"), "{e}");
+}
+
+#[test]
+fn geglu_matches_value_times_exact_gelu() {
+    for shape in [[2usize, 77, 40], [1, 4096, 2560], [3, 5, 2]] {
+        let x = (randn(&shape) * 4.0).unwrap();
+        let half = shape[2] / 2;
+        let f64 = x.to_dtype(DType::F64).unwrap();
+        let exact = (f64.narrow(D::Minus1, 0, half).unwrap()
+            * f64.narrow(D::Minus1, half, half).unwrap().gelu_erf().unwrap())
+        .unwrap();
+        let ours = geglu(&x).unwrap();
+        // erf to 1.5e-7 absolute (PyTorch's own vectorised formula), relative to the largest output.
+        assert!(max_relative(&ours, &exact) < 2e-6, "{shape:?}");
+    }
+    assert!(geglu(&randn(&[2, 3])).unwrap_err().to_string().contains("even"));
+}
