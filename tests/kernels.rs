@@ -81,3 +81,27 @@ fn geglu_matches_value_times_exact_gelu() {
     }
     assert!(geglu(&randn(&[2, 3])).unwrap_err().to_string().contains("even"));
 }
+
+#[test]
+fn linear_over_all_leading_dimensions_matches_candle() {
+    use dreamshaper::kernels::linear::linear;
+    let f64 = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+    for (shape, n) in [(vec![2usize, 77, 48], 40usize), (vec![3, 5], 7), (vec![2, 2, 9, 16], 33), (vec![0, 8], 4)] {
+        let k = *shape.last().unwrap();
+        let x = randn(&shape);
+        let (weight, bias) = (randn(&[n, k]), randn(&[n]));
+        let exact = candle_nn::Linear::new(f64(&weight), Some(f64(&bias))).forward(&f64(&x)).unwrap();
+        let ours = linear(&x, &weight, Some(&bias)).unwrap();
+        if exact.elem_count() > 0 {
+            assert!(max_relative(&ours, &exact) < 1e-6, "{shape:?} → {n}");
+        }
+        assert_eq!(ours.dims(), exact.dims());
+        let exact = candle_nn::Linear::new(f64(&weight), None).forward(&f64(&x)).unwrap();
+        let ours = linear(&x, &weight, None).unwrap();
+        if exact.elem_count() > 0 {
+            assert!(max_relative(&ours, &exact) < 1e-6, "no bias {shape:?} → {n}");
+        }
+    }
+    let e = linear(&randn(&[2, 5]), &randn(&[3, 4]), None).unwrap_err();
+    assert!(e.to_string().contains("4 inputs"), "{e}");
+}

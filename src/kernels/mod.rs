@@ -7,6 +7,7 @@ pub mod conv;
 pub mod geglu;
 pub mod gemm;
 pub mod group_norm;
+pub mod linear;
 pub mod vector;
 
 use candle_core::{CpuStorage, Layout, Result};

@@ -1,7 +1,9 @@
 //! Multi-head scaled dot-product attention, shared by the UNet's transformer blocks and the VAE's mid block.
 
 use candle_core::{DType, Result, Tensor, D};
-use candle_nn::{linear, linear_no_bias, Linear, Module, VarBuilder};
+use candle_nn::{Module, VarBuilder};
+
+use super::layers::{linear, linear_no_bias, Linear};
 
 use crate::kernels;
 

@@ -1,7 +1,9 @@
 //! Sinusoidal timestep features and the MLP that embeds them (diffusers' `Timesteps` / `TimestepEmbedding`).
 
 use candle_core::{DType, Device, Result, Tensor};
-use candle_nn::{linear, Linear, Module, VarBuilder};
+use candle_nn::{Module, VarBuilder};
+
+use super::layers::{linear, Linear};
 
 /// diffusers' `get_timestep_embedding`, always computed in f32 (as diffusers does, whatever the run dtype):
 /// `exp(-ln(10000) · i / (half - shift))` frequencies, `[sin, cos]` (or `[cos, sin]` with `flip_sin_to_cos`).

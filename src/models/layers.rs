@@ -89,3 +89,27 @@ impl Module for GroupNorm {
         }
     }
 }
+
+/// `nn.Linear`: one matrix product over all leading dimensions on the CPU.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    inner: candle_nn::Linear,
+}
+
+pub fn linear(c_in: usize, c_out: usize, vb: VarBuilder) -> Result<Linear> {
+    Ok(Linear { inner: candle_nn::linear(c_in, c_out, vb)? })
+}
+
+pub fn linear_no_bias(c_in: usize, c_out: usize, vb: VarBuilder) -> Result<Linear> {
+    Ok(Linear { inner: candle_nn::linear_no_bias(c_in, c_out, vb)? })
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if fused(x) && self.inner.weight().dtype() == DType::F32 {
+            kernels::linear::linear(x, self.inner.weight(), self.inner.bias())
+        } else {
+            self.inner.forward(x)
+        }
+    }
+}

@@ -1,10 +1,10 @@
 //! ResNet blocks and the down/up-sampling convolutions shared by the UNet and the VAE.
 
 use candle_core::{Result, Tensor};
-use candle_nn::{linear, Linear, Module, VarBuilder};
+use candle_nn::{Module, VarBuilder};
 
 pub use super::layers::{conv1x1, conv3x3};
-use super::layers::{group_norm, Conv2d, GroupNorm};
+use super::layers::{group_norm, linear, Conv2d, GroupNorm, Linear};
 
 /// diffusers' `ResnetBlock2D` (default time-scale-shift, SiLU, output scale 1).
 #[derive(Debug, Clone)]
