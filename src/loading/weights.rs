@@ -71,6 +71,9 @@ impl Weights {
         let tensor = view
             .load(device)
             .map_err(|e| candle_core::Error::Msg(format!("{}: tensor `{name}`: {}", path.display(), root_cause(&e))))?;
+        // The tensor now owns a copy: drop the mapped pages from this process (they stay in the page cache), so
+        // that loading a 10 GB UNet does not count its file a second time in resident memory.
+        release_mapped_pages(view.data());
         tensor.to_dtype(dtype)
     }
 
@@ -112,6 +115,24 @@ impl SimpleBackend for Weights {
         self.contains(name)
     }
 }
+
+/// Tells the kernel this process no longer needs the whole pages of `data`, a slice of a read-only file mapping.
+/// Later reads (if any) fault the pages back in from the file, so this never changes what is read.
+#[cfg(unix)]
+fn release_mapped_pages(data: &[u8]) {
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as usize;
+    let (start, end) = (data.as_ptr() as usize, data.as_ptr() as usize + data.len());
+    let (first, last) = (start.div_ceil(page) * page, end / page * page);
+    if last > first {
+        // SAFETY: [first, last) lies inside the mapping `data` belongs to, which is mapped read-only and private:
+        // MADV_DONTNEED only drops our page-table entries for file-backed pages, the file is untouched.
+        unsafe { libc::madvise(first as *mut libc::c_void, last - first, libc::MADV_DONTNEED) };
+    }
+}
+
+#[cfg(not(unix))]
+fn release_mapped_pages(_data: &[u8]) {}
 
 /// candle errors wrap their cause with backtraces and paths; keep only the message people need.
 fn root_cause(e: &candle_core::Error) -> String {
