@@ -13,6 +13,9 @@ use crate::{Error, Result};
 /// The tensors of one model component, spread over one or more safetensors files.
 pub struct Weights {
     files: Vec<(PathBuf, MmapedSafetensors)>,
+    /// Per file: the open file and where each tensor's bytes start in it, for reading tensors straight into their
+    /// own memory (see [`read_direct`]).
+    direct: Vec<Option<DirectFile>>,
     /// tensor name → index into `files`.
     routing: HashMap<String, usize>,
 }
@@ -22,6 +25,7 @@ impl Weights {
     pub fn open(paths: &[PathBuf]) -> Result<Self> {
         let mut files = Vec::with_capacity(paths.len());
         let mut routing = HashMap::new();
+        let mut direct = Vec::with_capacity(paths.len());
         for (index, path) in paths.iter().enumerate() {
             if !path.is_file() {
                 return Err(Error::NotFound(format!("weights file {} does not exist", path.display())));
@@ -35,8 +39,9 @@ impl Weights {
                 routing.insert(name, index);
             }
             files.push((path.clone(), st));
+            direct.push(DirectFile::open(path));
         }
-        Ok(Weights { files, routing })
+        Ok(Weights { files, direct, routing })
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -64,6 +69,11 @@ impl Weights {
         let Some(&index) = self.routing.get(name) else {
             return Err(candle_core::Error::Msg(format!("{}: missing tensor `{name}`", self.describe())));
         };
+        if let Some(file) = &self.direct[index] {
+            if let Some(tensor) = file.read(name, device)? {
+                return tensor.to_dtype(dtype);
+            }
+        }
         let (path, st) = &self.files[index];
         let view = st
             .get(name)
@@ -115,6 +125,120 @@ impl SimpleBackend for Weights {
         self.contains(name)
     }
 }
+
+/// A safetensors file read with positioned reads (no mapping): each tensor is read once, in parallel chunks, straight
+/// into the buffer the tensor then owns (asked to be backed by huge pages), so loading costs one copy from the page
+/// cache and resident memory holds each weight once.
+struct DirectFile {
+    file: std::fs::File,
+    /// name → (dtype, shape, absolute byte range in the file).
+    tensors: HashMap<String, (String, Vec<usize>, u64, u64)>,
+}
+
+impl DirectFile {
+    /// `None` when the header cannot be read here (the mapped path then reports the problem).
+    fn open(path: &Path) -> Option<Self> {
+        use std::io::Read;
+        if cfg!(target_endian = "big") {
+            return None;
+        }
+        let mut file = std::fs::File::open(path).ok()?;
+        let mut len = [0u8; 8];
+        file.read_exact(&mut len).ok()?;
+        let len = u64::from_le_bytes(len);
+        let mut header = vec![0u8; usize::try_from(len).ok()?];
+        file.read_exact(&mut header).ok()?;
+        let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header).ok()?;
+        let data_start = 8 + len;
+        let mut tensors = HashMap::new();
+        for (name, info) in header {
+            if name == "__metadata__" {
+                continue;
+            }
+            let dtype = info.get("dtype")?.as_str()?.to_string();
+            let shape =
+                info.get("shape")?.as_array()?.iter().map(|d| d.as_u64().map(|d| d as usize)).collect::<Option<_>>()?;
+            let offsets = info.get("data_offsets")?.as_array()?;
+            let (start, end) = (offsets.first()?.as_u64()?, offsets.get(1)?.as_u64()?);
+            tensors.insert(name, (dtype, shape, data_start + start, data_start + end));
+        }
+        Some(Self { file, tensors })
+    }
+
+    /// The tensor as stored (f32, f16 or bf16 on the CPU); `None` for anything else (the mapped path handles it).
+    fn read(&self, name: &str, device: &Device) -> candle_core::Result<Option<Tensor>> {
+        let Some((dtype, shape, start, end)) = self.tensors.get(name) else { return Ok(None) };
+        if !device.is_cpu() {
+            return Ok(None);
+        }
+        let count: usize = shape.iter().product();
+        let tensor = match dtype.as_str() {
+            "F32" => Tensor::from_vec(self.read_elements::<f32>(count, *start, *end)?, shape.as_slice(), device)?,
+            "F16" => Tensor::from_vec(self.read_elements::<half::f16>(count, *start, *end)?, shape.as_slice(), device)?,
+            "BF16" => {
+                Tensor::from_vec(self.read_elements::<half::bf16>(count, *start, *end)?, shape.as_slice(), device)?
+            }
+            _ => return Ok(None),
+        };
+        Ok(Some(tensor))
+    }
+
+    fn read_elements<T: bytemuck::Pod + bytemuck::Zeroable>(
+        &self,
+        count: usize,
+        start: u64,
+        end: u64,
+    ) -> candle_core::Result<Vec<T>> {
+        use rayon::prelude::*;
+        const CHUNK: usize = 8 << 20;
+        let bytes = count * std::mem::size_of::<T>();
+        if end.checked_sub(start) != Some(bytes as u64) {
+            candle_core::bail!("tensor data of {} bytes for {count} elements", end.saturating_sub(start));
+        }
+        let mut data = vec![T::zeroed(); count];
+        let buffer: &mut [u8] = bytemuck::cast_slice_mut(&mut data);
+        advise_huge_pages(buffer);
+        buffer
+            .par_chunks_mut(CHUNK)
+            .enumerate()
+            .try_for_each(|(i, chunk)| read_at(&self.file, chunk, start + (i * CHUNK) as u64))?;
+        Ok(data)
+    }
+}
+
+#[cfg(unix)]
+fn read_at(file: &std::fs::File, buffer: &mut [u8], offset: u64) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::read_exact_at(file, buffer, offset)
+}
+
+#[cfg(windows)]
+fn read_at(file: &std::fs::File, mut buffer: &mut [u8], mut offset: u64) -> std::io::Result<()> {
+    while !buffer.is_empty() {
+        match std::os::windows::fs::FileExt::seek_read(file, buffer, offset)? {
+            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            n => {
+                buffer = &mut buffer[n..];
+                offset += n as u64;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Asks for transparent huge pages under a large weight buffer (fewer page faults while it is filled).
+#[cfg(target_os = "linux")]
+fn advise_huge_pages(buffer: &mut [u8]) {
+    const HUGE: usize = 2 << 20;
+    let (start, end) = (buffer.as_ptr() as usize, buffer.as_ptr() as usize + buffer.len());
+    let (first, last) = (start.div_ceil(HUGE) * HUGE, end / HUGE * HUGE);
+    if last > first {
+        // SAFETY: [first, last) lies inside `buffer`, memory we own; MADV_HUGEPAGE only changes how it is backed.
+        unsafe { libc::madvise(first as *mut libc::c_void, last - first, libc::MADV_HUGEPAGE) };
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn advise_huge_pages(_buffer: &mut [u8]) {}
 
 /// Tells the kernel this process no longer needs the whole pages of `data`, a slice of a read-only file mapping.
 /// Later reads (if any) fault the pages back in from the file, so this never changes what is read.

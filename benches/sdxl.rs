@@ -1,0 +1,228 @@
+//! Benchmarks of the engine's parts on a full-size SDXL model (random weights made by `benches/make_full_model.py`).
+//!
+//! `cargo bench --bench sdxl -- --case CASE [--model DIR] [--size PX] [--iters N] [--warmup N] [--dtype f32|f16]`
+//!
+//! Cases (each is meant to run in its own process, so that the peak resident memory printed is the case's own):
+//! - `unet-cfg`: one classifier-free-guidance UNet call (batch 2) on a `size`² image's latents;
+//! - `text-encoders`: CLIP-L + bigG on a prompt and a negative prompt (encoders loaded once, excluded);
+//! - `vae-decode`: decoding one `size`² image's latents;
+//! - `scheduler-step`: the scheduler update alone on `size`² latents, for several schedulers (no model);
+//! - `startup`: `Pipeline::load` + a 1-step generation, reporting the time from process start to the first
+//!   denoising step (text encoders loaded, run and freed, UNet loaded).
+//!
+//! Prints one JSON object per line: case, settings, min / median / mean seconds, peak resident memory (GB).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+use dreamshaper::models::unet::AddedConditioning;
+use dreamshaper::rng::TorchRng;
+use dreamshaper::sampling::{Control, Progress};
+use dreamshaper::schedulers::{self, SchedulerConfig};
+use dreamshaper::{GenerateRequest, Pipeline, PipelineOptions, Residency};
+use serde_json::json;
+
+struct Args {
+    case: String,
+    model: PathBuf,
+    size: usize,
+    iters: usize,
+    warmup: usize,
+    dtype: DType,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let default_model = std::env::var_os("HOME")
+        .map(|h| PathBuf::from(h).join(".cache/dreamshaper/bench/sdxl-random-f32"))
+        .unwrap_or_default();
+    let mut args =
+        Args { case: String::new(), model: default_model, size: 512, iters: 3, warmup: 1, dtype: DType::F32 };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().ok_or(format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--case" => args.case = value()?,
+            "--model" => args.model = PathBuf::from(value()?),
+            "--size" => args.size = value()?.parse().map_err(|e| format!("--size: {e}"))?,
+            "--iters" => args.iters = value()?.parse().map_err(|e| format!("--iters: {e}"))?,
+            "--warmup" => args.warmup = value()?.parse().map_err(|e| format!("--warmup: {e}"))?,
+            "--dtype" => {
+                args.dtype = match value()?.as_str() {
+                    "f32" => DType::F32,
+                    "f16" => DType::F16,
+                    "bf16" => DType::BF16,
+                    other => return Err(format!("--dtype {other}: use f32, f16 or bf16")),
+                }
+            }
+            // cargo bench passes --bench to harness-less benches.
+            "--bench" => {}
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    if args.case.is_empty() {
+        return Err("--case is required (unet-cfg, text-encoders, vae-decode, scheduler-step, startup)".into());
+    }
+    if args.size == 0 || !args.size.is_multiple_of(8) {
+        return Err(format!("--size {}: a positive multiple of 8", args.size));
+    }
+    Ok(args)
+}
+
+/// The process's peak resident memory (VmHWM) in GB.
+fn peak_rss_gb() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .unwrap_or(f64::NAN);
+    kb / 1e6
+}
+
+fn time(warmup: usize, iters: usize, mut f: impl FnMut()) -> Vec<f64> {
+    for _ in 0..warmup {
+        f();
+    }
+    (0..iters)
+        .map(|_| {
+            let started = Instant::now();
+            f();
+            started.elapsed().as_secs_f64()
+        })
+        .collect()
+}
+
+fn report(case: &str, args: &Args, mut seconds: Vec<f64>, extra: serde_json::Value) {
+    seconds.sort_by(f64::total_cmp);
+    let mean = seconds.iter().sum::<f64>() / seconds.len().max(1) as f64;
+    let line = json!({
+        "case": case,
+        "size": args.size,
+        "dtype": format!("{:?}", args.dtype).to_lowercase(),
+        "iters": seconds.len(),
+        "min_s": seconds.first(),
+        "median_s": seconds.get(seconds.len() / 2),
+        "mean_s": mean,
+        "peak_rss_gb": peak_rss_gb(),
+        "threads": rayon::current_num_threads(),
+        "extra": extra,
+    });
+    println!("{line}");
+}
+
+fn options(args: &Args) -> PipelineOptions {
+    PipelineOptions { dtype: args.dtype, ..Default::default() }
+}
+
+fn run(args: &Args, process_start: Instant) -> Result<(), Box<dyn std::error::Error>> {
+    if !args.model.join("model_index.json").is_file() {
+        return Err(format!(
+            "no model at {}: create it with `python benches/make_full_model.py` (see BENCHMARKS.md)",
+            args.model.display()
+        )
+        .into());
+    }
+    let model = args.model.to_string_lossy().to_string();
+    let device = Device::Cpu;
+    match args.case.as_str() {
+        "unet-cfg" => {
+            let pipeline = Pipeline::load(&model, options(args))?;
+            let load = Instant::now();
+            let unet = pipeline.load_unet()?;
+            let load_s = load.elapsed().as_secs_f64();
+            let latent = args.size / 8;
+            let sample = Tensor::randn(0f32, 1., (2, 4, latent, latent), &device)?.to_dtype(args.dtype)?;
+            let context = Tensor::randn(0f32, 1., (2, 77, 2048), &device)?.to_dtype(args.dtype)?;
+            let s = args.size as f32;
+            let added = AddedConditioning {
+                text_embeds: Tensor::randn(0f32, 1., (2, 1280), &device)?,
+                time_ids: Tensor::new(&[[s, s, 0., 0., s, s]; 2], &device)?,
+            };
+            let seconds = time(args.warmup, args.iters, || {
+                unet.forward(&sample, 500.0, &context, &added).expect("UNet call");
+            });
+            report("unet-cfg", args, seconds, json!({ "unet_load_s": load_s }));
+        }
+        "text-encoders" => {
+            let options = PipelineOptions { residency: Residency::Resident, ..options(args) };
+            let pipeline = Pipeline::load(&model, options)?;
+            let request = GenerateRequest {
+                negative_prompt: "blurry, low quality".into(),
+                ..GenerateRequest::new("a photo of an astronaut riding a horse on mars, highly detailed, 8k")
+            };
+            let seconds = time(args.warmup, args.iters, || {
+                pipeline.condition(&request, &mut |_| Control::Continue).expect("conditioning");
+            });
+            report("text-encoders", args, seconds, json!({}));
+        }
+        "vae-decode" => {
+            let pipeline = Pipeline::load(&model, options(args))?;
+            let vae = pipeline.load_vae()?;
+            let latent = args.size / 8;
+            let z = Tensor::randn(0f32, 1., (1, 4, latent, latent), &device)?.to_dtype(pipeline.vae_dtype())?;
+            let seconds = time(args.warmup, args.iters, || {
+                vae.decode_latents(&z).expect("VAE decode");
+            });
+            report("vae-decode", args, seconds, json!({}));
+        }
+        "scheduler-step" => {
+            let config = SchedulerConfig::from_file(&args.model.join("scheduler/scheduler_config.json"))?;
+            let latent = args.size / 8;
+            for name in ["Euler", "Euler a", "DPM++ 2M Karras", "UniPC", "DPM2 a Karras"] {
+                let mut per_step = Vec::new();
+                for _ in 0..args.iters.max(1) {
+                    let mut scheduler = schedulers::create(name, &config, 20)?;
+                    let mut rng = TorchRng::new(0);
+                    let mut x = Tensor::randn(0f32, 1., (1, 4, latent, latent), &device)?;
+                    let out = Tensor::randn(0f32, 1., (1, 4, latent, latent), &device)?;
+                    let timesteps = scheduler.timesteps().to_vec();
+                    let started = Instant::now();
+                    for index in 0..timesteps.len() {
+                        let input = scheduler.scale_model_input(x.clone(), index)?;
+                        drop(input);
+                        x = scheduler.step(&out, index, &x, &mut rng)?;
+                    }
+                    per_step.push(started.elapsed().as_secs_f64() / timesteps.len() as f64);
+                }
+                report("scheduler-step", args, per_step, json!({ "scheduler": name, "steps": 20 }));
+            }
+        }
+        "startup" => {
+            let pipeline = Pipeline::load(&model, options(args))?;
+            let request = GenerateRequest {
+                num_inference_steps: 1,
+                img_width: args.size as u32,
+                img_height: args.size as u32,
+                ..GenerateRequest::new("a photo of a cat")
+            };
+            let mut stages: Vec<(String, f64)> = Vec::new();
+            let mut first_step: Option<Duration> = None;
+            pipeline.generate(&request, &mut |p: &Progress| {
+                match p {
+                    Progress::Stage(name) => {
+                        stages.push((name.to_string(), process_start.elapsed().as_secs_f64()));
+                        if *name == "denoising" && first_step.is_none() {
+                            first_step = Some(process_start.elapsed());
+                        }
+                    }
+                    Progress::Step { .. } => {}
+                }
+                Control::Continue
+            })?;
+            let to_first_step = first_step.map(|d| d.as_secs_f64()).unwrap_or(f64::NAN);
+            report("startup", args, vec![to_first_step], json!({ "stages_s_since_start": stages }));
+        }
+        other => return Err(format!("unknown case {other}").into()),
+    }
+    Ok(())
+}
+
+fn main() {
+    let process_start = Instant::now();
+    let result = parse_args().map_err(|e| e.into()).and_then(|args| run(&args, process_start));
+    if let Err(e) = result {
+        eprintln!("bench sdxl: {e}");
+        std::process::exit(2);
+    }
+}
