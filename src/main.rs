@@ -11,7 +11,9 @@ use dreamshaper::bench::{self, BenchEvent, BenchOptions};
 use dreamshaper::loading::DEFAULT_MODEL;
 use dreamshaper::output::{a1111_parameters, output_paths, save_png};
 use dreamshaper::server::{self, ApiKeys, Ranges, Server, ServerConfig};
-use dreamshaper::{Control, Emphasis, GenerateRequest, Pipeline, PipelineOptions, Progress, PromptSyntax, Residency};
+use dreamshaper::{
+    Control, Emphasis, GenerateRequest, Pipeline, PipelineOptions, Progress, PromptSyntax, Residency, VaeTiling,
+};
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Parser)]
@@ -78,6 +80,23 @@ struct ModelArgs {
     /// Default: f32 on CPU, f16 on GPUs.
     #[arg(long, value_enum)]
     dtype: Option<DtypeArg>,
+    /// Decode with the VAE in overlapping tiles whatever the image size (by default only images larger than the
+    /// VAE's `sample_size`, 1024 px for SDXL, are decoded in tiles, which bounds the decoder's memory).
+    #[arg(long, conflicts_with = "no_vae_tiling")]
+    vae_tiling: bool,
+    /// Never decode in tiles (the whole image at once, however large).
+    #[arg(long)]
+    no_vae_tiling: bool,
+}
+
+impl ModelArgs {
+    fn vae_tiling(&self) -> VaeTiling {
+        match (self.vae_tiling, self.no_vae_tiling) {
+            (true, _) => VaeTiling::Always,
+            (_, true) => VaeTiling::Never,
+            _ => VaeTiling::Auto,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -294,6 +313,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
             vae: args.model.vae.clone(),
             config: args.model.config.clone(),
             residency: Residency::Sequential,
+            vae_tiling: args.model.vae_tiling(),
         },
     )?;
     pipeline.validate(&request)?;
@@ -363,7 +383,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         handle_signals: true,
     };
     let (model, vae, model_config) = (args.model.model.clone(), args.model.vae.clone(), args.model.config.clone());
-    let options = PipelineOptions { device, dtype, vae, config: model_config, residency: Residency::Resident };
+    let vae_tiling = args.model.vae_tiling();
+    let options =
+        PipelineOptions { device, dtype, vae, config: model_config, residency: Residency::Resident, vae_tiling };
     let load = move || Pipeline::load(&model, options);
     Ok(Server::start(config, load)?.wait()?)
 }
@@ -397,6 +419,7 @@ fn bench_schedulers(args: BenchArgs) -> anyhow::Result<()> {
         vae: args.model.vae.clone(),
         config: args.model.config.clone(),
         residency,
+        vae_tiling: args.model.vae_tiling(),
     };
     // Check the plan against the model's configs (cheap) before loading its weights.
     bench::prepare(&Pipeline::load(&args.model.model, pipeline_options(Residency::Sequential))?, &options)?;

@@ -9,6 +9,8 @@ use crate::loading::{Component, ModelConfigs, ModelSource};
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
 use crate::models::unet::UNet2DConditionModel;
 use crate::models::vae::VaeDecoder;
+pub use crate::models::vae_tiling::VaeTiling;
+use crate::models::vae_tiling::{tiled_decode, TileSize};
 use crate::rng::TorchRng;
 use crate::sampling::{self, Control, Progress, ProgressFn};
 use crate::schedulers;
@@ -38,11 +40,20 @@ pub struct PipelineOptions {
     /// For a single-file checkpoint: a diffusers folder or hub id whose config files (not weights) describe it.
     pub config: Option<String>,
     pub residency: Residency,
+    /// Whether the VAE decodes in tiles (by default when the image is larger than the VAE's `sample_size`).
+    pub vae_tiling: VaeTiling,
 }
 
 impl Default for PipelineOptions {
     fn default() -> Self {
-        Self { device: Device::Cpu, dtype: DType::F32, vae: None, config: None, residency: Residency::Sequential }
+        Self {
+            device: Device::Cpu,
+            dtype: DType::F32,
+            vae: None,
+            config: None,
+            residency: Residency::Sequential,
+            vae_tiling: VaeTiling::Auto,
+        }
     }
 }
 
@@ -70,6 +81,7 @@ pub struct Pipeline {
     pub configs: ModelConfigs,
     device: Device,
     dtype: DType,
+    vae_tiling: VaeTiling,
     resident: Resident,
 }
 
@@ -85,8 +97,14 @@ impl Pipeline {
         }
         let source = ModelSource::open(model, options.config.as_deref(), options.vae.as_deref())?;
         let configs = source.configs()?;
-        let mut pipeline =
-            Self { source, configs, device: options.device, dtype: options.dtype, resident: Resident::default() };
+        let mut pipeline = Self {
+            source,
+            configs,
+            device: options.device,
+            dtype: options.dtype,
+            vae_tiling: options.vae_tiling,
+            resident: Resident::default(),
+        };
         if options.residency == Residency::Resident {
             pipeline.resident = Resident {
                 text: Some(pipeline.load_text_encoders()?),
@@ -226,9 +244,16 @@ impl Pipeline {
         let vae = component(&self.resident.vae, &mut slot, progress, "loading vae", || self.load_vae())?;
         stage(progress, "decoding")?;
         let mut images = Vec::with_capacity(latents.dim(0)?);
+        let tiles = TileSize::from_vae(vae)?;
         for i in 0..latents.dim(0)? {
             let z = latents.narrow(0, i, 1)?.to_dtype(self.vae_dtype())?;
-            images.push(to_image(&vae.decode_latents(&z)?)?);
+            let (_, _, h, w) = z.dims4()?;
+            let decoded = if tiles.applies(self.vae_tiling, h, w) {
+                tiled_decode(vae, &vae.scale_latents(&z)?, tiles, &mut |_, _| {})?
+            } else {
+                vae.decode_latents(&z)?
+            };
+            images.push(to_image(&decoded)?);
         }
         Ok(images)
     }

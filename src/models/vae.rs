@@ -52,6 +52,13 @@ pub struct VaeConfig {
     pub use_post_quant_conv: bool,
     #[serde(default = "default_true")]
     pub mid_block_add_attention: bool,
+    /// The image size the VAE was trained on: the decoded tile size of tiled decoding.
+    #[serde(default = "default_sample_size")]
+    pub sample_size: usize,
+}
+
+fn default_sample_size() -> usize {
+    1024
 }
 
 impl VaeConfig {
@@ -185,6 +192,12 @@ impl VaeDecoder {
     /// From the denoised latents, as the SDXL pipeline does: `latents / scaling_factor`, or with
     /// `latents_mean`/`latents_std` in the config `latents · std / scaling_factor + mean`; then decode.
     pub fn decode_latents(&self, latents: &Tensor) -> Result<Tensor> {
+        self.decode(&self.scale_latents(latents)?)
+    }
+
+    /// What [`Self::decode`] takes, from denoised latents: `latents / scaling_factor`, or with `latents_mean` /
+    /// `latents_std` in the config `latents · std / scaling_factor + mean`.
+    pub fn scale_latents(&self, latents: &Tensor) -> Result<Tensor> {
         let cfg = &self.config;
         let z = match (&cfg.latents_mean, &cfg.latents_std) {
             (Some(mean), Some(std)) => {
@@ -196,6 +209,6 @@ impl VaeDecoder {
             }
             _ => (latents / cfg.scaling_factor)?,
         };
-        self.decode(&z)
+        Ok(z)
     }
 }
