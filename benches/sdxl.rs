@@ -1,12 +1,13 @@
 //! Benchmarks of the engine's parts on a full-size SDXL model (random weights made by `benches/make_full_model.py`).
 //!
-//! `cargo bench --bench sdxl -- --case CASE [--model DIR] [--size PX] [--iters N] [--warmup N] [--dtype f32|f16]`
+//! `cargo bench --bench sdxl -- --case CASE [--model DIR] [--size PX] [--iters N] [--warmup N] [--dtype f32|f16|bf16]`
 //!
 //! Cases (each is meant to run in its own process, so that the peak resident memory printed is the case's own):
 //! - `unet-cfg`: one classifier-free-guidance UNet call (batch 2) on a `size`² image's latents;
 //! - `text-encoders`: CLIP-L + bigG on a prompt and a negative prompt (encoders loaded once, excluded);
 //! - `vae-decode`: decoding one `size`² image's latents;
 //! - `scheduler-step`: the scheduler update alone on `size`² latents, for several schedulers (no model);
+//! - `gemm`: f32 against bf16 matrix products on the UNet's shapes (no model needed);
 //! - `startup`: `Pipeline::load` + a 1-step generation, reporting the time from process start to the first
 //!   denoising step (text encoders loaded, run and freed, UNet loaded).
 //!
@@ -61,7 +62,7 @@ fn parse_args() -> Result<Args, String> {
         }
     }
     if args.case.is_empty() {
-        return Err("--case is required (unet-cfg, text-encoders, vae-decode, scheduler-step, startup)".into());
+        return Err("--case is required (unet-cfg, text-encoders, vae-decode, scheduler-step, startup, gemm)".into());
     }
     if args.size == 0 || !args.size.is_multiple_of(8) {
         return Err(format!("--size {}: a positive multiple of 8", args.size));
@@ -116,6 +117,10 @@ fn options(args: &Args) -> PipelineOptions {
 }
 
 fn run(args: &Args, process_start: Instant) -> Result<(), Box<dyn std::error::Error>> {
+    if args.case == "gemm" {
+        gemm_shapes(args);
+        return Ok(());
+    }
     if !args.model.join("model_index.json").is_file() {
         return Err(format!(
             "no model at {}: create it with `python benches/make_full_model.py` (see BENCHMARKS.md)",
@@ -132,8 +137,8 @@ fn run(args: &Args, process_start: Instant) -> Result<(), Box<dyn std::error::Er
             let unet = pipeline.load_unet()?;
             let load_s = load.elapsed().as_secs_f64();
             let latent = args.size / 8;
-            let sample = Tensor::randn(0f32, 1., (2, 4, latent, latent), &device)?.to_dtype(args.dtype)?;
-            let context = Tensor::randn(0f32, 1., (2, 77, 2048), &device)?.to_dtype(args.dtype)?;
+            let sample = Tensor::randn(0f32, 1., (2, 4, latent, latent), &device)?.to_dtype(unet.dtype())?;
+            let context = Tensor::randn(0f32, 1., (2, 77, 2048), &device)?.to_dtype(unet.dtype())?;
             let s = args.size as f32;
             let added = AddedConditioning {
                 text_embeds: Tensor::randn(0f32, 1., (2, 1280), &device)?,
@@ -160,7 +165,8 @@ fn run(args: &Args, process_start: Instant) -> Result<(), Box<dyn std::error::Er
             let pipeline = Pipeline::load(&model, options(args))?;
             let vae = pipeline.load_vae()?;
             let latent = args.size / 8;
-            let z = Tensor::randn(0f32, 1., (1, 4, latent, latent), &device)?.to_dtype(pipeline.vae_dtype())?;
+            let dtype = dreamshaper::models::layers::compute_dtype(&device, pipeline.vae_dtype());
+            let z = Tensor::randn(0f32, 1., (1, 4, latent, latent), &device)?.to_dtype(dtype)?;
             let seconds = time(args.warmup, args.iters, || {
                 vae.decode_latents(&z).expect("VAE decode");
             });
@@ -216,6 +222,52 @@ fn run(args: &Args, process_start: Instant) -> Result<(), Box<dyn std::error::Er
         other => return Err(format!("unknown case {other}").into()),
     }
     Ok(())
+}
+
+/// f32 (the `gemm` crate) against the bf16 kernel on the UNet's matrix-product shapes at 512² (CFG batch 2):
+/// GFLOP/s of each and their ratio. Needs no model.
+fn gemm_shapes(args: &Args) {
+    use dreamshaper::kernels::gemm::{matmul, View};
+    use dreamshaper::kernels::gemm_bf16::{self, Kernel, Packed, MR};
+    let random = |n: usize, seed: u32| -> Vec<f32> {
+        (0..n).map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32 / 8388608.0 - 1.0).collect()
+    };
+    let threads = rayon::current_num_threads();
+    // (what, m, n, k): out (m × n) = a (m × k) · b (k × n).
+    let shapes = [
+        ("linear 32² tokens 640→640", 2048, 640, 640),
+        ("linear 16² tokens 1280→10240 (GEGLU)", 512, 10240, 1280),
+        ("linear 16² tokens 5120→1280 (FF out)", 512, 1280, 5120),
+        ("conv 3×3 1280→1280 at 16²", 1280, 256, 11520),
+        ("conv 3×3 640→640 at 32²", 640, 1024, 5760),
+        ("conv 3×3 320→320 at 64²", 320, 4096, 2880),
+    ];
+    for (what, m, n, k) in shapes {
+        let (a, b) = (random(m * k, 1), random(k * n, 2));
+        let mut c = vec![0f32; m * n];
+        let flops = 2.0 * (m * n * k) as f64;
+        let f32_s = time(args.warmup, args.iters, || {
+            matmul(&mut c, n, View::row_major(&a, k), View::row_major(&b, n), (m, n, k), false, threads)
+        });
+        let pa = Packed::from_rows(&a, m, k, MR);
+        let pack = Instant::now();
+        let pb = Packed::from_row_writer(n, k, |kk, row| row.copy_from_slice(&b[kk * n..(kk + 1) * n]));
+        let pack_s = pack.elapsed().as_secs_f64();
+        let mut row = json!({
+            "case": "gemm", "shape": what, "m": m, "n": n, "k": k, "f32_gflops": flops / median(f32_s) / 1e9,
+            "bf16_pack_right_s": pack_s,
+        });
+        for kernel in Kernel::available() {
+            let s = median(time(args.warmup, args.iters, || gemm_bf16::gemm(&mut c, n, &pa, &pb, kernel)));
+            row[format!("bf16_{kernel:?}_gflops")] = json!(flops / s / 1e9);
+        }
+        println!("{row}");
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 fn main() {

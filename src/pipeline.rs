@@ -7,6 +7,7 @@ use image::RgbImage;
 use crate::conditioning::{ConditioningSchedule, PromptInputs, TextEncoders};
 use crate::loading::{Component, ModelConfigs, ModelSource};
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
+use crate::models::layers::compute_dtype;
 use crate::models::unet::UNet2DConditionModel;
 use crate::models::vae::VaeDecoder;
 pub use crate::models::vae_tiling::VaeTiling;
@@ -89,12 +90,6 @@ impl Pipeline {
     /// Reads a model's configs (a diffusers folder, a hub id or a single `.safetensors` checkpoint) and, with
     /// [`Residency::Resident`], its weights.
     pub fn load(model: &str, options: PipelineOptions) -> Result<Self> {
-        if options.device.is_cpu() && options.dtype == DType::BF16 {
-            return Err(Error::invalid(
-                "dtype",
-                "bf16 is not supported on the CPU yet (candle has no CPU bf16 matmul); use f32 or f16",
-            ));
-        }
         let source = ModelSource::open(model, options.config.as_deref(), options.vae.as_deref())?;
         let configs = source.configs()?;
         let mut pipeline = Self {
@@ -246,7 +241,7 @@ impl Pipeline {
         let mut images = Vec::with_capacity(latents.dim(0)?);
         let tiles = TileSize::from_vae(vae)?;
         for i in 0..latents.dim(0)? {
-            let z = latents.narrow(0, i, 1)?.to_dtype(self.vae_dtype())?;
+            let z = latents.narrow(0, i, 1)?.to_dtype(compute_dtype(&self.device, self.vae_dtype()))?;
             let (_, _, h, w) = z.dims4()?;
             let decoded = if tiles.applies(self.vae_tiling, h, w) {
                 tiled_decode(vae, &vae.scale_latents(&z)?, tiles, &mut |_, _| {})?

@@ -3,11 +3,12 @@
 //! multiplies the input itself; otherwise the band's `cols` (im2col, transposed) is built in a bounded buffer, so
 //! large images never need a full-image im2col matrix.
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::contiguous_f32;
 use super::gemm::{matmul, View};
+use super::gemm_bf16::{self, Kernel, Packed, MR};
 
 /// f32 elements of one band's im2col buffer (32 MiB).
 const BAND_ELEMENTS: usize = 8 << 20;
@@ -35,33 +36,60 @@ impl Geometry {
     /// Fills `cols` ((c_in·kh·kw) × (rows·w_out)) for output rows `first_row..first_row + rows` of one image.
     fn im2col(&self, image: &[f32], cols: &mut [f32], first_row: usize, rows: usize) {
         let width = rows * self.w_out;
-        cols.par_chunks_mut(width).enumerate().for_each(|(r, col)| {
-            let (c, ky, kx) = (r / (self.kh * self.kw), r / self.kw % self.kh, r % self.kw);
-            let plane = &image[c * self.h * self.w..(c + 1) * self.h * self.w];
-            for (oy, out) in (first_row..first_row + rows).zip(col.chunks_mut(self.w_out)) {
-                let iy = (oy * self.stride + ky) as isize - self.padding as isize;
-                if iy < 0 || iy >= self.h as isize {
-                    out.fill(0.0);
-                    continue;
-                }
-                let row = &plane[iy as usize * self.w..(iy as usize + 1) * self.w];
-                if self.stride == 1 {
-                    // Output x maps to input x + kx − padding: one shifted copy with zero edges.
-                    let shift = kx as isize - self.padding as isize;
-                    let start = (-shift).clamp(0, self.w_out as isize) as usize;
-                    let end = (self.w as isize - shift).clamp(start as isize, self.w_out as isize) as usize;
-                    out[..start].fill(0.0);
-                    out[start..end]
-                        .copy_from_slice(&row[(start as isize + shift) as usize..(end as isize + shift) as usize]);
-                    out[end..].fill(0.0);
-                } else {
-                    for (ox, o) in out.iter_mut().enumerate() {
-                        let ix = (ox * self.stride + kx) as isize - self.padding as isize;
-                        *o = if ix >= 0 && ix < self.w as isize { row[ix as usize] } else { 0.0 };
-                    }
+        cols.par_chunks_mut(width).enumerate().for_each(|(r, col)| self.im2col_row(image, r, first_row, col));
+    }
+
+    /// Row `r` (input channel c, kernel tap ky, kx) of the im2col matrix for output rows `first_row..` (as many
+    /// as `out` holds).
+    fn im2col_row(&self, image: &[f32], r: usize, first_row: usize, out: &mut [f32]) {
+        let (c, ky, kx) = (r / (self.kh * self.kw), r / self.kw % self.kh, r % self.kw);
+        let plane = &image[c * self.h * self.w..(c + 1) * self.h * self.w];
+        for (oy, out) in (first_row..).zip(out.chunks_mut(self.w_out)) {
+            let iy = (oy * self.stride + ky) as isize - self.padding as isize;
+            if iy < 0 || iy >= self.h as isize {
+                out.fill(0.0);
+                continue;
+            }
+            let row = &plane[iy as usize * self.w..(iy as usize + 1) * self.w];
+            if self.stride == 1 {
+                // Output x maps to input x + kx − padding: one shifted copy with zero edges.
+                let shift = kx as isize - self.padding as isize;
+                let start = (-shift).clamp(0, self.w_out as isize) as usize;
+                let end = (self.w as isize - shift).clamp(start as isize, self.w_out as isize) as usize;
+                out[..start].fill(0.0);
+                out[start..end]
+                    .copy_from_slice(&row[(start as isize + shift) as usize..(end as isize + shift) as usize]);
+                out[end..].fill(0.0);
+            } else {
+                for (ox, o) in out.iter_mut().enumerate() {
+                    let ix = (ox * self.stride + kx) as isize - self.padding as isize;
+                    *o = if ix >= 0 && ix < self.w as isize { row[ix as usize] } else { 0.0 };
                 }
             }
-        });
+        }
+    }
+
+    fn new(h: usize, w: usize, kh: usize, kw: usize, ConvParams { stride, padding }: ConvParams) -> Result<Self> {
+        if stride == 0 {
+            candle_core::bail!("conv2d: stride 0");
+        }
+        if h + 2 * padding < kh || w + 2 * padding < kw {
+            candle_core::bail!("conv2d: a {kh}×{kw} kernel does not fit a {h}×{w} input padded by {padding}");
+        }
+        Ok(Self {
+            h,
+            w,
+            kh,
+            kw,
+            h_out: (h + 2 * padding - kh) / stride + 1,
+            w_out: (w + 2 * padding - kw) / stride + 1,
+            stride,
+            padding,
+        })
+    }
+
+    fn pointwise(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.stride == 1 && self.padding == 0
     }
 }
 
@@ -81,34 +109,21 @@ impl CustomOp3 for Conv2dOp {
     ) -> Result<(CpuStorage, Shape)> {
         let (batch, c_in, h, w) = x_layout.shape().dims4()?;
         let (c_out, wc_in, kh, kw) = weight_layout.shape().dims4()?;
-        let ConvParams { stride, padding } = self.0;
-        if wc_in != c_in || bias_layout.shape().elem_count() != c_out || stride == 0 {
+        if wc_in != c_in || bias_layout.shape().elem_count() != c_out {
             candle_core::bail!(
-                "conv2d: input {:?}, weight {:?}, bias {:?}, stride {stride} do not fit",
+                "conv2d: input {:?}, weight {:?}, bias {:?} do not fit",
                 x_layout.shape(),
                 weight_layout.shape(),
                 bias_layout.shape()
             );
         }
-        if h + 2 * padding < kh || w + 2 * padding < kw {
-            candle_core::bail!("conv2d: a {kh}×{kw} kernel does not fit a {h}×{w} input padded by {padding}");
-        }
+        let g = Geometry::new(h, w, kh, kw, self.0)?;
         let (x, weight, bias) =
             (contiguous_f32(x, x_layout)?, contiguous_f32(weight, weight_layout)?, contiguous_f32(bias, bias_layout)?);
-        let g = Geometry {
-            h,
-            w,
-            kh,
-            kw,
-            h_out: (h + 2 * padding - kh) / stride + 1,
-            w_out: (w + 2 * padding - kw) / stride + 1,
-            stride,
-            padding,
-        };
         let (pixels, depth) = (g.h_out * g.w_out, c_in * kh * kw);
         let threads = rayon::current_num_threads();
         let mut out = vec![0f32; batch * c_out * pixels];
-        let pointwise = kh == 1 && kw == 1 && stride == 1 && padding == 0;
+        let pointwise = g.pointwise();
         let band_rows = if pointwise { g.h_out } else { (BAND_ELEMENTS / (depth * g.w_out).max(1)).clamp(1, g.h_out) };
         let mut cols = if pointwise { Vec::new() } else { vec![0f32; depth * band_rows * g.w_out] };
         let w_view = View::row_major(weight, depth);
@@ -138,4 +153,82 @@ impl CustomOp3 for Conv2dOp {
 /// conv2d of an f32 CPU tensor (batch, c_in, h, w) with `weight` (c_out, c_in, kh, kw) and `bias` (c_out).
 pub fn conv2d(x: &Tensor, weight: &Tensor, bias: &Tensor, params: ConvParams) -> Result<Tensor> {
     x.contiguous()?.apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &Conv2dOp(params))
+}
+
+/// A convolution whose weight is packed to bf16 once, for [`gemm_bf16`]: f32 activations in and out, each band's
+/// im2col rounded to bf16 as it is packed (mixed precision on CPUs with AVX512-BF16).
+#[derive(Debug)]
+pub struct Conv2dBf16 {
+    weight: Packed,
+    bias: Vec<f32>,
+    c_in: usize,
+    kh: usize,
+    kw: usize,
+    params: ConvParams,
+    kernel: Kernel,
+}
+
+impl Conv2dBf16 {
+    /// `weight` (c_out, c_in, kh, kw) and `bias` (c_out), any float dtype, on the CPU.
+    pub fn new(weight: &Tensor, bias: &Tensor, params: ConvParams) -> Result<Self> {
+        let (c_out, c_in, kh, kw) = weight.dims4()?;
+        if bias.elem_count() != c_out {
+            candle_core::bail!("conv2d: bias of {} elements for {c_out} output channels", bias.elem_count());
+        }
+        let w: Vec<f32> = weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        Ok(Self {
+            weight: Packed::from_rows(&w, c_out, c_in * kh * kw, MR),
+            bias: bias.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
+            c_in,
+            kh,
+            kw,
+            params,
+            kernel: Kernel::detect(),
+        })
+    }
+
+    /// The convolution of `x` (batch, c_in, h, w) f32.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.contiguous()?.apply_op1_no_bwd(self)
+    }
+}
+
+impl CustomOp1 for Conv2dBf16 {
+    fn name(&self) -> &'static str {
+        "dreamshaper-conv2d-bf16"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, x_layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (batch, c_in, h, w) = x_layout.shape().dims4()?;
+        if c_in != self.c_in {
+            candle_core::bail!("conv2d: input {:?} for a weight of {} input channels", x_layout.shape(), self.c_in);
+        }
+        let g = Geometry::new(h, w, self.kh, self.kw, self.params)?;
+        let x = contiguous_f32(x, x_layout)?;
+        let (c_out, pixels, depth) = (self.bias.len(), g.h_out * g.w_out, self.weight.k());
+        // The packed band holds depth/2 × width pairs.
+        let band_rows = (BAND_ELEMENTS / (depth * g.w_out).max(1)).clamp(1, g.h_out);
+        let mut out = vec![0f32; batch * c_out * pixels];
+        for (image, out) in x.chunks(c_in * h * w).zip(out.chunks_mut(c_out * pixels)) {
+            for (row, &b) in out.chunks_mut(pixels).zip(&self.bias) {
+                row.fill(b);
+            }
+            let mut first_row = 0;
+            while first_row < g.h_out {
+                let rows = band_rows.min(g.h_out - first_row);
+                let width = rows * g.w_out;
+                let columns = if g.pointwise() {
+                    let start = first_row * g.w_out;
+                    Packed::from_row_writer(width, depth, |r, row| {
+                        row.copy_from_slice(&image[r * pixels + start..r * pixels + start + width])
+                    })
+                } else {
+                    Packed::from_row_writer(width, depth, |r, row| g.im2col_row(image, r, first_row, row))
+                };
+                gemm_bf16::gemm(&mut out[first_row * g.w_out..], pixels, &self.weight, &columns, self.kernel);
+                first_row += rows;
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((batch, c_out, g.h_out, g.w_out))))
+    }
 }

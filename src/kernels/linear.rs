@@ -1,10 +1,11 @@
 //! Fully connected layer: out (rows × n) = x (rows × k) · Wᵀ + b as one matrix product over all leading
 //! dimensions (batch and tokens together), with the bias written first and accumulated into.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 use super::contiguous_f32;
 use super::gemm::{matmul, View};
+use super::gemm_bf16::{self, Kernel, Packed, MR, NR};
 
 fn linear_into(x: &[f32], k: usize, weight: &[f32], bias: Option<&[f32]>, n: usize) -> Vec<f32> {
     let rows = x.len() / k.max(1);
@@ -83,5 +84,60 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
     match bias {
         Some(bias) => x.apply_op3_no_bwd(&weight, &bias.contiguous()?, &LinearOp),
         None => x.apply_op2_no_bwd(&weight, &LinearNoBiasOp),
+    }
+}
+
+/// A linear layer whose weight is packed to bf16 once, for [`gemm_bf16`]: f32 activations in and out, each
+/// multiplied as bf16 with f32 sums (mixed precision on CPUs with AVX512-BF16).
+#[derive(Debug)]
+pub struct LinearBf16 {
+    weight: Packed,
+    bias: Option<Vec<f32>>,
+    kernel: Kernel,
+}
+
+impl LinearBf16 {
+    /// `weight` (n, k) and `bias` (n), any float dtype, on the CPU.
+    pub fn new(weight: &Tensor, bias: Option<&Tensor>) -> Result<Self> {
+        let (n, k) = weight.dims2()?;
+        let w: Vec<f32> = weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let bias = match bias {
+            Some(b) if b.elem_count() != n => {
+                candle_core::bail!("linear: bias of {} elements for {n} outputs", b.elem_count())
+            }
+            Some(b) => Some(b.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?),
+            None => None,
+        };
+        Ok(Self { weight: Packed::from_rows(&w, n, k, NR), bias, kernel: Kernel::detect() })
+    }
+
+    /// x · Wᵀ + b for `x` (…, k) f32.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.contiguous()?.apply_op1_no_bwd(self)
+    }
+}
+
+impl CustomOp1 for LinearBf16 {
+    fn name(&self) -> &'static str {
+        "dreamshaper-linear-bf16"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, x_layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, k) = (self.weight.count(), self.weight.k());
+        let mut dims = x_layout.shape().dims().to_vec();
+        match dims.last_mut() {
+            Some(last) if *last == k => *last = n,
+            _ => candle_core::bail!("linear: input {:?} does not end in the weight's {k} inputs", x_layout.shape()),
+        }
+        let x = contiguous_f32(x, x_layout)?;
+        let rows = x.len() / k.max(1);
+        let mut out = match &self.bias {
+            Some(bias) => bias.repeat(rows),
+            None => vec![0f32; rows * n],
+        };
+        if k > 0 {
+            gemm_bf16::gemm(&mut out, n, &Packed::from_rows(x, rows, k, MR), &self.weight, self.kernel);
+        }
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
     }
 }

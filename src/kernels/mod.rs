@@ -6,6 +6,7 @@ pub mod attention;
 pub mod conv;
 pub mod geglu;
 pub mod gemm;
+pub mod gemm_bf16;
 pub mod group_norm;
 pub mod linear;
 pub mod vector;

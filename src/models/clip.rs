@@ -1,9 +1,9 @@
 //! CLIP text encoders (transformers' `CLIPTextModel` and `CLIPTextModelWithProjection`), built from `config.json`.
 
 use candle_core::{DType, Device, IndexOp, Result, Tensor};
-use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, Module, VarBuilder};
+use candle_nn::{Embedding, LayerNorm, Module, VarBuilder};
 
-use super::layers::{linear, linear_no_bias, Linear};
+use super::layers::{embedding, layer_norm, linear, linear_no_bias, Linear};
 use serde::Deserialize;
 
 /// The fields of a text encoder's `config.json` that shape the network.

@@ -1,21 +1,71 @@
-//! Convolution and GroupNorm layers with the checkpoint's key names (`weight`, `bias`). f32 tensors on the CPU
-//! run the fused kernels of [`crate::kernels`]; other devices and dtypes run candle's own ops.
+//! Convolution, GroupNorm, Linear, LayerNorm and Embedding layers with the checkpoint's key names (`weight`,
+//! `bias`). f32 tensors on the CPU run the fused kernels of [`crate::kernels`]; other devices and dtypes run
+//! candle's own ops.
+//!
+//! A bf16 model on the CPU runs in mixed precision (see [`is_mixed_bf16`]): Linear and Conv2d weights are packed
+//! to bf16 for [`crate::kernels::gemm_bf16`] and everything else (activations, norms, embeddings, attention) is
+//! f32, which keeps bf16's speed where the time goes (the matrix products) and f32's accuracy elsewhere.
 
-use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{Conv2dConfig, VarBuilder};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::{Conv2dConfig, Embedding, LayerNorm, VarBuilder};
 
 use crate::kernels;
-use crate::kernels::conv::ConvParams;
+use crate::kernels::conv::{Conv2dBf16, ConvParams};
+use crate::kernels::linear::LinearBf16;
 
 fn fused(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32
 }
 
+/// Whether weights loaded through `vb` run in CPU mixed precision: a bf16 model on the CPU.
+pub fn is_mixed_bf16(vb: &VarBuilder) -> bool {
+    activation_dtype(vb) != vb.dtype()
+}
+
+/// The dtype a model with `weights` in that dtype on `device` computes in: f32 in CPU mixed precision, else the
+/// weights' dtype.
+pub fn compute_dtype(device: &Device, weights: DType) -> DType {
+    if device.is_cpu() && weights == DType::BF16 {
+        DType::F32
+    } else {
+        weights
+    }
+}
+
+/// The dtype a model built from `vb` computes in.
+pub fn activation_dtype(vb: &VarBuilder) -> DType {
+    compute_dtype(vb.device(), vb.dtype())
+}
+
+/// `vb` for parameters kept in the activation dtype (norms, biases, embeddings).
+fn params(vb: VarBuilder) -> VarBuilder {
+    let dtype = activation_dtype(&vb);
+    vb.to_dtype(dtype)
+}
+
+/// `nn.LayerNorm` (weight and bias).
+pub fn layer_norm(size: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
+    candle_nn::layer_norm(size, eps, params(vb))
+}
+
+/// `nn.Embedding`.
+pub fn embedding(count: usize, size: usize, vb: VarBuilder) -> Result<Embedding> {
+    candle_nn::embedding(count, size, params(vb))
+}
+
 /// diffusers' `nn.Conv2d` (square kernel, symmetric padding, with bias).
 #[derive(Debug, Clone)]
 pub struct Conv2d {
-    inner: candle_nn::Conv2d,
+    inner: ConvWeights,
     params: ConvParams,
+}
+
+#[derive(Debug, Clone)]
+enum ConvWeights {
+    Candle(candle_nn::Conv2d),
+    PackedBf16(Arc<Conv2dBf16>),
 }
 
 impl Conv2d {
@@ -27,18 +77,28 @@ impl Conv2d {
         stride: usize,
         padding: usize,
     ) -> Result<Self> {
+        let params = ConvParams { stride, padding };
+        if is_mixed_bf16(&vb) {
+            let vb = vb.to_dtype(DType::F32);
+            let weight = vb.get((c_out, c_in, kernel, kernel), "weight")?;
+            let packed = Conv2dBf16::new(&weight, &vb.get(c_out, "bias")?, params)?;
+            return Ok(Self { inner: ConvWeights::PackedBf16(Arc::new(packed)), params });
+        }
         let config = Conv2dConfig { padding, stride, ..Default::default() };
-        Ok(Self { inner: candle_nn::conv2d(c_in, c_out, kernel, config, vb)?, params: ConvParams { stride, padding } })
+        Ok(Self { inner: ConvWeights::Candle(candle_nn::conv2d(c_in, c_out, kernel, config, vb)?), params })
     }
 }
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match self.inner.bias() {
-            Some(bias) if fused(x) && self.inner.weight().dtype() == DType::F32 => {
-                kernels::conv::conv2d(x, self.inner.weight(), bias, self.params)
-            }
-            _ => self.inner.forward(x),
+        match &self.inner {
+            ConvWeights::PackedBf16(conv) => conv.forward(&x.to_dtype(DType::F32)?),
+            ConvWeights::Candle(conv) => match conv.bias() {
+                Some(bias) if fused(x) && conv.weight().dtype() == DType::F32 => {
+                    kernels::conv::conv2d(x, conv.weight(), bias, self.params)
+                }
+                _ => conv.forward(x),
+            },
         }
     }
 }
@@ -63,6 +123,7 @@ pub struct GroupNorm {
 }
 
 pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {
+    let vb = params(vb);
     let inner = candle_nn::group_norm(groups, channels, eps, vb.clone())?;
     let weight = vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.))?;
     let bias = vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.))?;
@@ -92,24 +153,41 @@ impl Module for GroupNorm {
 
 /// `nn.Linear`: one matrix product over all leading dimensions on the CPU.
 #[derive(Debug, Clone)]
-pub struct Linear {
-    inner: candle_nn::Linear,
+pub enum Linear {
+    Candle(candle_nn::Linear),
+    PackedBf16(Arc<LinearBf16>),
+}
+
+fn linear_with(c_in: usize, c_out: usize, vb: VarBuilder, with_bias: bool) -> Result<Linear> {
+    if is_mixed_bf16(&vb) {
+        let vb = vb.to_dtype(DType::F32);
+        let bias = if with_bias { Some(vb.get(c_out, "bias")?) } else { None };
+        let packed = LinearBf16::new(&vb.get((c_out, c_in), "weight")?, bias.as_ref())?;
+        return Ok(Linear::PackedBf16(Arc::new(packed)));
+    }
+    Ok(Linear::Candle(if with_bias {
+        candle_nn::linear(c_in, c_out, vb)?
+    } else {
+        candle_nn::linear_no_bias(c_in, c_out, vb)?
+    }))
 }
 
 pub fn linear(c_in: usize, c_out: usize, vb: VarBuilder) -> Result<Linear> {
-    Ok(Linear { inner: candle_nn::linear(c_in, c_out, vb)? })
+    linear_with(c_in, c_out, vb, true)
 }
 
 pub fn linear_no_bias(c_in: usize, c_out: usize, vb: VarBuilder) -> Result<Linear> {
-    Ok(Linear { inner: candle_nn::linear_no_bias(c_in, c_out, vb)? })
+    linear_with(c_in, c_out, vb, false)
 }
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if fused(x) && self.inner.weight().dtype() == DType::F32 {
-            kernels::linear::linear(x, self.inner.weight(), self.inner.bias())
-        } else {
-            self.inner.forward(x)
+        match self {
+            Linear::PackedBf16(linear) => linear.forward(&x.to_dtype(DType::F32)?),
+            Linear::Candle(linear) if fused(x) && linear.weight().dtype() == DType::F32 => {
+                kernels::linear::linear(x, linear.weight(), linear.bias())
+            }
+            Linear::Candle(linear) => linear.forward(x),
         }
     }
 }

@@ -2,10 +2,10 @@
 //! `BasicTransformerBlock`s: self-attention, cross-attention on the text, GEGLU feed-forward.
 
 use candle_core::{DType, Result, Tensor, D};
-use candle_nn::{layer_norm, LayerNorm, Module, VarBuilder};
+use candle_nn::{LayerNorm, Module, VarBuilder};
 
 use super::attention::Attention;
-use super::layers::{conv1x1, group_norm, linear, Conv2d, GroupNorm, Linear};
+use super::layers::{conv1x1, group_norm, layer_norm, linear, Conv2d, GroupNorm, Linear};
 use crate::kernels;
 
 /// `ff.net.0` (GEGLU: a projection to twice the width, split into value and exact-GELU gate) then `ff.net.2`.

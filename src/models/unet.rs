@@ -378,7 +378,7 @@ impl UNet2DConditionModel {
             up_blocks,
             conv_norm_out: group_norm(groups, channels[0], eps, vb.pp("conv_norm_out"))?,
             conv_out: conv3x3(vb.pp("conv_out"), channels[0], cfg.out_channels, 1)?,
-            dtype: vb.dtype(),
+            dtype: super::layers::activation_dtype(&vb),
             config: cfg.clone(),
         })
     }
