@@ -24,6 +24,11 @@ use dreamshaper::schedulers::{self, SchedulerConfig};
 use dreamshaper::{GenerateRequest, Pipeline, PipelineOptions, Residency};
 use serde_json::json;
 
+/// Lets CPU weight tensors share the model files' memory maps (zero-copy loading, `dreamshaper::loading::mapped`).
+#[global_allocator]
+static ALLOCATOR: dreamshaper::loading::mapped::MappedAwareAllocator =
+    dreamshaper::loading::mapped::MappedAwareAllocator;
+
 struct Args {
     case: String,
     model: PathBuf,

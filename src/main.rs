@@ -11,6 +11,11 @@ use dreamshaper::bench::{self, BenchEvent, BenchOptions};
 use dreamshaper::loading::DEFAULT_MODEL;
 use dreamshaper::output::{a1111_parameters, output_paths, save_png};
 use dreamshaper::server::{self, ApiKeys, Ranges, Server, ServerConfig};
+
+/// Lets CPU weight tensors share the model files' memory maps (zero-copy loading, `dreamshaper::loading::mapped`).
+#[global_allocator]
+static ALLOCATOR: dreamshaper::loading::mapped::MappedAwareAllocator =
+    dreamshaper::loading::mapped::MappedAwareAllocator;
 use dreamshaper::{
     Control, Emphasis, GenerateRequest, Pipeline, PipelineOptions, Progress, PromptSyntax, Residency, VaeTiling,
 };

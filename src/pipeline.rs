@@ -7,7 +7,7 @@ use image::RgbImage;
 use crate::conditioning::{ConditioningSchedule, PromptInputs, TextEncoders};
 use crate::loading::{Component, ModelConfigs, ModelSource};
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
-use crate::models::layers::compute_dtype;
+use crate::models::layers::{compute_dtype, LinearLayout};
 use crate::models::unet::UNet2DConditionModel;
 use crate::models::vae::VaeDecoder;
 pub use crate::models::vae_tiling::VaeTiling;
@@ -83,6 +83,7 @@ pub struct Pipeline {
     device: Device,
     dtype: DType,
     vae_tiling: VaeTiling,
+    residency: Residency,
     resident: Resident,
 }
 
@@ -98,9 +99,10 @@ impl Pipeline {
             device: options.device,
             dtype: options.dtype,
             vae_tiling: options.vae_tiling,
+            residency: options.residency,
             resident: Resident::default(),
         };
-        if options.residency == Residency::Resident {
+        if pipeline.residency == Residency::Resident {
             pipeline.resident = Resident {
                 text: Some(pipeline.load_text_encoders()?),
                 unet: Some(pipeline.load_unet()?),
@@ -141,7 +143,12 @@ impl Pipeline {
     pub fn load_text_encoders(&self) -> Result<TextEncoders> {
         let load = |component: Component, cfg: &ClipTextConfig, with_projection: bool| -> Result<ClipTextModel> {
             let vb = self.source.var_builder(component, self.dtype, &self.device)?;
-            ClipTextModel::new(vb, cfg, with_projection).map_err(|e| self.component_error(component, e))
+            // A resident model is called for many requests: worth its load-time transpose (see LinearLayout).
+            let layout = match self.residency {
+                Residency::Resident => LinearLayout::TransposedForFewRows,
+                Residency::Sequential => LinearLayout::AsStored,
+            };
+            ClipTextModel::new(vb, cfg, with_projection, layout).map_err(|e| self.component_error(component, e))
         };
         let (tokenizer, tokenizer_2) = self.source.tokenizers()?;
         Ok(TextEncoders {

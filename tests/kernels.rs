@@ -105,3 +105,12 @@ fn linear_over_all_leading_dimensions_matches_candle() {
     let e = linear(&randn(&[2, 5]), &randn(&[3, 4]), None).unwrap_err();
     assert!(e.to_string().contains("4 inputs"), "{e}");
 }
+
+#[test]
+fn blocked_transpose_matches_candle() {
+    for (rows, cols) in [(1, 1), (3, 130), (64, 64), (129, 70)] {
+        let m = Tensor::arange(0f32, (rows * cols) as f32, &Device::Cpu).unwrap().reshape((rows, cols)).unwrap();
+        let want = m.t().unwrap().contiguous().unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(dreamshaper::kernels::linear::transpose(&m).unwrap().to_vec2::<f32>().unwrap(), want);
+    }
+}

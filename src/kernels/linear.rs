@@ -7,7 +7,14 @@ use super::contiguous_f32;
 use super::gemm::{matmul, View};
 use super::gemm_bf16::{self, Kernel, Packed, MR, NR};
 
-fn linear_into(x: &[f32], k: usize, weight: &[f32], bias: Option<&[f32]>, n: usize) -> Vec<f32> {
+/// Whether the weight tensor is stored as (n, k), the checkpoint's layout, or transposed as (k, n).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum WeightLayout {
+    OutIn,
+    InOut,
+}
+
+fn linear_into(x: &[f32], k: usize, weight: &[f32], layout: WeightLayout, bias: Option<&[f32]>, n: usize) -> Vec<f32> {
     let rows = x.len() / k.max(1);
     let mut out = vec![0f32; rows * n];
     if let Some(bias) = bias {
@@ -16,14 +23,21 @@ fn linear_into(x: &[f32], k: usize, weight: &[f32], bias: Option<&[f32]>, n: usi
         }
     }
     if k > 0 {
-        let (x, w_t) = (View::row_major(x, k), View::transposed(weight, k));
+        let w_t = match layout {
+            WeightLayout::OutIn => View::transposed(weight, k),
+            WeightLayout::InOut => View::row_major(weight, n),
+        };
+        let x = View::row_major(x, k);
         matmul(&mut out, n, x, w_t, (rows, n, k), bias.is_some(), rayon::current_num_threads());
     }
     out
 }
 
-fn output_shape(x: &Layout, weight: &Layout) -> Result<(usize, usize, Shape)> {
-    let (n, k) = weight.shape().dims2()?;
+fn output_shape(x: &Layout, weight: &Layout, layout: WeightLayout) -> Result<(usize, usize, Shape)> {
+    let (n, k) = match (weight.shape().dims2()?, layout) {
+        ((n, k), WeightLayout::OutIn) => (n, k),
+        ((k, n), WeightLayout::InOut) => (n, k),
+    };
     let mut dims = x.shape().dims().to_vec();
     match dims.last_mut() {
         Some(last) if *last == k => *last = n,
@@ -32,7 +46,7 @@ fn output_shape(x: &Layout, weight: &Layout) -> Result<(usize, usize, Shape)> {
     Ok((n, k, Shape::from(dims)))
 }
 
-struct LinearOp;
+struct LinearOp(WeightLayout);
 
 impl CustomOp3 for LinearOp {
     fn name(&self) -> &'static str {
@@ -48,17 +62,18 @@ impl CustomOp3 for LinearOp {
         bias: &CpuStorage,
         b_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (n, k, shape) = output_shape(x_layout, w_layout)?;
+        let (n, k, shape) = output_shape(x_layout, w_layout, self.0)?;
         let bias = contiguous_f32(bias, b_layout)?;
         if bias.len() != n {
             candle_core::bail!("linear: bias of {} elements for {n} outputs", bias.len());
         }
-        let out = linear_into(contiguous_f32(x, x_layout)?, k, contiguous_f32(weight, w_layout)?, Some(bias), n);
+        let out =
+            linear_into(contiguous_f32(x, x_layout)?, k, contiguous_f32(weight, w_layout)?, self.0, Some(bias), n);
         Ok((CpuStorage::F32(out), shape))
     }
 }
 
-struct LinearNoBiasOp;
+struct LinearNoBiasOp(WeightLayout);
 
 impl CustomOp2 for LinearNoBiasOp {
     fn name(&self) -> &'static str {
@@ -72,18 +87,29 @@ impl CustomOp2 for LinearNoBiasOp {
         w: &CpuStorage,
         w_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (n, k, shape) = output_shape(x_layout, w_layout)?;
-        let out = linear_into(contiguous_f32(x, x_layout)?, k, contiguous_f32(w, w_layout)?, None, n);
+        let (n, k, shape) = output_shape(x_layout, w_layout, self.0)?;
+        let out = linear_into(contiguous_f32(x, x_layout)?, k, contiguous_f32(w, w_layout)?, self.0, None, n);
         Ok((CpuStorage::F32(out), shape))
     }
 }
 
 /// x · Wᵀ + b for f32 CPU tensors: `x` (…, k), `weight` (n, k), `bias` (n).
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    linear_with(x, weight, bias, WeightLayout::OutIn)
+}
+
+/// x · W + b for f32 CPU tensors with the weight stored transposed, `weight_t` (k, n). The GEMM then reads the
+/// weight as it is instead of repacking it on every call, which dominates when `x` has few rows (a text
+/// encoder's 77 tokens).
+pub fn linear_transposed(x: &Tensor, weight_t: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    linear_with(x, weight_t, bias, WeightLayout::InOut)
+}
+
+fn linear_with(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, layout: WeightLayout) -> Result<Tensor> {
     let (x, weight) = (x.contiguous()?, weight.contiguous()?);
     match bias {
-        Some(bias) => x.apply_op3_no_bwd(&weight, &bias.contiguous()?, &LinearOp),
-        None => x.apply_op2_no_bwd(&weight, &LinearNoBiasOp),
+        Some(bias) => x.apply_op3_no_bwd(&weight, &bias.contiguous()?, &LinearOp(layout)),
+        None => x.apply_op2_no_bwd(&weight, &LinearNoBiasOp(layout)),
     }
 }
 
@@ -140,4 +166,32 @@ impl CustomOp1 for LinearBf16 {
         }
         Ok((CpuStorage::F32(out), Shape::from(dims)))
     }
+}
+
+/// The transpose of an f32 CPU matrix (rows, cols) → (cols, rows), in 64 × 64 tiles over rayon's pool (candle's
+/// strided copy goes element by element).
+pub fn transpose(m: &Tensor) -> Result<Tensor> {
+    use rayon::prelude::*;
+    const TILE: usize = 64;
+    let (rows, cols) = m.dims2()?;
+    let m = m.to_dtype(DType::F32)?.contiguous()?;
+    let (storage, layout) = m.storage_and_layout();
+    let candle_core::Storage::Cpu(storage) = &*storage else {
+        candle_core::bail!("transpose: expected a CPU tensor");
+    };
+    let src = contiguous_f32(storage, layout)?;
+    let mut dst = vec![0f32; rows * cols];
+    // One band of TILE destination rows (source columns) per task.
+    dst.par_chunks_mut(TILE * rows).enumerate().for_each(|(band, out)| {
+        let c0 = band * TILE;
+        let width = TILE.min(cols - c0);
+        for r0 in (0..rows).step_by(TILE) {
+            for r in r0..(r0 + TILE).min(rows) {
+                for c in 0..width {
+                    out[c * rows + r] = src[r * cols + c0 + c];
+                }
+            }
+        }
+    });
+    Tensor::from_vec(dst, (cols, rows), m.device())
 }

@@ -1,6 +1,7 @@
 //! Where weights and configs come from (a diffusers folder, the Hugging Face hub cache). The models know nothing
 //! of this: they take a `VarBuilder` and a config.
 
+pub mod mapped;
 pub mod repo;
 pub mod single_file;
 pub mod source;

@@ -8,6 +8,7 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
+use super::mapped::Mapping;
 use crate::{Error, Result};
 
 /// The tensors of one model component, spread over one or more safetensors files.
@@ -126,11 +127,14 @@ impl SimpleBackend for Weights {
     }
 }
 
-/// A safetensors file read with positioned reads (no mapping): each tensor is read once, in parallel chunks, straight
-/// into the buffer the tensor then owns (asked to be backed by huge pages), so loading costs one copy from the page
-/// cache and resident memory holds each weight once.
+/// A safetensors file whose tensors are either the file's own mapped memory (zero-copy, [`super::mapped`]) or read
+/// with positioned reads: each tensor read once, in parallel chunks, straight into the buffer the tensor then owns
+/// (asked to be backed by huge pages), so loading costs one copy from the page cache and resident memory holds each
+/// weight once.
 struct DirectFile {
     file: std::fs::File,
+    /// The file mapped for zero-copy tensors, when the program's allocator allows it (see [`super::mapped`]).
+    mapping: Option<Mapping>,
     /// name → (dtype, shape, absolute byte range in the file).
     tensors: HashMap<String, (String, Vec<usize>, u64, u64)>,
 }
@@ -162,7 +166,7 @@ impl DirectFile {
             let (start, end) = (offsets.first()?.as_u64()?, offsets.get(1)?.as_u64()?);
             tensors.insert(name, (dtype, shape, data_start + start, data_start + end));
         }
-        Some(Self { file, tensors })
+        Some(Self { file, mapping: Mapping::open(path), tensors })
     }
 
     /// The tensor as stored (f32, f16 or bf16 on the CPU); `None` for anything else (the mapped path handles it).
@@ -173,14 +177,22 @@ impl DirectFile {
         }
         let count: usize = shape.iter().product();
         let tensor = match dtype.as_str() {
-            "F32" => Tensor::from_vec(self.read_elements::<f32>(count, *start, *end)?, shape.as_slice(), device)?,
-            "F16" => Tensor::from_vec(self.read_elements::<half::f16>(count, *start, *end)?, shape.as_slice(), device)?,
-            "BF16" => {
-                Tensor::from_vec(self.read_elements::<half::bf16>(count, *start, *end)?, shape.as_slice(), device)?
-            }
+            "F32" => Tensor::from_vec(self.elements::<f32>(count, *start, *end)?, shape.as_slice(), device)?,
+            "F16" => Tensor::from_vec(self.elements::<half::f16>(count, *start, *end)?, shape.as_slice(), device)?,
+            "BF16" => Tensor::from_vec(self.elements::<half::bf16>(count, *start, *end)?, shape.as_slice(), device)?,
             _ => return Ok(None),
         };
         Ok(Some(tensor))
+    }
+
+    /// A tensor's elements: the mapped file's own memory when zero-copy is available, else a read copy.
+    fn elements<T: bytemuck::Pod>(&self, count: usize, start: u64, end: u64) -> candle_core::Result<Vec<T>> {
+        let mapped =
+            self.mapping.as_ref().and_then(|m| m.vec::<T>(usize::try_from(start).ok()?, usize::try_from(end).ok()?));
+        match mapped {
+            Some(v) if v.len() == count => Ok(v),
+            _ => self.read_elements(count, start, end),
+        }
     }
 
     fn read_elements<T: bytemuck::Pod + bytemuck::Zeroable>(

@@ -3,7 +3,7 @@
 use candle_core::{DType, Device, IndexOp, Result, Tensor};
 use candle_nn::{Embedding, LayerNorm, Module, VarBuilder};
 
-use super::layers::{embedding, layer_norm, linear, linear_no_bias, Linear};
+use super::layers::{embedding, layer_norm, linear_in, Linear, LinearLayout};
 use serde::Deserialize;
 
 /// The fields of a text encoder's `config.json` that shape the network.
@@ -69,13 +69,13 @@ struct ClipAttention {
 }
 
 impl ClipAttention {
-    fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
+    fn new(vb: VarBuilder, cfg: &ClipTextConfig, layout: LinearLayout) -> Result<Self> {
         let h = cfg.hidden_size;
         Ok(Self {
-            q_proj: linear(h, h, vb.pp("q_proj"))?,
-            k_proj: linear(h, h, vb.pp("k_proj"))?,
-            v_proj: linear(h, h, vb.pp("v_proj"))?,
-            out_proj: linear(h, h, vb.pp("out_proj"))?,
+            q_proj: linear_in(layout, h, h, vb.pp("q_proj"), true)?,
+            k_proj: linear_in(layout, h, h, vb.pp("k_proj"), true)?,
+            v_proj: linear_in(layout, h, h, vb.pp("v_proj"), true)?,
+            out_proj: linear_in(layout, h, h, vb.pp("out_proj"), true)?,
             heads: cfg.num_attention_heads,
             scale: ((h / cfg.num_attention_heads) as f64).powf(-0.5),
         })
@@ -105,14 +105,14 @@ struct ClipEncoderLayer {
 }
 
 impl ClipEncoderLayer {
-    fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
+    fn new(vb: VarBuilder, cfg: &ClipTextConfig, layout: LinearLayout) -> Result<Self> {
         let h = cfg.hidden_size;
         Ok(Self {
             layer_norm1: layer_norm(h, cfg.layer_norm_eps, vb.pp("layer_norm1"))?,
-            self_attn: ClipAttention::new(vb.pp("self_attn"), cfg)?,
+            self_attn: ClipAttention::new(vb.pp("self_attn"), cfg, layout)?,
             layer_norm2: layer_norm(h, cfg.layer_norm_eps, vb.pp("layer_norm2"))?,
-            fc1: linear(h, cfg.intermediate_size, vb.pp("mlp").pp("fc1"))?,
-            fc2: linear(cfg.intermediate_size, h, vb.pp("mlp").pp("fc2"))?,
+            fc1: linear_in(layout, h, cfg.intermediate_size, vb.pp("mlp").pp("fc1"), true)?,
+            fc2: linear_in(layout, cfg.intermediate_size, h, vb.pp("mlp").pp("fc2"), true)?,
             act: cfg.hidden_act,
         })
     }
@@ -149,8 +149,9 @@ impl ClipTextModel {
     /// `vb` is rooted at the module holding `text_model` / `text_projection` keys; both the transformers-4 layout
     /// (`text_model.embeddings…`) and the transformers-5 layout (`embeddings…`) are accepted.
     /// With `with_projection` the final layer, final layer norm and `text_projection` are loaded for the pooled
-    /// output; without it only the layers up to the penultimate hidden state are loaded.
-    pub fn new(vb: VarBuilder, cfg: &ClipTextConfig, with_projection: bool) -> Result<Self> {
+    /// output; without it only the layers up to the penultimate hidden state are loaded. `layout`: how the linear
+    /// layers keep their weights.
+    pub fn new(vb: VarBuilder, cfg: &ClipTextConfig, with_projection: bool, layout: LinearLayout) -> Result<Self> {
         let tm = if vb.contains_tensor("text_model.embeddings.token_embedding.weight") {
             vb.pp("text_model")
         } else {
@@ -160,13 +161,13 @@ impl ClipTextModel {
         let emb = tm.pp("embeddings");
         let layer_count = if with_projection { cfg.num_hidden_layers } else { cfg.num_hidden_layers.saturating_sub(1) };
         let layers = (0..layer_count)
-            .map(|i| ClipEncoderLayer::new(tm.pp("encoder").pp("layers").pp(i), cfg))
+            .map(|i| ClipEncoderLayer::new(tm.pp("encoder").pp("layers").pp(i), cfg, layout))
             .collect::<Result<Vec<_>>>()?;
         let (final_layer_norm, text_projection) = if with_projection {
             let proj_dim = cfg.projection_dim.unwrap_or(h);
             (
                 Some(layer_norm(h, cfg.layer_norm_eps, tm.pp("final_layer_norm"))?),
-                Some(linear_no_bias(h, proj_dim, vb.pp("text_projection"))?),
+                Some(linear_in(layout, h, proj_dim, vb.pp("text_projection"), false)?),
             )
         } else {
             (None, None)
