@@ -13,8 +13,15 @@ fn max_relative(a: &Tensor, b: &Tensor) -> f64 {
     diff / b.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap()
 }
 
+/// Standard normal samples, seeded by the call's rank within its test (each test runs on its own thread), so that
+/// every run checks the same inputs.
 fn randn(shape: &[usize]) -> Tensor {
-    Tensor::randn(0f32, 1., shape, &Device::Cpu).unwrap()
+    thread_local!(static CALLS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) });
+    let seed = CALLS.with(|c| {
+        c.set(c.get() + 1);
+        c.get()
+    });
+    dreamshaper::rng::TorchRng::new(seed).randn_tensor(shape, &Device::Cpu).unwrap()
 }
 
 #[test]

@@ -122,15 +122,12 @@ impl CustomOp3 for Conv2dOp {
             (contiguous_f32(x, x_layout)?, contiguous_f32(weight, weight_layout)?, contiguous_f32(bias, bias_layout)?);
         let (pixels, depth) = (g.h_out * g.w_out, c_in * kh * kw);
         let threads = rayon::current_num_threads();
-        let mut out = vec![0f32; batch * c_out * pixels];
+        let mut out = bias_planes(bias, batch, pixels);
         let pointwise = g.pointwise();
         let band_rows = if pointwise { g.h_out } else { (BAND_ELEMENTS / (depth * g.w_out).max(1)).clamp(1, g.h_out) };
         let mut cols = if pointwise { Vec::new() } else { vec![0f32; depth * band_rows * g.w_out] };
         let w_view = View::row_major(weight, depth);
         for (image, out) in x.chunks(c_in * h * w).zip(out.chunks_mut(c_out * pixels)) {
-            for (c, row) in out.chunks_mut(pixels).enumerate() {
-                row.fill(bias[c]);
-            }
             let mut first_row = 0;
             while first_row < g.h_out {
                 let rows = band_rows.min(g.h_out - first_row);
@@ -153,6 +150,16 @@ impl CustomOp3 for Conv2dOp {
 /// conv2d of an f32 CPU tensor (batch, c_in, h, w) with `weight` (c_out, c_in, kh, kw) and `bias` (c_out).
 pub fn conv2d(x: &Tensor, weight: &Tensor, bias: &Tensor, params: ConvParams) -> Result<Tensor> {
     x.contiguous()?.apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &Conv2dOp(params))
+}
+
+/// The output buffer (batch, c_out, pixels) with every plane set to its channel's bias, written in parallel.
+fn bias_planes(bias: &[f32], batch: usize, pixels: usize) -> Vec<f32> {
+    let c_out = bias.len();
+    super::filled_par(batch * c_out * pixels, pixels, |plane, chunk| {
+        for v in chunk {
+            v.write(bias[plane % c_out]);
+        }
+    })
 }
 
 /// A convolution whose weight is packed to bf16 once, for [`gemm_bf16`]: f32 activations in and out, each band's
@@ -208,11 +215,8 @@ impl CustomOp1 for Conv2dBf16 {
         let (c_out, pixels, depth) = (self.bias.len(), g.h_out * g.w_out, self.weight.k());
         // The packed band holds depth/2 × width pairs.
         let band_rows = (BAND_ELEMENTS / (depth * g.w_out).max(1)).clamp(1, g.h_out);
-        let mut out = vec![0f32; batch * c_out * pixels];
+        let mut out = bias_planes(&self.bias, batch, pixels);
         for (image, out) in x.chunks(c_in * h * w).zip(out.chunks_mut(c_out * pixels)) {
-            for (row, &b) in out.chunks_mut(pixels).zip(&self.bias) {
-                row.fill(b);
-            }
             let mut first_row = 0;
             while first_row < g.h_out {
                 let rows = band_rows.min(g.h_out - first_row);

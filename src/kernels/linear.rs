@@ -16,12 +16,10 @@ enum WeightLayout {
 
 fn linear_into(x: &[f32], k: usize, weight: &[f32], layout: WeightLayout, bias: Option<&[f32]>, n: usize) -> Vec<f32> {
     let rows = x.len() / k.max(1);
-    let mut out = vec![0f32; rows * n];
-    if let Some(bias) = bias {
-        for row in out.chunks_mut(n) {
-            row.copy_from_slice(bias);
-        }
-    }
+    let mut out = match bias {
+        Some(bias) => super::repeated_rows(bias, rows),
+        None => vec![0f32; rows * n],
+    };
     if k > 0 {
         let w_t = match layout {
             WeightLayout::OutIn => View::transposed(weight, k),
@@ -158,7 +156,7 @@ impl CustomOp1 for LinearBf16 {
         let x = contiguous_f32(x, x_layout)?;
         let rows = x.len() / k.max(1);
         let mut out = match &self.bias {
-            Some(bias) => bias.repeat(rows),
+            Some(bias) => super::repeated_rows(bias, rows),
             None => vec![0f32; rows * n],
         };
         if k > 0 {

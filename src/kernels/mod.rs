@@ -23,3 +23,29 @@ pub(crate) fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> Re
         None => candle_core::bail!("kernel: expected a contiguous tensor, got layout {layout:?}"),
     }
 }
+
+/// A new buffer of `len` elements written chunk by chunk over rayon's pool: `fill(i, chunk)` must write every
+/// element of chunk `i` (elements `i·chunk_len ..`). Saves the serial zeroing of `vec![0; len]` before outputs that
+/// are overwritten anyway (a bias, packed operands).
+pub(crate) fn filled_par<T: Copy + Send + Sync>(
+    len: usize,
+    chunk_len: usize,
+    fill: impl Fn(usize, &mut [std::mem::MaybeUninit<T>]) + Sync + Send,
+) -> Vec<T> {
+    use rayon::prelude::*;
+    let mut v: Vec<T> = Vec::with_capacity(len);
+    v.spare_capacity_mut()[..len].par_chunks_mut(chunk_len.max(1)).enumerate().for_each(|(i, c)| fill(i, c));
+    // SAFETY: the first `len` elements were all written by `fill` (its contract), and T is Copy (no drop glue).
+    unsafe { v.set_len(len) };
+    v
+}
+
+/// `rows` copies of `row`, written in parallel.
+pub(crate) fn repeated_rows(row: &[f32], rows: usize) -> Vec<f32> {
+    let n = row.len();
+    filled_par(rows * n, n * 64, |_, chunk| {
+        for (dst, &src) in chunk.iter_mut().zip(row.iter().cycle()) {
+            dst.write(src);
+        }
+    })
+}
