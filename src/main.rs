@@ -11,15 +11,15 @@ use dreamshaper::bench::{self, BenchEvent, BenchOptions};
 use dreamshaper::loading::DEFAULT_MODEL;
 use dreamshaper::output::{a1111_parameters, output_paths, save_png};
 use dreamshaper::server::{self, ApiKeys, Ranges, Server, ServerConfig};
+use dreamshaper::{
+    Control, Emphasis, GenerateRequest, Pipeline, PipelineOptions, Progress, PromptSyntax, Residency, VaeTiling,
+};
+use indicatif::{ProgressBar, ProgressStyle};
 
 /// Lets CPU weight tensors share the model files' memory maps (zero-copy loading, `dreamshaper::loading::mapped`).
 #[global_allocator]
 static ALLOCATOR: dreamshaper::loading::mapped::MappedAwareAllocator =
     dreamshaper::loading::mapped::MappedAwareAllocator;
-use dreamshaper::{
-    Control, Emphasis, GenerateRequest, Pipeline, PipelineOptions, Progress, PromptSyntax, Residency, VaeTiling,
-};
-use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Parser)]
 #[command(

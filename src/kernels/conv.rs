@@ -182,9 +182,8 @@ impl Conv2dBf16 {
         if bias.elem_count() != c_out {
             candle_core::bail!("conv2d: bias of {} elements for {c_out} output channels", bias.elem_count());
         }
-        let w: Vec<f32> = weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         Ok(Self {
-            weight: Packed::from_rows(&w, c_out, c_in * kh * kw, MR),
+            weight: super::with_f32_data(weight, |w| Packed::from_rows(w, c_out, c_in * kh * kw, MR))?,
             bias: bias.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
             c_in,
             kh,

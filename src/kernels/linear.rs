@@ -14,12 +14,27 @@ enum WeightLayout {
     InOut,
 }
 
-fn linear_into(x: &[f32], k: usize, weight: &[f32], layout: WeightLayout, bias: Option<&[f32]>, n: usize) -> Vec<f32> {
-    let rows = x.len() / k.max(1);
-    let mut out = match bias {
+/// The output buffer of `rows` × `n`, holding the bias (or zeros) that the product is then accumulated into.
+fn initial_output(bias: Option<&[f32]>, rows: usize, n: usize) -> Vec<f32> {
+    match bias {
         Some(bias) => super::repeated_rows(bias, rows),
         None => vec![0f32; rows * n],
-    };
+    }
+}
+
+/// The output shape for input `x` (…, k): the same with the last dimension `n`.
+fn output_dims(x: &Layout, n: usize, k: usize) -> Result<Shape> {
+    let mut dims = x.shape().dims().to_vec();
+    match dims.last_mut() {
+        Some(last) if *last == k => *last = n,
+        _ => candle_core::bail!("linear: input {:?} does not end in the weight's {k} inputs", x.shape()),
+    }
+    Ok(Shape::from(dims))
+}
+
+fn linear_into(x: &[f32], k: usize, weight: &[f32], layout: WeightLayout, bias: Option<&[f32]>, n: usize) -> Vec<f32> {
+    let rows = x.len() / k.max(1);
+    let mut out = initial_output(bias, rows, n);
     if k > 0 {
         let w_t = match layout {
             WeightLayout::OutIn => View::transposed(weight, k),
@@ -36,12 +51,7 @@ fn output_shape(x: &Layout, weight: &Layout, layout: WeightLayout) -> Result<(us
         ((n, k), WeightLayout::OutIn) => (n, k),
         ((k, n), WeightLayout::InOut) => (n, k),
     };
-    let mut dims = x.shape().dims().to_vec();
-    match dims.last_mut() {
-        Some(last) if *last == k => *last = n,
-        _ => candle_core::bail!("linear: input {:?} does not end in the weight's {k} inputs", x.shape()),
-    }
-    Ok((n, k, Shape::from(dims)))
+    Ok((n, k, output_dims(x, n, k)?))
 }
 
 struct LinearOp(WeightLayout);
@@ -124,7 +134,7 @@ impl LinearBf16 {
     /// `weight` (n, k) and `bias` (n), any float dtype, on the CPU.
     pub fn new(weight: &Tensor, bias: Option<&Tensor>) -> Result<Self> {
         let (n, k) = weight.dims2()?;
-        let w: Vec<f32> = weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let weight = super::with_f32_data(weight, |w| Packed::from_rows(w, n, k, NR))?;
         let bias = match bias {
             Some(b) if b.elem_count() != n => {
                 candle_core::bail!("linear: bias of {} elements for {n} outputs", b.elem_count())
@@ -132,7 +142,7 @@ impl LinearBf16 {
             Some(b) => Some(b.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?),
             None => None,
         };
-        Ok(Self { weight: Packed::from_rows(&w, n, k, NR), bias, kernel: Kernel::detect() })
+        Ok(Self { weight, bias, kernel: Kernel::detect() })
     }
 
     /// x · Wᵀ + b for `x` (…, k) f32.
@@ -148,21 +158,14 @@ impl CustomOp1 for LinearBf16 {
 
     fn cpu_fwd(&self, x: &CpuStorage, x_layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let (n, k) = (self.weight.count(), self.weight.k());
-        let mut dims = x_layout.shape().dims().to_vec();
-        match dims.last_mut() {
-            Some(last) if *last == k => *last = n,
-            _ => candle_core::bail!("linear: input {:?} does not end in the weight's {k} inputs", x_layout.shape()),
-        }
+        let shape = output_dims(x_layout, n, k)?;
         let x = contiguous_f32(x, x_layout)?;
         let rows = x.len() / k.max(1);
-        let mut out = match &self.bias {
-            Some(bias) => super::repeated_rows(bias, rows),
-            None => vec![0f32; rows * n],
-        };
+        let mut out = initial_output(self.bias.as_deref(), rows, n);
         if k > 0 {
             gemm_bf16::gemm(&mut out, n, &Packed::from_rows(x, rows, k, MR), &self.weight, self.kernel);
         }
-        Ok((CpuStorage::F32(out), Shape::from(dims)))
+        Ok((CpuStorage::F32(out), shape))
     }
 }
 
@@ -172,24 +175,20 @@ pub fn transpose(m: &Tensor) -> Result<Tensor> {
     use rayon::prelude::*;
     const TILE: usize = 64;
     let (rows, cols) = m.dims2()?;
-    let m = m.to_dtype(DType::F32)?.contiguous()?;
-    let (storage, layout) = m.storage_and_layout();
-    let candle_core::Storage::Cpu(storage) = &*storage else {
-        candle_core::bail!("transpose: expected a CPU tensor");
-    };
-    let src = contiguous_f32(storage, layout)?;
     let mut dst = vec![0f32; rows * cols];
-    // One band of TILE destination rows (source columns) per task.
-    dst.par_chunks_mut(TILE * rows).enumerate().for_each(|(band, out)| {
-        let c0 = band * TILE;
-        let width = TILE.min(cols - c0);
-        for r0 in (0..rows).step_by(TILE) {
-            for r in r0..(r0 + TILE).min(rows) {
-                for c in 0..width {
-                    out[c * rows + r] = src[r * cols + c0 + c];
+    super::with_f32_data(m, |src| {
+        // One band of TILE destination rows (source columns) per task.
+        dst.par_chunks_mut(TILE * rows).enumerate().for_each(|(band, out)| {
+            let c0 = band * TILE;
+            let width = TILE.min(cols - c0);
+            for r0 in (0..rows).step_by(TILE) {
+                for r in r0..(r0 + TILE).min(rows) {
+                    for c in 0..width {
+                        out[c * rows + r] = src[r * cols + c0 + c];
+                    }
                 }
             }
-        }
-    });
+        })
+    })?;
     Tensor::from_vec(dst, (cols, rows), m.device())
 }

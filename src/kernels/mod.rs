@@ -11,7 +11,7 @@ pub mod group_norm;
 pub mod linear;
 pub mod vector;
 
-use candle_core::{CpuStorage, Layout, Result};
+use candle_core::{CpuStorage, DType, Layout, Result, Tensor};
 
 /// The f32 elements of a contiguous CPU storage (the kernels' callers make their inputs contiguous).
 pub(crate) fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
@@ -22,6 +22,17 @@ pub(crate) fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> Re
         Some((start, end)) => Ok(&data[start..end]),
         None => candle_core::bail!("kernel: expected a contiguous tensor, got layout {layout:?}"),
     }
+}
+
+/// Calls `f` with the f32 elements of a CPU tensor, converted and made contiguous only when it is not already (a
+/// weight read straight from its file is used in place).
+pub(crate) fn with_f32_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = t.to_dtype(DType::F32)?.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(storage) = &*storage else {
+        candle_core::bail!("kernel: expected a CPU tensor");
+    };
+    Ok(f(contiguous_f32(storage, layout)?))
 }
 
 /// A new buffer of `len` elements written chunk by chunk over rayon's pool: `fill(i, chunk)` must write every

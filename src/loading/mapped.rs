@@ -228,12 +228,6 @@ impl Mapping {
         // also goes to the allocator, which copies out of the mapping.
         Some(unsafe { Vec::from_raw_parts(ptr, count, count) })
     }
-
-    /// Whether `ptr` points into this mapping (for tests).
-    pub fn contains(&self, ptr: *const u8) -> bool {
-        let p = ptr as usize;
-        self.slot.start.load(SeqCst) <= p && p < self.slot.end.load(SeqCst)
-    }
 }
 
 impl Drop for Mapping {
