@@ -5,7 +5,7 @@
 //! Cases (each is meant to run in its own process, so that the peak resident memory printed is the case's own):
 //! - `unet-cfg`: one classifier-free-guidance UNet call (batch 2) on a `size`² image's latents;
 //! - `text-encoders`: CLIP-L + bigG on a prompt and a negative prompt (encoders loaded once, excluded);
-//! - `vae-decode`: decoding one `size`² image's latents;
+//! - `vae-decode`: decoding one `size`² image's latents (`vae-decode-bands`: in bands, as large images are);
 //! - `scheduler-step`: the scheduler update alone on `size`² latents, for several schedulers (no model);
 //! - `gemm`: f32 against bf16 matrix products on the UNet's shapes (no model needed);
 //! - `startup`: `Pipeline::load` + a 1-step generation, reporting the time from process start to the first
@@ -67,7 +67,10 @@ fn parse_args() -> Result<Args, String> {
         }
     }
     if args.case.is_empty() {
-        return Err("--case is required (unet-cfg, text-encoders, vae-decode, scheduler-step, startup, gemm)".into());
+        return Err(
+            "--case is required (unet-cfg, text-encoders, vae-decode, vae-decode-bands, scheduler-step, startup, gemm)"
+                .into(),
+        );
     }
     if args.size == 0 || !args.size.is_multiple_of(8) {
         return Err(format!("--size {}: a positive multiple of 8", args.size));
@@ -176,6 +179,18 @@ fn run(args: &Args, process_start: Instant) -> Result<(), Box<dyn std::error::Er
                 vae.decode_latents(&z).expect("VAE decode");
             });
             report("vae-decode", args, seconds, json!({}));
+        }
+        "vae-decode-bands" => {
+            let pipeline = Pipeline::load(&model, options(args))?;
+            let vae = pipeline.load_vae()?;
+            let latent = args.size / 8;
+            let dtype = dreamshaper::models::layers::compute_dtype(&device, pipeline.vae_dtype());
+            let z = Tensor::randn(0f32, 1., (1, 4, latent, latent), &device)?.to_dtype(dtype)?;
+            let z = vae.scale_latents(&z)?;
+            let seconds = time(args.warmup, args.iters, || {
+                dreamshaper::models::vae_tiling::tiled_decode(&vae, &z, &mut |_, _| {}).expect("VAE decode in bands");
+            });
+            report("vae-decode-bands", args, seconds, json!({}));
         }
         "scheduler-step" => {
             let config = SchedulerConfig::from_file(&args.model.join("scheduler/scheduler_config.json"))?;

@@ -1,4 +1,7 @@
-"""Reference for tests/vae_tiling.rs: diffusers' tiled VAE decode (`vae.enable_tiling()`) of the tiny model.
+"""Reference for tests/vae_tiling.rs: diffusers' untiled and tiled VAE decodes (`vae.enable_tiling()`) of the tiny model.
+
+Our banded decode must give the untiled image; the tiled one is kept to show (in the test's output) how far
+diffusers' tile-local statistics move the picture.
 
 A seeded latent of 40 × 28 (a 320 × 224 image) is decoded by `models/tiny-sdxl/vae` with tiling on: its tiles are
 `sample_size` = 128 px (16 latent pixels) with 25 % overlap, so 4 × 3 tiles. Writes the latent (already divided by

@@ -85,11 +85,11 @@ struct ModelArgs {
     /// Default: f32 on CPU, f16 on GPUs.
     #[arg(long, value_enum)]
     dtype: Option<DtypeArg>,
-    /// Decode with the VAE in overlapping tiles whatever the image size (by default only images larger than the
-    /// VAE's `sample_size`, 1024 px for SDXL, are decoded in tiles, which bounds the decoder's memory).
+    /// Decode with the VAE layer by layer in bands of rows whatever the image size: the same picture as the whole-
+    /// image decode in less memory (by default only images larger than the VAE's `sample_size`, 1024 px for SDXL).
     #[arg(long, conflicts_with = "no_vae_tiling")]
     vae_tiling: bool,
-    /// Never decode in tiles (the whole image at once, however large).
+    /// Never decode in bands (each layer over the whole image at once, however large).
     #[arg(long)]
     no_vae_tiling: bool,
 }

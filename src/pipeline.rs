@@ -251,7 +251,8 @@ impl Pipeline {
             let z = latents.narrow(0, i, 1)?.to_dtype(compute_dtype(&self.device, self.vae_dtype()))?;
             let (_, _, h, w) = z.dims4()?;
             let decoded = if tiles.applies(self.vae_tiling, h, w) {
-                tiled_decode(vae, &vae.scale_latents(&z)?, tiles, &mut |_, _| {})?
+                stage(progress, "decoding in bands")?;
+                tiled_decode(vae, &vae.scale_latents(&z)?, &mut |_, _| {})?
             } else {
                 vae.decode_latents(&z)?
             };

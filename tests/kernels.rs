@@ -74,6 +74,44 @@ fn group_norm_with_and_without_silu_matches_candle() {
 }
 
 #[test]
+fn group_norm_by_given_statistics_measured_piecewise() {
+    use dreamshaper::kernels::group_norm::{group_norm_given, region_moments, Moments};
+    let (b, c, h, w, groups) = (2, 12, 9, 7, 4);
+    let x = randn(&[b, c, h, w]).affine(3.0, 20.0).unwrap();
+    let (gamma, beta) = (randn(&[c]), randn(&[c]));
+    // Moments of the top rows and the bottom rows, merged, are the whole image's.
+    let top = region_moments(&x, groups, 0..4, 0..w).unwrap();
+    let bottom = region_moments(&x, groups, 4..h, 0..w).unwrap();
+    let merged: Vec<(f64, f64)> = top.iter().zip(&bottom).map(|(t, b)| t.merge(*b).mean_variance()).collect();
+    let whole: Vec<(f64, f64)> =
+        region_moments(&x, groups, 0..h, 0..w).unwrap().iter().map(Moments::mean_variance).collect();
+    for ((m1, v1), (m2, v2)) in merged.iter().zip(&whole) {
+        assert!((m1 - m2).abs() < 1e-9 * m2.abs() && (v1 - v2).abs() < 1e-9 * v2, "{merged:?} vs {whole:?}");
+    }
+    // Normalising by the whole image's statistics = the ordinary GroupNorm, for the image and for a band of it.
+    let ordinary = group_norm(&x, &gamma, &beta, groups, 1e-5, true).unwrap();
+    let given = group_norm_given(&x, &gamma, &beta, groups, 1e-5, true, &merged).unwrap();
+    assert!(max_relative(&given, &ordinary) < 1e-6);
+    let band = group_norm_given(&x.narrow(2, 3, 4).unwrap(), &gamma, &beta, groups, 1e-5, true, &merged).unwrap();
+    assert!(max_relative(&band, &ordinary.narrow(2, 3, 4).unwrap()) < 1e-6);
+    // A region outside the tensor, and statistics for the wrong number of groups, are errors.
+    assert!(region_moments(&x, groups, 0..h + 1, 0..w).is_err());
+    assert!(group_norm_given(&x, &gamma, &beta, groups, 1e-5, true, &merged[..3]).is_err());
+
+    // The layer's generic path (other dtypes and devices; f64 here) agrees with the fused one.
+    let f64 = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+    let mut tensors = std::collections::HashMap::new();
+    tensors.insert("weight".to_string(), f64(&gamma));
+    tensors.insert("bias".to_string(), f64(&beta));
+    let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F64, &Device::Cpu);
+    let layer = dreamshaper::models::layers::group_norm(groups, c, 1e-5, vb).unwrap();
+    let generic = layer.forward_given(&f64(&x), &merged, true).unwrap();
+    assert_eq!(generic.dtype(), DType::F64);
+    assert!(max_relative(&generic, &ordinary) < 1e-6);
+    assert!(layer.forward_given(&f64(&x), &merged[..4], true).is_err());
+}
+
+#[test]
 fn geglu_matches_value_times_exact_gelu() {
     for shape in [[2usize, 77, 40], [1, 4096, 2560], [3, 5, 2]] {
         let x = (randn(&shape) * 4.0).unwrap();

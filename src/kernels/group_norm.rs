@@ -1,16 +1,63 @@
 //! GroupNorm (optionally followed by SiLU) in one pass pair per group: mean and variance in f64, then
-//! y = x·(γ·rstd) + (β − mean·γ·rstd) per channel, as PyTorch's CPU kernel applies it.
+//! y = x·(γ·rstd) + (β − mean·γ·rstd) per channel, as PyTorch's CPU kernel applies it. The statistics can also be
+//! given (a tiled decode normalises every tile by the whole image's statistics) and measured over a region
+//! ([`region_moments`]).
+
+use std::ops::Range;
+use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::contiguous_f32;
 use super::vector::{multiversion, silu};
+use super::{contiguous_f32, with_f32_data};
 
 struct GroupNormOp {
     groups: usize,
     eps: f64,
     silu: bool,
+    /// (mean, biased variance) per (batch, group), used instead of the input's own when given.
+    given: Option<Arc<[(f64, f64)]>>,
+}
+
+/// Count, mean and sum of squared deviations of a set of values; sets combine exactly with [`Moments::merge`]
+/// (Chan, Golub and LeVeque's pairwise update), so statistics measured piece by piece equal the whole set's.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Moments {
+    pub count: f64,
+    pub mean: f64,
+    pub m2: f64,
+}
+
+impl Moments {
+    pub fn of(x: &[f32]) -> Self {
+        if x.is_empty() {
+            return Self::default();
+        }
+        let (mean, variance) = moments(x);
+        Self { count: x.len() as f64, mean, m2: variance * x.len() as f64 }
+    }
+
+    pub fn merge(self, other: Self) -> Self {
+        if other.count == 0.0 {
+            return self;
+        }
+        if self.count == 0.0 {
+            return other;
+        }
+        let count = self.count + other.count;
+        let delta = other.mean - self.mean;
+        Self {
+            count,
+            mean: self.mean + delta * other.count / count,
+            m2: self.m2 + other.m2 + delta * delta * self.count * other.count / count,
+        }
+    }
+
+    /// (mean, biased variance), what GroupNorm normalises by.
+    pub fn mean_variance(&self) -> (f64, f64) {
+        (self.mean, if self.count > 0.0 { self.m2 / self.count } else { 0.0 })
+    }
 }
 
 #[inline(always)]
@@ -85,12 +132,24 @@ impl CustomOp3 for GroupNormOp {
             candle_core::bail!("group norm: weight and bias need {channels} elements");
         }
         let per_group = channels / self.groups * spatial;
+        if let Some(given) = &self.given {
+            if given.len() * per_group != x.len() {
+                candle_core::bail!(
+                    "group norm: {} given statistics for {} groups",
+                    given.len(),
+                    x.len() / per_group.max(1)
+                );
+            }
+        }
         let mut out = vec![0f32; x.len()];
         if per_group == 0 {
             return Ok((CpuStorage::F32(out), x_layout.shape().clone()));
         }
         out.par_chunks_mut(per_group).zip(x.par_chunks(per_group)).enumerate().for_each(|(index, (y, x))| {
-            let (mean, variance) = moments(x);
+            let (mean, variance) = match &self.given {
+                Some(given) => given[index],
+                None => moments(x),
+            };
             let rstd = 1.0 / (variance + self.eps).sqrt();
             let first_channel = (index % self.groups) * (channels / self.groups);
             for (c, (y, x)) in y.chunks_mut(spatial).zip(x.chunks(spatial)).enumerate() {
@@ -105,5 +164,55 @@ impl CustomOp3 for GroupNormOp {
 
 /// GroupNorm over (batch, channels, …) f32 CPU tensors, with SiLU applied after when `silu`.
 pub fn group_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, groups: usize, eps: f64, silu: bool) -> Result<Tensor> {
-    x.contiguous()?.apply_op3_no_bwd(&gamma.contiguous()?, &beta.contiguous()?, &GroupNormOp { groups, eps, silu })
+    x.contiguous()?.apply_op3_no_bwd(
+        &gamma.contiguous()?,
+        &beta.contiguous()?,
+        &GroupNormOp { groups, eps, silu, given: None },
+    )
+}
+
+/// [`group_norm`] by given statistics: `given[b · groups + g]` is the (mean, biased variance) of group g of item b.
+pub fn group_norm_given(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    groups: usize,
+    eps: f64,
+    silu: bool,
+    given: &[(f64, f64)],
+) -> Result<Tensor> {
+    let op = GroupNormOp { groups, eps, silu, given: Some(given.into()) };
+    x.contiguous()?.apply_op3_no_bwd(&gamma.contiguous()?, &beta.contiguous()?, &op)
+}
+
+/// The [`Moments`] of each (batch, group) of a (batch, channels, height, width) tensor over the pixels in `rows` ×
+/// `columns`, in the order `b · groups + g`. CPU tensors of any float dtype (values are read as f32).
+pub fn region_moments(x: &Tensor, groups: usize, rows: Range<usize>, columns: Range<usize>) -> Result<Vec<Moments>> {
+    let (batch, channels, height, width) = x.dims4()?;
+    if groups == 0 || !channels.is_multiple_of(groups) || rows.end > height || columns.end > width {
+        candle_core::bail!(
+            "group moments: region {rows:?} × {columns:?} of {groups} groups outside a tensor of {:?}",
+            x.dims()
+        );
+    }
+    if rows.is_empty() || columns.is_empty() {
+        return Ok(vec![Moments::default(); batch * groups]);
+    }
+    let per_group = channels / groups;
+    with_f32_data(x, |data| {
+        (0..batch * groups)
+            .into_par_iter()
+            .map(|index| {
+                let first_plane = index * per_group;
+                let mut total = Moments::default();
+                for plane in first_plane..first_plane + per_group {
+                    for y in rows.clone() {
+                        let start = (plane * height + y) * width;
+                        total = total.merge(Moments::of(&data[start + columns.start..start + columns.end]));
+                    }
+                }
+                total
+            })
+            .collect()
+    })
 }

@@ -139,6 +139,50 @@ impl GroupNorm {
             candle_nn::ops::silu(&self.inner.forward(x)?)
         }
     }
+
+    /// GroupNorm (then SiLU when `silu`) by given statistics instead of `x`'s own: `given[b · groups + g]` is the
+    /// (mean, biased variance) of group g of batch item b.
+    pub fn forward_given(&self, x: &Tensor, given: &[(f64, f64)], silu: bool) -> Result<Tensor> {
+        if fused(x) && self.weight.dtype() == DType::F32 {
+            return kernels::group_norm::group_norm_given(
+                x,
+                &self.weight,
+                &self.bias,
+                self.groups,
+                self.eps,
+                silu,
+                given,
+            );
+        }
+        let (batch, channels) = (x.dim(0)?, x.dim(1)?);
+        if given.len() != batch * self.groups {
+            candle_core::bail!("group norm: {} given statistics for {} groups", given.len(), batch * self.groups);
+        }
+        // Per (batch, channel): y = x·scale + shift with scale = γ·rstd, shift = β − mean·scale.
+        let (gamma, beta) =
+            (self.weight.to_dtype(DType::F32)?.to_vec1::<f32>()?, self.bias.to_dtype(DType::F32)?.to_vec1::<f32>()?);
+        let per_group = channels / self.groups;
+        let (mut scale, mut shift) = (Vec::with_capacity(batch * channels), Vec::with_capacity(batch * channels));
+        for b in 0..batch {
+            for c in 0..channels {
+                let (mean, variance) = given[b * self.groups + c / per_group];
+                let s = gamma[c] as f64 / (variance + self.eps).sqrt();
+                scale.push(s as f32);
+                shift.push((beta[c] as f64 - mean * s) as f32);
+            }
+        }
+        let per_channel = |v: Vec<f32>| Tensor::from_vec(v, (batch, channels, 1, 1), x.device())?.to_dtype(x.dtype());
+        let y = x.broadcast_mul(&per_channel(scale)?)?.broadcast_add(&per_channel(shift)?)?;
+        if silu {
+            candle_nn::ops::silu(&y)
+        } else {
+            Ok(y)
+        }
+    }
+
+    pub fn groups(&self) -> usize {
+        self.groups
+    }
 }
 
 impl Module for GroupNorm {

@@ -5,6 +5,7 @@ use candle_nn::{Module, VarBuilder};
 
 pub use super::layers::{conv1x1, conv3x3};
 use super::layers::{group_norm, linear, Conv2d, GroupNorm, Linear};
+use super::vae_tiling::Bands;
 
 /// diffusers' `ResnetBlock2D` (default time-scale-shift, SiLU, output scale 1).
 #[derive(Debug, Clone)]
@@ -52,6 +53,26 @@ impl ResnetBlock2D {
     }
 }
 
+impl ResnetBlock2D {
+    /// [`Self::forward`] without a time embedding over an image held in host memory, in bands of rows (see
+    /// [`Bands`]): each GroupNorm by the whole image's statistics, so the result is the whole-image forward's.
+    pub fn forward_in_bands(&self, x: &Tensor, bands: &Bands) -> Result<Tensor> {
+        let stats1 = bands.statistics(x, self.norm1.groups())?;
+        let h = bands
+            .map(x, 1, 1, &mut |band, _, _| self.conv1.forward(&self.norm1.forward_given(band, &stats1, true)?))?;
+        let stats2 = bands.statistics(&h, self.norm2.groups())?;
+        bands.map(&h, 1, 1, &mut |band, rows, core| {
+            let h = self.conv2.forward(&self.norm2.forward_given(band, &stats2, true)?)?;
+            let h = Bands::crop(&h, &rows, &core, 1)?;
+            let x = bands.on_device(&x.narrow(2, core.start, core.len())?)?;
+            match &self.conv_shortcut {
+                Some(shortcut) => shortcut.forward(&x)? + h,
+                None => x + h,
+            }
+        })
+    }
+}
+
 /// Stride-2 3×3 convolution (`downsamplers.0.conv`).
 #[derive(Debug, Clone)]
 pub struct Downsample2D {
@@ -84,5 +105,10 @@ impl Upsample2D {
         let (_, _, h, w) = x.dims4()?;
         let (th, tw) = size.unwrap_or((h * 2, w * 2));
         self.conv.forward(&x.upsample_nearest2d(th, tw)?)
+    }
+
+    /// [`Self::forward`] (×2) over an image held in host memory, in bands of rows (see [`Bands`]).
+    pub fn forward_in_bands(&self, x: &Tensor, bands: &Bands) -> Result<Tensor> {
+        bands.map(x, 1, 2, &mut |band, _, _| self.forward(band, None))
     }
 }

@@ -7,6 +7,7 @@ use serde::Deserialize;
 use super::attention::Attention;
 use super::layers::{conv1x1, conv3x3, group_norm, Conv2d, GroupNorm};
 use super::resnet::{ResnetBlock2D, Upsample2D};
+use super::vae_tiling::Bands;
 
 fn default_groups() -> usize {
     32
@@ -167,6 +168,13 @@ impl VaeDecoder {
 
     /// diffusers' `vae.decode(z)`: `z` is already divided by the scaling factor. Returns RGB in about [-1, 1].
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
+        self.decode_upper(&self.decode_middle(z)?)
+    }
+
+    /// The decoder's first part, at the latents' resolution: post-quant conv, conv_in and the mid-block (ResNets
+    /// and the attention over all pixels). Cheap in memory even for large images (512 channels at 1/8 size for
+    /// SDXL), so a tiled decode runs it whole.
+    pub fn decode_middle(&self, z: &Tensor) -> Result<Tensor> {
         let z = match &self.post_quant_conv {
             Some(conv) => conv.forward(z)?,
             None => z.clone(),
@@ -176,7 +184,12 @@ impl VaeDecoder {
         if let Some(attn) = &self.mid_attention {
             x = attn.forward(&x)?;
         }
-        x = self.mid_resnets[1].forward(&x, None)?;
+        self.mid_resnets[1].forward(&x, None)
+    }
+
+    /// The rest, from [`Self::decode_middle`]'s output: the up blocks, the output norm and conv.
+    pub fn decode_upper(&self, x: &Tensor) -> Result<Tensor> {
+        let mut x = x.clone();
         for block in &self.up_blocks {
             for resnet in &block.resnets {
                 x = resnet.forward(&x, None)?;
@@ -187,6 +200,41 @@ impl VaeDecoder {
         }
         let x = self.conv_norm_out.forward_silu(&x)?;
         self.conv_out.forward(&x)
+    }
+
+    /// [`Self::decode_upper`] layer by layer over an image held in host memory, each layer computed in bands of
+    /// rows on the VAE's device, every GroupNorm by the whole image's statistics (see [`crate::models::vae_tiling`]).
+    /// `on_layer(done, total)` follows the layers.
+    pub fn decode_upper_in_bands(
+        &self,
+        x: &Tensor,
+        bands: &Bands,
+        on_layer: &mut dyn FnMut(usize, usize),
+    ) -> Result<Tensor> {
+        let total =
+            self.up_blocks.iter().map(|b| b.resnets.len() + usize::from(b.upsampler.is_some())).sum::<usize>() + 1;
+        let mut done = 0;
+        let mut step = |done: &mut usize| {
+            *done += 1;
+            on_layer(*done, total);
+        };
+        let mut x = x.clone();
+        for block in &self.up_blocks {
+            for resnet in &block.resnets {
+                x = resnet.forward_in_bands(&x, bands)?;
+                step(&mut done);
+            }
+            if let Some(up) = &block.upsampler {
+                x = up.forward_in_bands(&x, bands)?;
+                step(&mut done);
+            }
+        }
+        let stats = bands.statistics(&x, self.conv_norm_out.groups())?;
+        let image = bands.map(&x, 1, 1, &mut |band, _, _| {
+            self.conv_out.forward(&self.conv_norm_out.forward_given(band, &stats, true)?)
+        })?;
+        step(&mut done);
+        Ok(image)
     }
 
     /// From the denoised latents, as the SDXL pipeline does: `latents / scaling_factor`, or with
