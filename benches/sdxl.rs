@@ -256,6 +256,7 @@ fn gemm_shapes(args: &Args) {
     // (what, m, n, k): out (m × n) = a (m × k) · b (k × n).
     let shapes = [
         ("linear 32² tokens 640→640", 2048, 640, 640),
+        ("linear context 2048→1280 (cross-attention K)", 154, 1280, 2048),
         ("linear 16² tokens 1280→10240 (GEGLU)", 512, 10240, 1280),
         ("linear 16² tokens 5120→1280 (FF out)", 512, 1280, 5120),
         ("conv 3×3 1280→1280 at 16²", 1280, 256, 11520),
@@ -269,13 +270,43 @@ fn gemm_shapes(args: &Args) {
         let f32_s = time(args.warmup, args.iters, || {
             matmul(&mut c, n, View::row_major(&a, k), View::row_major(&b, n), (m, n, k), false, threads)
         });
+        // The right operand as a Linear's weight is stored, (n × k) row-major: b transposed.
+        let b_t: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
+        let f32_bt_s = time(args.warmup, args.iters, || {
+            matmul(&mut c, n, View::row_major(&a, k), View::transposed(&b_t, k), (m, n, k), false, threads)
+        });
+        // The same product computed as cᵀ (n × m) = w (n × k) · aᵀ, so the weight is the left operand.
+        let f32_swapped_s = time(args.warmup, args.iters, || unsafe {
+            gemm::gemm(
+                n,
+                m,
+                k,
+                c.as_mut_ptr(),
+                n as isize,
+                1,
+                false,
+                b_t.as_ptr(),
+                1,
+                k as isize,
+                a.as_ptr(),
+                k as isize,
+                1,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::Rayon(threads),
+            )
+        });
         let pa = Packed::from_rows(&a, m, k, MR);
         let pack = Instant::now();
         let pb = Packed::from_row_writer(n, k, |kk, row| row.copy_from_slice(&b[kk * n..(kk + 1) * n]));
         let pack_s = pack.elapsed().as_secs_f64();
         let mut row = json!({
             "case": "gemm", "shape": what, "m": m, "n": n, "k": k, "f32_gflops": flops / median(f32_s) / 1e9,
-            "bf16_pack_right_s": pack_s,
+            "f32_right_transposed_gflops": flops / median(f32_bt_s) / 1e9,
+            "f32_swapped_gflops": flops / median(f32_swapped_s) / 1e9, "bf16_pack_right_s": pack_s,
         });
         for kernel in Kernel::available() {
             let s = median(time(args.warmup, args.iters, || gemm_bf16::gemm(&mut c, n, &pa, &pb, kernel)));

@@ -1,6 +1,8 @@
 //! Multi-head scaled dot-product attention, shared by the UNet's transformer blocks and the VAE's mid block.
 
-use candle_core::{DType, Result, Tensor, D};
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Result, Tensor, TensorId, D};
 use candle_nn::{Module, VarBuilder};
 
 use super::layers::{linear, linear_no_bias, Linear};
@@ -46,6 +48,19 @@ pub fn chunked_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resu
     }
 }
 
+/// How many cross-attention contexts an [`Attention`] keeps the keys and values of: the batched prompt pair, or
+/// the negative and positive prompts when they run as separate batches.
+const CACHED_CONTEXTS: usize = 2;
+
+/// The keys and values (heads split) of the most recent cross-attention contexts, by the context tensor's id.
+/// A denoising loop passes the same text-context tensor at every step, so its projections, which do not depend on
+/// the step, are computed once per generation instead of once per step. Tensor ids are never reused, so an entry
+/// cannot be mistaken for another context.
+#[derive(Debug, Default)]
+struct ContextProjections {
+    recent: Mutex<Vec<(TensorId, Tensor, Tensor)>>,
+}
+
 /// diffusers' `Attention` processor (q/k/v projections, SDPA, output projection) on (batch, tokens, channels).
 #[derive(Debug, Clone)]
 pub struct Attention {
@@ -55,6 +70,7 @@ pub struct Attention {
     to_out: Linear,
     heads: usize,
     scale: f64,
+    context_projections: Arc<ContextProjections>,
 }
 
 impl Attention {
@@ -82,6 +98,7 @@ impl Attention {
             to_out: linear(inner, query_dim, vb.pp("to_out").pp("0"))?,
             heads,
             scale: (head_dim as f64).powf(-0.5),
+            context_projections: Arc::default(),
         })
     }
 
@@ -91,11 +108,13 @@ impl Attention {
     }
 
     /// `x`: (batch, tokens, query_dim); `context`: (batch, tokens_kv, context_dim) or `None` for self-attention.
+    /// Cross-attention keys and values of a context seen recently are reused (see [`ContextProjections`]).
     pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
-        let context = context.unwrap_or(x);
         let q = self.split_heads(&self.to_q.forward(x)?)?;
-        let k = self.split_heads(&self.to_k.forward(context)?)?;
-        let v = self.split_heads(&self.to_v.forward(context)?)?;
+        let (k, v) = match context {
+            Some(context) => self.context_keys_values(context)?,
+            None => (self.split_heads(&self.to_k.forward(x)?)?, self.split_heads(&self.to_v.forward(x)?)?),
+        };
         let out = scaled_dot_product_attention(&q, &k, &v, self.scale)?;
         let (b, _, n, _) = out.dims4()?;
         let out = out.transpose(1, 2)?.reshape((b, n, ()))?;
@@ -103,7 +122,77 @@ impl Attention {
     }
 }
 
+impl Attention {
+    fn context_keys_values(&self, context: &Tensor) -> Result<(Tensor, Tensor)> {
+        let id = context.id();
+        {
+            let recent = self.context_projections.recent.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((_, k, v)) = recent.iter().find(|(seen, _, _)| *seen == id) {
+                return Ok((k.clone(), v.clone()));
+            }
+        }
+        let k = self.split_heads(&self.to_k.forward(context)?)?;
+        let v = self.split_heads(&self.to_v.forward(context)?)?;
+        let mut recent = self.context_projections.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if recent.len() == CACHED_CONTEXTS {
+            recent.remove(0);
+        }
+        recent.push((id, k.clone(), v.clone()));
+        Ok((k, v))
+    }
+}
+
 /// Softmax over the last dimension with an additive mask (used by CLIP's causal attention).
 pub fn masked_softmax(scores: &Tensor, mask: &Tensor) -> Result<Tensor> {
     candle_nn::ops::softmax(&scores.broadcast_add(mask)?, D::Minus1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn randn(seed: u64, shape: &[usize]) -> Tensor {
+        crate::rng::TorchRng::new(seed).randn_tensor(shape, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn cross_attention_reuses_a_contexts_projections_and_only_its_own() {
+        let (dim, context_dim, heads, head_dim) = (16, 12, 2, 8);
+        let mut weights = std::collections::HashMap::new();
+        for (i, (name, c_in)) in [("to_q", dim), ("to_k", context_dim), ("to_v", context_dim)].into_iter().enumerate() {
+            weights.insert(format!("{name}.weight"), randn(10 + i as u64, &[heads * head_dim, c_in]));
+        }
+        weights.insert("to_out.0.weight".into(), randn(20, &[dim, heads * head_dim]));
+        weights.insert("to_out.0.bias".into(), randn(21, &[dim]));
+        let vb = VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
+        let attention = Attention::new(vb, dim, context_dim, heads, head_dim, false).unwrap();
+        let x = randn(1, &[2, 5, dim]);
+        let contexts = [randn(2, &[2, 7, context_dim]), randn(3, &[2, 7, context_dim]), randn(4, &[2, 7, context_dim])];
+        // What each context gives when first seen, from a fresh copy (a new tensor id, so never from the cache).
+        let fresh = |c: &Tensor| attention.forward(&x, Some(&c.copy().unwrap())).unwrap();
+        let expected: Vec<Tensor> = contexts.iter().map(fresh).collect();
+        let cached = |c: &Tensor| attention.context_projections.recent.lock().unwrap().iter().any(|e| e.0 == c.id());
+        for round in 0..3 {
+            for (context, expected) in contexts.iter().zip(&expected) {
+                let out = attention.forward(&x, Some(context)).unwrap();
+                let diff = (out - expected).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                assert_eq!(diff, 0.0, "round {round}: a context's output must not depend on the cache");
+                assert!(cached(context));
+            }
+        }
+        // Only the most recent contexts are kept.
+        assert!(!cached(&contexts[0]) && cached(&contexts[1]) && cached(&contexts[2]));
+        assert_eq!(attention.context_projections.recent.lock().unwrap().len(), CACHED_CONTEXTS);
+        // Hits (a loop's steps) give the same output as computing the projections again.
+        for _ in 0..2 {
+            for (context, expected) in contexts[1..].iter().zip(&expected[1..]) {
+                let out = attention.forward(&x, Some(context)).unwrap();
+                assert_eq!(
+                    (out - expected).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap(),
+                    0.0
+                );
+            }
+        }
+    }
 }
