@@ -14,15 +14,36 @@ use crate::kernels;
 const MAX_SCORE_ELEMENTS: usize = 1 << 24;
 
 /// softmax(q kᵀ · scale) v for `q`: (batch, heads, n_q, d), `k`, `v`: (batch, heads, n_kv, d).
-/// On the CPU this is the fused kernel (in f32 whatever the storage dtype); elsewhere queries are processed in
-/// chunks so the score tensor stays under [`MAX_SCORE_ELEMENTS`].
+/// On the CPU this is the fused kernel (in f32 whatever the storage dtype); on CUDA with the `flash-attn` feature,
+/// f16 / bf16 inputs go to the flash-attention kernels; elsewhere queries are processed in chunks so the score
+/// tensor stays under [`MAX_SCORE_ELEMENTS`].
 pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     if q.device().is_cpu() {
         let dtype = q.dtype();
         let f32 = |t: &Tensor| t.to_dtype(DType::F32);
         return kernels::attention::scaled_dot_product_attention(&f32(q)?, &f32(k)?, &f32(v)?, scale)?.to_dtype(dtype);
     }
+    #[cfg(feature = "flash-attn")]
+    if let Some(out) = flash_attention(q, k, v, scale)? {
+        return Ok(out);
+    }
     chunked_attention(q, k, v, scale)
+}
+
+/// candle-flash-attn's kernels where they apply: CUDA, f16 or bf16, a head size that is a multiple of 8 up to
+/// 512 (the UNet's 64; the VAE's single 512-wide head runs in f32 and takes the chunked path). They take
+/// (batch, tokens, heads, head size) with only the last dimension contiguous, which is a transposed view of ours.
+#[cfg(feature = "flash-attn")]
+fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Option<Tensor>> {
+    let head_size = q.dim(3)?;
+    let half = matches!(q.dtype(), DType::F16 | DType::BF16);
+    if !q.device().is_cuda() || !half || head_size % 8 != 0 || head_size > 512 {
+        return Ok(None);
+    }
+    let tokens_first = |t: &Tensor| t.transpose(1, 2);
+    let out =
+        candle_flash_attn::flash_attn(&tokens_first(q)?, &tokens_first(k)?, &tokens_first(v)?, scale as f32, false)?;
+    Ok(Some(out.transpose(1, 2)?))
 }
 
 /// The plain composition (matmul, softmax, matmul) over query chunks.
