@@ -127,6 +127,7 @@ fn options(args: &Args) -> PipelineOptions {
 fn run(args: &Args, process_start: Instant) -> Result<(), Box<dyn std::error::Error>> {
     if args.case == "gemm" {
         gemm_shapes(args);
+        few_rows_shapes(args);
         return Ok(());
     }
     if !args.model.join("model_index.json").is_file() {
@@ -169,28 +170,23 @@ fn run(args: &Args, process_start: Instant) -> Result<(), Box<dyn std::error::Er
             });
             report("text-encoders", args, seconds, json!({}));
         }
-        "vae-decode" => {
-            let pipeline = Pipeline::load(&model, options(args))?;
-            let vae = pipeline.load_vae()?;
-            let latent = args.size / 8;
-            let dtype = dreamshaper::models::layers::compute_dtype(&device, pipeline.vae_dtype());
-            let z = Tensor::randn(0f32, 1., (1, 4, latent, latent), &device)?.to_dtype(dtype)?;
-            let seconds = time(args.warmup, args.iters, || {
-                vae.decode_latents(&z).expect("VAE decode");
-            });
-            report("vae-decode", args, seconds, json!({}));
-        }
-        "vae-decode-bands" => {
+        "vae-decode" | "vae-decode-bands" => {
             let pipeline = Pipeline::load(&model, options(args))?;
             let vae = pipeline.load_vae()?;
             let latent = args.size / 8;
             let dtype = dreamshaper::models::layers::compute_dtype(&device, pipeline.vae_dtype());
             let z = Tensor::randn(0f32, 1., (1, 4, latent, latent), &device)?.to_dtype(dtype)?;
             let z = vae.scale_latents(&z)?;
+            let bands = args.case == "vae-decode-bands";
             let seconds = time(args.warmup, args.iters, || {
-                dreamshaper::models::vae_tiling::tiled_decode(&vae, &z, &mut |_, _| {}).expect("VAE decode in bands");
+                if bands {
+                    dreamshaper::models::vae_tiling::tiled_decode(&vae, &z, &mut |_, _| {})
+                        .expect("VAE decode in bands");
+                } else {
+                    vae.decode(&z).expect("VAE decode");
+                }
             });
-            report("vae-decode-bands", args, seconds, json!({}));
+            report(&args.case, args, seconds, json!({}));
         }
         "scheduler-step" => {
             let config = SchedulerConfig::from_file(&args.model.join("scheduler/scheduler_config.json"))?;
@@ -313,6 +309,39 @@ fn gemm_shapes(args: &Args) {
             row[format!("bf16_{kernel:?}_gflops")] = json!(flops / s / 1e9);
         }
         println!("{row}");
+    }
+}
+
+/// Linear layers of few rows (the text encoders: 77 tokens × prompt and negative prompt) with the weight as stored:
+/// the dot-product kernel against the `gemm` crate, GFLOP/s, to place `dot_linear::MAX_ROWS`.
+fn few_rows_shapes(args: &Args) {
+    use dreamshaper::kernels::dot_linear;
+    use dreamshaper::kernels::gemm::{matmul, View};
+    let random = |n: usize, seed: u32| -> Vec<f32> {
+        (0..n).map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32 / 8388608.0 - 1.0).collect()
+    };
+    let threads = rayon::current_num_threads();
+    for rows in [77, 154, 256, 320, 512] {
+        for (what, n, k) in [
+            ("bigG 1280→5120", 5120, 1280),
+            ("bigG 5120→1280", 1280, 5120),
+            ("bigG 1280→1280", 1280, 1280),
+            ("CLIP-L 768→3072", 3072, 768),
+        ] {
+            let (x, w) = (random(rows * k, 1), random(n * k, 2));
+            let mut c = vec![0f32; rows * n];
+            let flops = 2.0 * (rows * n * k) as f64;
+            let gemm_s = median(time(args.warmup, args.iters, || {
+                matmul(&mut c, n, View::row_major(&x, k), View::transposed(&w, k), (rows, n, k), false, threads)
+            }));
+            let dot_s = median(time(args.warmup, args.iters, || {
+                dot_linear::linear(&x, &w, None, rows, n, k);
+            }));
+            println!(
+                "{}",
+                json!({"case": "few-rows", "rows": rows, "shape": what, "gemm_gflops": flops / gemm_s / 1e9, "dot_gflops": flops / dot_s / 1e9})
+            );
+        }
     }
 }
 

@@ -3,9 +3,9 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
-use super::contiguous_f32;
 use super::gemm::{matmul, View};
 use super::gemm_bf16::{self, Kernel, Packed, MR, NR};
+use super::{contiguous_f32, dot_linear};
 
 /// Whether the weight tensor is stored as (n, k), the checkpoint's layout, or transposed as (k, n).
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -34,6 +34,11 @@ fn output_dims(x: &Layout, n: usize, k: usize) -> Result<Shape> {
 
 fn linear_into(x: &[f32], k: usize, weight: &[f32], layout: WeightLayout, bias: Option<&[f32]>, n: usize) -> Vec<f32> {
     let rows = x.len() / k.max(1);
+    if layout == WeightLayout::OutIn && rows <= dot_linear::MAX_ROWS && k > 0 {
+        if let Some(out) = dot_linear::linear(x, weight, bias, rows, n, k) {
+            return out;
+        }
+    }
     let mut out = initial_output(bias, rows, n);
     if k > 0 {
         let w_t = match layout {

@@ -4,6 +4,7 @@
 
 pub mod attention;
 pub mod conv;
+pub mod dot_linear;
 pub mod geglu;
 pub mod gemm;
 pub mod gemm_bf16;
