@@ -245,9 +245,6 @@ fn run(args: &Args, process_start: Instant) -> Result<(), Box<dyn std::error::Er
 fn gemm_shapes(args: &Args) {
     use dreamshaper::kernels::gemm::{matmul, View};
     use dreamshaper::kernels::gemm_bf16::{self, Kernel, Packed, MR};
-    let random = |n: usize, seed: u32| -> Vec<f32> {
-        (0..n).map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32 / 8388608.0 - 1.0).collect()
-    };
     let threads = rayon::current_num_threads();
     // (what, m, n, k): out (m × n) = a (m × k) · b (k × n).
     let shapes = [
@@ -317,9 +314,6 @@ fn gemm_shapes(args: &Args) {
 fn few_rows_shapes(args: &Args) {
     use dreamshaper::kernels::dot_linear;
     use dreamshaper::kernels::gemm::{matmul, View};
-    let random = |n: usize, seed: u32| -> Vec<f32> {
-        (0..n).map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32 / 8388608.0 - 1.0).collect()
-    };
     let threads = rayon::current_num_threads();
     for rows in [77, 154, 256, 320, 512] {
         for (what, n, k) in [
@@ -343,6 +337,11 @@ fn few_rows_shapes(args: &Args) {
             );
         }
     }
+}
+
+/// `n` deterministic pseudo-random values in [-1, 1) (the GEMM cases' inputs).
+fn random(n: usize, seed: u32) -> Vec<f32> {
+    (0..n).map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32 / 8388608.0 - 1.0).collect()
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

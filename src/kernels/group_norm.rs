@@ -164,11 +164,11 @@ impl CustomOp3 for GroupNormOp {
 
 /// GroupNorm over (batch, channels, …) f32 CPU tensors, with SiLU applied after when `silu`.
 pub fn group_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, groups: usize, eps: f64, silu: bool) -> Result<Tensor> {
-    x.contiguous()?.apply_op3_no_bwd(
-        &gamma.contiguous()?,
-        &beta.contiguous()?,
-        &GroupNormOp { groups, eps, silu, given: None },
-    )
+    apply(x, gamma, beta, GroupNormOp { groups, eps, silu, given: None })
+}
+
+fn apply(x: &Tensor, gamma: &Tensor, beta: &Tensor, op: GroupNormOp) -> Result<Tensor> {
+    x.contiguous()?.apply_op3_no_bwd(&gamma.contiguous()?, &beta.contiguous()?, &op)
 }
 
 /// [`group_norm`] by given statistics: `given[b · groups + g]` is the (mean, biased variance) of group g of item b.
@@ -181,8 +181,7 @@ pub fn group_norm_given(
     silu: bool,
     given: &[(f64, f64)],
 ) -> Result<Tensor> {
-    let op = GroupNormOp { groups, eps, silu, given: Some(given.into()) };
-    x.contiguous()?.apply_op3_no_bwd(&gamma.contiguous()?, &beta.contiguous()?, &op)
+    apply(x, gamma, beta, GroupNormOp { groups, eps, silu, given: Some(given.into()) })
 }
 
 /// The [`Moments`] of each (batch, group) of a (batch, channels, height, width) tensor over the pixels in `rows` ×

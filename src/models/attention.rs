@@ -1,6 +1,6 @@
 //! Multi-head scaled dot-product attention, shared by the UNet's transformer blocks and the VAE's mid block.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use candle_core::{DType, Result, Tensor, TensorId, D};
 use candle_nn::{Module, VarBuilder};
@@ -82,6 +82,13 @@ struct ContextProjections {
     recent: Mutex<Vec<(TensorId, Tensor, Tensor)>>,
 }
 
+impl ContextProjections {
+    /// The entries, oldest first (a panic elsewhere while they were held leaves them valid).
+    fn recent(&self) -> MutexGuard<'_, Vec<(TensorId, Tensor, Tensor)>> {
+        self.recent.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
 /// diffusers' `Attention` processor (q/k/v projections, SDPA, output projection) on (batch, tokens, channels).
 #[derive(Debug, Clone)]
 pub struct Attention {
@@ -141,20 +148,15 @@ impl Attention {
         let out = out.transpose(1, 2)?.reshape((b, n, ()))?;
         self.to_out.forward(&out)
     }
-}
 
-impl Attention {
     fn context_keys_values(&self, context: &Tensor) -> Result<(Tensor, Tensor)> {
         let id = context.id();
-        {
-            let recent = self.context_projections.recent.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some((_, k, v)) = recent.iter().find(|(seen, _, _)| *seen == id) {
-                return Ok((k.clone(), v.clone()));
-            }
+        if let Some((_, k, v)) = self.context_projections.recent().iter().find(|(seen, _, _)| *seen == id) {
+            return Ok((k.clone(), v.clone()));
         }
         let k = self.split_heads(&self.to_k.forward(context)?)?;
         let v = self.split_heads(&self.to_v.forward(context)?)?;
-        let mut recent = self.context_projections.recent.lock().unwrap_or_else(|p| p.into_inner());
+        let mut recent = self.context_projections.recent();
         if recent.len() == CACHED_CONTEXTS {
             recent.remove(0);
         }

@@ -51,9 +51,7 @@ impl ResnetBlock2D {
             None => x + h,
         }
     }
-}
 
-impl ResnetBlock2D {
     /// [`Self::forward`] without a time embedding over an image held in host memory, in bands of rows (see
     /// [`Bands`]): each GroupNorm by the whole image's statistics, so the result is the whole-image forward's.
     pub fn forward_in_bands(&self, x: &Tensor, bands: &Bands) -> Result<Tensor> {

@@ -214,26 +214,26 @@ impl VaeDecoder {
         let total =
             self.up_blocks.iter().map(|b| b.resnets.len() + usize::from(b.upsampler.is_some())).sum::<usize>() + 1;
         let mut done = 0;
-        let mut step = |done: &mut usize| {
-            *done += 1;
-            on_layer(*done, total);
+        let mut step = || {
+            done += 1;
+            on_layer(done, total);
         };
         let mut x = x.clone();
         for block in &self.up_blocks {
             for resnet in &block.resnets {
                 x = resnet.forward_in_bands(&x, bands)?;
-                step(&mut done);
+                step();
             }
             if let Some(up) = &block.upsampler {
                 x = up.forward_in_bands(&x, bands)?;
-                step(&mut done);
+                step();
             }
         }
         let stats = bands.statistics(&x, self.conv_norm_out.groups())?;
         let image = bands.map(&x, 1, 1, &mut |band, _, _| {
             self.conv_out.forward(&self.conv_norm_out.forward_given(band, &stats, true)?)
         })?;
-        step(&mut done);
+        step();
         Ok(image)
     }
 
