@@ -85,14 +85,6 @@ fn canonical(name: &str) -> String {
     schedulers::names().into_iter().find(|n| n.eq_ignore_ascii_case(name)).unwrap_or(name).to_string()
 }
 
-/// Whether `name` names a registered scheduler; the error lists the valid names.
-fn check_known(name: &str) -> Result<()> {
-    match schedulers::create(name, &SchedulerConfig::default(), 1) {
-        Err(e @ Error::UnknownScheduler(_)) => Err(e),
-        _ => Ok(()),
-    }
-}
-
 /// Parses `--schedulers`: `all` (every registered scheduler) or a comma-separated list of names (case-insensitive;
 /// hosted-API, diffusers-class or A1111 names). Unknown names are an error listing the valid ones.
 pub fn parse_schedulers(list: &str) -> Result<Vec<String>> {
@@ -108,7 +100,7 @@ pub fn parse_schedulers(list: &str) -> Result<Vec<String>> {
             )));
         }
         let item = item.trim();
-        check_known(item)?;
+        schedulers::lookup(item)?;
         let name = canonical(item);
         if !out.iter().any(|n| n.eq_ignore_ascii_case(&name)) {
             out.push(name);
@@ -120,12 +112,11 @@ pub fn parse_schedulers(list: &str) -> Result<Vec<String>> {
 /// Checks the reference scheduler's name and returns its registered spelling. An unknown name (e.g. the default
 /// Heun in a build that does not have it yet) is an error asking for another reference.
 pub fn check_reference_scheduler(name: &str) -> Result<String> {
-    check_known(name).map_err(|_| {
-        Error::UnknownScheduler(format!(
-            "reference scheduler {name:?} is not available in this build; pick another reference scheduler \
-             (--reference-scheduler), one of: {}",
-            schedulers::names().join(", ")
-        ))
+    schedulers::lookup(name).map_err(|_| {
+        Error::invalid(
+            "reference_scheduler",
+            format!("reference scheduler {name:?} is unknown; pick one of: {}", schedulers::names().join(", ")),
+        )
     })?;
     Ok(canonical(name))
 }
@@ -233,7 +224,7 @@ impl Plan {
         }
         let nfe = |name: &str, steps: usize| -> Result<usize> {
             let scheduler = schedulers::create(name, config, steps).map_err(|e| match e {
-                Error::UnknownScheduler(_) => e,
+                Error::UnknownScheduler { .. } => e,
                 e => Error::Other(format!("{name} at {steps} steps: {e}")),
             })?;
             Ok(scheduler.timesteps().len())
@@ -250,7 +241,7 @@ impl Plan {
         let mut names: Vec<String> = Vec::new();
         let mut slugs: Vec<String> = Vec::new();
         for name in &options.schedulers {
-            check_known(name)?;
+            schedulers::lookup(name)?;
             let name = canonical(name);
             if names.iter().any(|n| n.eq_ignore_ascii_case(&name)) {
                 continue;

@@ -167,27 +167,66 @@ const REGISTRY: &[Entry] = &[
     Entry { name: "Euler", aliases: &["EulerDiscreteScheduler", "euler", "k_euler"], build: euler::Euler::boxed },
 ];
 
+/// A registered scheduler, found by [`lookup`]: what the CLI, the server and `bench-schedulers` hold once a name
+/// has been checked.
+#[derive(Clone, Copy)]
+pub struct Kind(&'static Entry);
+
+impl Kind {
+    /// The hosted API's spelling of the name.
+    pub fn name(self) -> &'static str {
+        self.0.name
+    }
+
+    /// Builds the scheduler from the model's config, set up for `num_inference_steps`.
+    pub fn build(self, config: &SchedulerConfig, num_inference_steps: usize) -> Result<Box<dyn Scheduler>> {
+        let train_steps = config.usize_or("num_train_timesteps", 1000);
+        if num_inference_steps == 0 || num_inference_steps > train_steps {
+            return Err(Error::invalid(
+                "num_inference_steps",
+                format!("must be between 1 and the model's {train_steps} training timesteps, got {num_inference_steps}"),
+            ));
+        }
+        (self.0.build)(config, num_inference_steps)
+    }
+}
+
+impl std::fmt::Debug for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl PartialEq for Kind {
+    fn eq(&self, other: &Self) -> bool {
+        std::ptr::eq(self.0, other.0)
+    }
+}
+
+impl Eq for Kind {}
+
 /// The names of every registered scheduler, as the hosted API spells them.
 pub fn names() -> Vec<&'static str> {
     REGISTRY.iter().map(|e| e.name).collect()
 }
 
-/// Builds the scheduler `name` (case-insensitive; hosted-API, diffusers-class or A1111 name) from the model's
-/// config, set up for `num_inference_steps`.
-pub fn create(name: &str, config: &SchedulerConfig, num_inference_steps: usize) -> Result<Box<dyn Scheduler>> {
+/// Every registered scheduler, in registry order.
+pub fn all() -> impl Iterator<Item = Kind> {
+    REGISTRY.iter().map(Kind)
+}
+
+/// The scheduler called `name` (case-insensitive; hosted-API, diffusers-class or A1111 name), or
+/// [`Error::UnknownScheduler`] listing the valid names.
+pub fn lookup(name: &str) -> Result<Kind> {
     let wanted = name.trim();
-    let entry = REGISTRY
+    REGISTRY
         .iter()
         .find(|e| e.name.eq_ignore_ascii_case(wanted) || e.aliases.iter().any(|a| a.eq_ignore_ascii_case(wanted)))
-        .ok_or_else(|| {
-            Error::UnknownScheduler(format!("unknown scheduler {name:?}; valid names: {}", names().join(", ")))
-        })?;
-    let train_steps = config.usize_or("num_train_timesteps", 1000);
-    if num_inference_steps == 0 || num_inference_steps > train_steps {
-        return Err(Error::invalid(
-            "num_inference_steps",
-            format!("must be between 1 and the model's {train_steps} training timesteps, got {num_inference_steps}"),
-        ));
-    }
-    (entry.build)(config, num_inference_steps)
+        .map(Kind)
+        .ok_or_else(|| Error::UnknownScheduler { name: name.to_string(), valid: names() })
+}
+
+/// Builds the scheduler `name` (see [`lookup`]) from the model's config, set up for `num_inference_steps`.
+pub fn create(name: &str, config: &SchedulerConfig, num_inference_steps: usize) -> Result<Box<dyn Scheduler>> {
+    lookup(name)?.build(config, num_inference_steps)
 }

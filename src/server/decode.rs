@@ -123,9 +123,8 @@ pub fn validate(request: &GenerateRequest, ranges: Ranges) -> Result<(), ApiErro
             rest.validate_hosted().map_err(invalid)?;
         }
     }
-    // The library's own lookup (case-insensitive, with its aliases); the default config suffices to check a name.
-    let config = crate::schedulers::SchedulerConfig::default();
-    if let Err(Error::UnknownScheduler(_)) = crate::schedulers::create(&request.scheduler, &config, 1) {
+    // The library's own lookup (case-insensitive, with its aliases).
+    if crate::schedulers::lookup(&request.scheduler).is_err() {
         let e =
             Error::invalid("scheduler", format!("must be one of {}, got {:?}", scheduler_list(), request.scheduler));
         return Err(invalid(e));

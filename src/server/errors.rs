@@ -74,7 +74,7 @@ impl ApiError {
     /// The status of an error raised by the pipeline for one request: the caller's fault (400) or the server's (500).
     pub fn from_generation(error: &Error) -> Self {
         match error {
-            Error::InvalidRequest { .. } | Error::UnknownScheduler(_) => Self::bad_request(error.to_string()),
+            Error::InvalidRequest { .. } | Error::UnknownScheduler { .. } => Self::bad_request(error.to_string()),
             Error::Cancelled => Self::new(StatusCode::SERVICE_UNAVAILABLE, "generation cancelled"),
             _ => Self::new(StatusCode::INTERNAL_SERVER_ERROR, format!("generation failed: {error}")),
         }
@@ -106,7 +106,7 @@ mod tests {
     #[test]
     fn library_errors_map_to_client_or_server_faults() {
         assert_eq!(ApiError::from_generation(&Error::invalid("seed", "bad")).status, StatusCode::BAD_REQUEST);
-        assert_eq!(ApiError::from_generation(&Error::UnknownScheduler("x".into())).status, StatusCode::BAD_REQUEST);
+        assert_eq!(ApiError::from_generation(&Error::UnknownScheduler { name: "x".into(), valid: vec!["UniPC"] }).status, StatusCode::BAD_REQUEST);
         let e = ApiError::from_generation(&Error::Other("out of memory".into()));
         assert_eq!(e.status, StatusCode::INTERNAL_SERVER_ERROR);
         assert!(e.message.contains("out of memory"));
