@@ -48,16 +48,26 @@ SCHEDULERS = {
 # or, for DPM Multi in 0.42, crashes). We build the other classes as intended: without those two keys.
 DEIS_ONLY_KEYS = ("algorithm_type", "solver_type")
 
+# The keys that define the model's noise schedule. The "bare" variations start from these alone, so every other key
+# takes the diffusers class's own `__init__` default (DDIM: clip_sample=True, set_alpha_to_one=True; PNDM:
+# skip_prk_steps=False; each class's default timestep_spacing and steps_offset 0; ...), as it does for the many
+# fine-tunes whose scheduler config was written for another class.
+SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")
+BARE = {k: BASE[k] for k in SCHEDULE_KEYS}
+BARE_VARIATIONS = ("bare", "bare_clip_sample")
+
 VARIATIONS = {
     "dreamshaper": {},
     "trailing": {"timestep_spacing": "trailing"},
     "linspace": {"timestep_spacing": "linspace"},
     "v_prediction": {"prediction_type": "v_prediction"},
     "prk": {"skip_prk_steps": False},
+    "bare": {},
+    "bare_clip_sample": {"clip_sample": True},
 }
 
 # Variations that only mean something to some classes (PNDM's Runge-Kutta warm-up); the others run for every name.
-VARIATION_ONLY_FOR = {"prk": ["PNDM"]}
+VARIATION_ONLY_FOR = {"prk": ["PNDM"], "bare_clip_sample": ["DDIM", "DDPM", "Heun"]}
 
 STEPS = [1, 2, 7, 20, 35, 100]
 SHAPE = (1, 4, 4, 6)
@@ -78,7 +88,7 @@ def stand_in_model(x, t):
 
 def build(name, variation):
     class_name, options = SCHEDULERS[name]
-    config = dict(BASE)
+    config = dict(BARE if variation in BARE_VARIATIONS else BASE)
     config.update(VARIATIONS[variation])
     if class_name != "DEISMultistepScheduler":
         for key in DEIS_ONLY_KEYS:
@@ -135,6 +145,8 @@ def main():
         "versions": {"diffusers": diffusers.__version__, "torch": torch.__version__, "numpy": np.__version__},
         "base_config": BASE,
         "variations": VARIATIONS,
+        "bare_config": BARE,
+        "bare_variations": list(BARE_VARIATIONS),
         "schedulers": {k: {"class": v[0], "options": v[1]} for k, v in SCHEDULERS.items()},
         "deis_only_keys": list(DEIS_ONLY_KEYS),
         "shape": list(SHAPE),

@@ -14,7 +14,7 @@ pub use crate::models::vae_tiling::VaeTiling;
 use crate::models::vae_tiling::{tiled_decode, TileSize};
 use crate::rng::TorchRng;
 use crate::sampling::{self, Control, Progress, ProgressFn};
-use crate::schedulers;
+use crate::schedulers::{self, Scheduler};
 use crate::{Error, GenerateRequest, Result};
 
 /// Whether components stay in memory between generations.
@@ -173,10 +173,25 @@ impl Pipeline {
         Error::Other(format!("loading the {component:?} weights: {}{}", Error::from(e), self.source.config_hint()))
     }
 
+    /// The request's scheduler, built from the model's scheduler config: checks the name, the step count and the
+    /// config's values.
+    pub fn scheduler(&self, request: &GenerateRequest) -> Result<Box<dyn Scheduler>> {
+        schedulers::create(&request.scheduler, &self.configs.scheduler, request.num_inference_steps as usize)
+    }
+
     /// Prompt conditioning for a request (text encoders loaded for the call unless resident), read with the
     /// request's prompt syntax, for every model evaluation of its scheduler.
     pub fn condition(&self, request: &GenerateRequest, progress: &mut ProgressFn) -> Result<ConditioningSchedule> {
-        let evaluations = self.evaluations(request)?;
+        self.condition_for(request, self.scheduler(request)?.timesteps().len(), progress)
+    }
+
+    /// [`Self::condition`] for a scheduler of `evaluations` model evaluations.
+    fn condition_for(
+        &self,
+        request: &GenerateRequest,
+        evaluations: usize,
+        progress: &mut ProgressFn,
+    ) -> Result<ConditioningSchedule> {
         let mut slot = None;
         let encoders =
             component(&self.resident.text, &mut slot, progress, "loading text encoders", || self.load_text_encoders())?;
@@ -196,17 +211,12 @@ impl Pipeline {
         )
     }
 
-    /// How many model evaluations the request's scheduler makes (what A1111's prompt-editing steps count).
-    fn evaluations(&self, request: &GenerateRequest) -> Result<usize> {
-        let scheduler =
-            schedulers::create(&request.scheduler, &self.configs.scheduler, request.num_inference_steps as usize)?;
-        Ok(scheduler.timesteps().len())
-    }
-
     /// How the request's prompts are read, in words (`--explain-prompt`); needs only the tokenizers.
     pub fn explain_prompt(&self, request: &GenerateRequest) -> Result<String> {
         let (tokenizer, tokenizer_2) = self.source.tokenizers()?;
-        crate::prompt::explain::explain(request, self.evaluations(request)?, [&tokenizer, &tokenizer_2])
+        // A1111's prompt-editing steps count the scheduler's model evaluations.
+        let evaluations = self.scheduler(request)?.timesteps().len();
+        crate::prompt::explain::explain(request, evaluations, [&tokenizer, &tokenizer_2])
     }
 
     /// The denoising loop for a request, from the seed's initial noise to the denoised latents.
@@ -217,8 +227,18 @@ impl Pipeline {
         seed: u64,
         progress: &mut ProgressFn,
     ) -> Result<Tensor> {
-        let mut scheduler =
-            schedulers::create(&request.scheduler, &self.configs.scheduler, request.num_inference_steps as usize)?;
+        self.denoise_with(request, conditioning, self.scheduler(request)?.as_mut(), seed, progress)
+    }
+
+    /// [`Self::denoise`] with the request's scheduler already built (see [`Self::scheduler`]).
+    pub fn denoise_with(
+        &self,
+        request: &GenerateRequest,
+        conditioning: &ConditioningSchedule,
+        scheduler: &mut dyn Scheduler,
+        seed: u64,
+        progress: &mut ProgressFn,
+    ) -> Result<Tensor> {
         let mut slot = None;
         let unet = component(&self.resident.unet, &mut slot, progress, "loading unet", || self.load_unet())?;
         let (height, width) = (request.img_height as usize, request.img_width as usize);
@@ -230,7 +250,7 @@ impl Pipeline {
         stage(progress, "denoising")?;
         let latents = sampling::denoise(
             unet,
-            scheduler.as_mut(),
+            scheduler,
             conditioning,
             latents,
             sampling::Guidance { scale: request.guidance_scale, height, width },
@@ -264,16 +284,16 @@ impl Pipeline {
     /// Checks a request against what this model needs.
     pub fn validate(&self, request: &GenerateRequest) -> Result<()> {
         request.validate_for_model(self.vae_scale_factor() as u32)?;
-        schedulers::create(&request.scheduler, &self.configs.scheduler, request.num_inference_steps as usize)?;
-        Ok(())
+        self.scheduler(request).map(drop)
     }
 
-    /// One request, end to end.
+    /// One request, end to end (its scheduler built once).
     pub fn generate(&self, request: &GenerateRequest, progress: &mut ProgressFn) -> Result<Generation> {
-        self.validate(request)?;
+        request.validate_for_model(self.vae_scale_factor() as u32)?;
+        let mut scheduler = self.scheduler(request)?;
         let seed = request.resolve_seed();
-        let conditioning = self.condition(request, progress)?;
-        let latents = self.denoise(request, &conditioning, seed, progress)?;
+        let conditioning = self.condition_for(request, scheduler.timesteps().len(), progress)?;
+        let latents = self.denoise_with(request, &conditioning, scheduler.as_mut(), seed, progress)?;
         let warnings = conditioning.warnings.clone();
         drop(conditioning);
         let images = self.decode(&latents, progress)?;

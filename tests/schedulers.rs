@@ -1,7 +1,9 @@
 //! Every registered scheduler against diffusers (tests/fixtures/schedulers.json, made by
 //! scripts/make_scheduler_refs.py): timestep and sigma tables, `init_noise_sigma`, `scale_model_input`, and a full
 //! sampling loop driven by a deterministic stand-in model, for Dreamshaper XL's config and variations of it, at
-//! 1, 2, 7, 20, 35 and 100 steps. Where diffusers rejects a combination, we must reject it too.
+//! 1, 2, 7, 20, 35 and 100 steps. The "bare" variations start from the four keys of the noise schedule alone, so
+//! every other key is the diffusers class's own default (DDIM's `clip_sample=True`, PNDM's Runge–Kutta warm-up, each
+//! class's default spacing, …). Where diffusers rejects a combination, we must reject it too.
 
 mod common;
 
@@ -45,7 +47,9 @@ fn initial_sample(shape: &[usize]) -> Tensor {
 }
 
 fn config(fixture: &Value, variation: &str) -> SchedulerConfig {
-    let mut config = SchedulerConfig::from_json(&fixture["base_config"].to_string()).unwrap();
+    let bare = fixture["bare_variations"].as_array().unwrap().iter().any(|v| v == variation);
+    let base = if bare { &fixture["bare_config"] } else { &fixture["base_config"] };
+    let mut config = SchedulerConfig::from_json(&base.to_string()).unwrap();
     for (k, v) in fixture["variations"][variation].as_object().unwrap() {
         config = config.with(k, v.clone());
     }
@@ -88,7 +92,7 @@ fn registered_schedulers_match_diffusers() {
             "{what}: init_noise_sigma {init} vs {want}"
         );
         if let (Some(ours), Some(theirs)) = (s.sigmas(), case.get("sigmas")) {
-            let err = relative(&ours, &floats(theirs));
+            let err = relative(ours, &floats(theirs));
             assert!(err <= TABLE_TOLERANCE, "{what}: sigmas {ours:?} vs {theirs}");
         }
 
@@ -115,7 +119,9 @@ fn registered_schedulers_match_diffusers() {
         "{checked} scheduler cases match diffusers, {refused} refused like diffusers ({} registered: {registered:?})",
         registered.len()
     );
-    assert!(checked >= registered.len() * 24, "every registered scheduler has 24 reference cases");
+    assert!(checked >= registered.len() * 30, "every registered scheduler has 30 reference cases (5 variations)");
+    let bare = fixture["cases"].as_array().unwrap().iter().filter(|c| c["variation"] == "bare").count();
+    assert_eq!(bare, registered.len() * 6, "a bare-config case for every scheduler at every step count");
 }
 
 #[test]
@@ -194,5 +200,77 @@ fn stochastic_schedulers_follow_the_seed_and_deterministic_ones_ignore_it() {
         let stochastic = ["Euler a", "DPM2 a Karras", "DDPM", "DPM++ 2M SDE Karras"].contains(&name);
         assert_eq!(a != b, stochastic, "{name}: does the result depend on the seed?");
         assert_eq!(a, run(name, 1), "{name}: same seed, same result");
+    }
+}
+
+#[test]
+fn lookup_finds_every_alias_once_and_names_the_valid_ones_otherwise() {
+    for kind in schedulers::all() {
+        assert_eq!(schedulers::lookup(kind.name()).unwrap(), kind);
+        assert_eq!(schedulers::lookup(&format!("  {}  ", kind.name().to_uppercase())).unwrap(), kind);
+    }
+    assert_eq!(schedulers::lookup("k_euler_a").unwrap().name(), "Euler a");
+    assert_eq!(schedulers::lookup("DPMSolverMultistepScheduler").unwrap().name(), "DPM Multi");
+    match schedulers::lookup("Euler b") {
+        Err(dreamshaper::Error::UnknownScheduler { name, valid }) => {
+            assert_eq!(name, "Euler b");
+            assert_eq!(valid, schedulers::names());
+        }
+        other => panic!("expected UnknownScheduler, got {other:?}"),
+    }
+}
+
+/// Config values a class does not implement are refused when the scheduler is built (not inside `step`), naming the
+/// key; keys a class does not read are ignored, as diffusers ignores them.
+#[test]
+fn unsupported_config_values_are_refused_at_build_time_naming_the_key() {
+    let base = SchedulerConfig::from_json(&fixture()["base_config"].to_string()).unwrap();
+    let refused = [
+        ("Euler", "prediction_type", Value::from("flow")),
+        ("Euler a", "prediction_type", Value::from("sample")),
+        ("DDIM", "prediction_type", Value::from("x0")),
+        ("PNDM", "prediction_type", Value::from("sample")),
+        ("DPM2 Karras", "prediction_type", Value::from("sample")),
+        ("DDIM", "timestep_spacing", Value::from("evenly")),
+        ("UniPC", "timestep_spacing", Value::from("evenly")),
+        ("LMS", "beta_schedule", Value::from("sigmoid")),
+        ("DDIM", "thresholding", Value::from(true)),
+        ("DDPM", "variance_type", Value::from("learned")),
+        ("DPM Multi", "solver_order", Value::from(3)),
+        ("DPM Multi", "algorithm_type", Value::from("dpmsolver")),
+        ("DPM++ 2M Karras", "final_sigmas_type", Value::from("denoise_to_zero")),
+        ("DEIS", "use_flow_sigmas", Value::from(true)),
+        ("Euler", "use_karras_sigmas", Value::from(true)),
+        ("Euler", "timestep_type", Value::from("continuous")),
+        ("Heun", "use_karras_sigmas", Value::from(true)),
+        ("UniPC", "rescale_betas_zero_snr", Value::from(true)),
+        ("UniPC", "solver_p", Value::from("DPMSolverMultistepScheduler")),
+    ];
+    for (name, key, value) in refused {
+        let config = base.clone().with(key, value.clone());
+        match schedulers::create(name, &config, 10) {
+            Err(dreamshaper::Error::UnsupportedSchedulerConfig { key: k, accepted, .. }) => {
+                assert_eq!(k, key, "{name}: {key} = {value}");
+                assert!(!accepted.is_empty());
+            }
+            Err(e) => panic!("{name}: {key} = {value}: expected an unsupported-config error, got {e}"),
+            Ok(_) => panic!("{name}: {key} = {value} was accepted"),
+        }
+    }
+    // Keys the class does not read: ignored, as diffusers ignores them.
+    for (name, key) in [("Euler a", "use_karras_sigmas"), ("DDIM", "use_karras_sigmas"), ("PNDM", "thresholding")] {
+        schedulers::create(name, &base.clone().with(key, Value::from(true)), 10)
+            .unwrap_or_else(|e| panic!("{name} does not read {key}, yet refused it: {e}"));
+    }
+    // What the classes do implement is accepted.
+    for (name, key, value) in [
+        ("Euler", "prediction_type", "sample"),
+        ("LMS", "prediction_type", "sample"),
+        ("DDIM", "prediction_type", "sample"),
+        ("DPM Multi", "solver_type", "heun"),
+        ("DPM Multi", "final_sigmas_type", "sigma_min"),
+    ] {
+        schedulers::create(name, &base.clone().with(key, Value::from(value)), 10)
+            .unwrap_or_else(|e| panic!("{name}: {key} = {value} refused: {e}"));
     }
 }

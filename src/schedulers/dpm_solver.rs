@@ -3,13 +3,14 @@
 //! sigmas, and with `sde-dpmsolver++`); and `DPMSolverSinglestepScheduler` ("DPM Single"), which takes the same
 //! first-order step and its own second-order step from the start of each two-step block.
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
-use super::ddim::scale;
-use super::multistep::{alpha_sigma, lambda, reject_unsupported, tables, FinalSigma, Prediction};
-use super::{Scheduler, SchedulerConfig};
+use super::multistep::{FinalSigma, Multistep, UNSUPPORTED};
+use super::schedule::{Class, Spacing, ALL_PREDICTIONS, RESCALE};
+use super::sigma::{alpha_sigma, lambda, scale};
+use super::{Scheduler, SchedulerConfig, Timetable};
 use crate::rng::TorchRng;
-use crate::{Error, Result};
+use crate::Result;
 
 /// DPM-Solver++'s first-order step from σ[index] to σ[index + 1] on the x₀ prediction `m0` (with `noise`, the
 /// SDE variant).
@@ -28,51 +29,62 @@ fn first_order(sigmas: &[f32], index: usize, m0: &Tensor, sample: &Tensor, noise
     })
 }
 
+/// λ at the step's target σ[index + 1] and at the two latest evaluations, σ[index] and σ[index − 1].
+fn lambdas(sigmas: &[f32], index: usize) -> (f32, f32, f32) {
+    (lambda(sigmas[index + 1]), lambda(sigmas[index]), lambda(sigmas[index - 1]))
+}
+
+/// DPM-Solver++(2)'s first difference D₁ = (m₀ − m₁) / r₀ with r₀ = h₀ / h.
+fn first_difference(m0: &Tensor, m1: &Tensor, h_0: f32, h: f32) -> Result<Tensor> {
+    Ok(scale(&(m0 - m1)?, 1f32 / (h_0 / h))?)
+}
+
+/// DPM-Solver++(2)'s deterministic update over a step of length h in λ: `x·σ_t/σ_s − α_t(e^{−h} − 1)·m` plus the
+/// midpoint or Heun correction of D₁.
+fn second_order_ode(
+    x: &Tensor,
+    sigma_ratio: f32,
+    alpha_t: f32,
+    h: f32,
+    m: &Tensor,
+    d1: &Tensor,
+    heun: bool,
+) -> Result<Tensor> {
+    let e = (-h).exp() - 1f32;
+    let d1_coefficient = if heun { alpha_t * (e / h + 1f32) } else { -(0.5f32 * (alpha_t * e)) };
+    Ok(((scale(x, sigma_ratio)? - scale(m, alpha_t * e)?)? + scale(d1, d1_coefficient)?)?)
+}
+
+/// `solver_type`: midpoint (default) or heun; the DEIS/UniPC names map to midpoint, as diffusers maps them.
+fn heun_solver(config: &SchedulerConfig, scheduler: &'static str) -> Result<bool> {
+    let choices = [("midpoint", false), ("heun", true), ("logrho", false), ("bh1", false), ("bh2", false)];
+    config.choice(scheduler, "solver_type", "midpoint", &choices)
+}
+
 pub struct DpmSolverMultistep {
-    timesteps: Vec<f64>,
-    sigmas: Vec<f32>,
-    prediction: Prediction,
+    /// Its history holds x₀ predictions.
+    core: Multistep,
     sde: bool,
     heun: bool,
-    solver_order: usize,
-    lower_order_final: bool,
     euler_at_final: bool,
     final_sigma_zero: bool,
-    /// The last converted (x₀) model outputs, oldest first.
-    model_outputs: Vec<Tensor>,
-    lower_order_nums: usize,
 }
 
 impl DpmSolverMultistep {
     pub fn boxed(config: &SchedulerConfig, steps: usize) -> Result<Box<dyn Scheduler>> {
-        reject_unsupported(config, "DPM-Solver")?;
-        // diffusers maps DEIS's `deis` to dpmsolver++ and `logrho`/`bh1`/`bh2` to midpoint.
-        let sde = match config.str_or("algorithm_type", "dpmsolver++") {
-            "dpmsolver++" | "deis" => false,
-            "sde-dpmsolver++" => true,
-            other => {
-                return Err(Error::Other(format!(
-                    "DPM-Solver: algorithm_type {other:?} is not supported (dpmsolver++, sde-dpmsolver++)"
-                )))
-            }
-        };
-        let solver_order = config.usize_or("solver_order", 2);
-        if !(1..=2).contains(&solver_order) {
-            return Err(Error::Other(format!("DPM-Solver: solver_order {solver_order} is not supported (1 or 2)")));
-        }
-        let t = tables(config, steps, FinalSigma::FromConfig)?;
+        let class = Class { name: "DPM-Solver", default_spacing: Spacing::Linspace, predictions: ALL_PREDICTIONS };
+        config.refuse_enabled(class.name, UNSUPPORTED)?;
+        config.refuse_enabled(class.name, &[RESCALE])?;
+        // diffusers maps DEIS's `deis` to dpmsolver++.
+        let algorithms = [("dpmsolver++", false), ("deis", false), ("sde-dpmsolver++", true)];
+        let sde = config.choice(class.name, "algorithm_type", "dpmsolver++", &algorithms)?;
+        let solver_order = config.usize_in(class.name, "solver_order", 2, 1..=2)?;
         Ok(Box::new(Self {
-            timesteps: t.timesteps,
-            sigmas: t.sigmas,
-            prediction: Prediction::from_config(config, "DPM-Solver")?,
+            core: Multistep::new(config, &class, steps, FinalSigma::FromConfig, solver_order)?,
             sde,
-            heun: config.str_or("solver_type", "midpoint") == "heun",
-            solver_order,
-            lower_order_final: config.bool_or("lower_order_final", true),
+            heun: heun_solver(config, class.name)?,
             euler_at_final: config.bool_or("euler_at_final", false),
             final_sigma_zero: config.str_or("final_sigmas_type", "zero") == "zero",
-            model_outputs: Vec::new(),
-            lower_order_nums: 0,
         }))
     }
 
@@ -89,21 +101,15 @@ impl DpmSolverMultistep {
     }
 
     fn second_order(&self, sample: &Tensor, index: usize, noise: Option<&Tensor>) -> Result<Tensor> {
-        let (s_t, s_s0, s_s1) = (self.sigmas[index + 1], self.sigmas[index], self.sigmas[index - 1]);
-        let (alpha_t, sigma_t) = alpha_sigma(s_t);
-        let (_, sigma_s0) = alpha_sigma(s_s0);
-        let (lambda_t, lambda_s0, lambda_s1) = (lambda(s_t), lambda(s_s0), lambda(s_s1));
-        let n = self.model_outputs.len();
-        let (m0, m1) = (&self.model_outputs[n - 1], &self.model_outputs[n - 2]);
+        let sigmas = &self.core.sigmas;
+        let (alpha_t, sigma_t) = alpha_sigma(sigmas[index + 1]);
+        let (_, sigma_s0) = alpha_sigma(sigmas[index]);
+        let (lambda_t, lambda_s0, lambda_s1) = lambdas(sigmas, index);
+        let (m0, m1) = (self.core.history.back(0), self.core.history.back(1));
         let (h, h_0) = (lambda_t - lambda_s0, lambda_s0 - lambda_s1);
-        let r0 = h_0 / h;
-        let d1 = scale(&(m0 - m1)?, 1f32 / r0)?;
-        Ok(match noise {
-            None => {
-                let e = (-h).exp() - 1f32;
-                let d1_coefficient = if self.heun { alpha_t * (e / h + 1f32) } else { -(0.5f32 * (alpha_t * e)) };
-                ((scale(sample, sigma_t / sigma_s0)? - scale(m0, alpha_t * e)?)? + scale(&d1, d1_coefficient)?)?
-            }
+        let d1 = first_difference(m0, m1, h_0, h)?;
+        match noise {
+            None => second_order_ode(sample, sigma_t / sigma_s0, alpha_t, h, m0, &d1, self.heun),
             Some(noise) => {
                 let decay = (-2f32 * h).exp();
                 let d1_coefficient = if self.heun {
@@ -111,80 +117,56 @@ impl DpmSolverMultistep {
                 } else {
                     0.5f32 * (alpha_t * (1f32 - decay))
                 };
-                (((scale(sample, sigma_t / sigma_s0 * (-h).exp())? + scale(m0, alpha_t * (1f32 - decay))?)?
+                Ok((((scale(sample, sigma_t / sigma_s0 * (-h).exp())? + scale(m0, alpha_t * (1f32 - decay))?)?
                     + scale(&d1, d1_coefficient)?)?
-                    + scale(noise, sigma_t * (1f32 - decay).sqrt())?)?
+                    + scale(noise, sigma_t * (1f32 - decay).sqrt())?)?)
             }
-        })
+        }
     }
 }
 
 impl Scheduler for DpmSolverMultistep {
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+    fn timetable(&self) -> &Timetable {
+        &self.core.table
     }
 
-    fn sigmas(&self) -> Option<Vec<f64>> {
-        Some(self.sigmas.iter().map(|&s| s as f64).collect())
-    }
-
-    fn step(&mut self, model_output: &Tensor, index: usize, sample: &Tensor, rng: &mut TorchRng) -> Result<Tensor> {
-        let dtype = model_output.dtype();
-        let n = self.timesteps.len();
+    fn update(&mut self, out: &Tensor, index: usize, sample: &Tensor, rng: &mut TorchRng) -> Result<Tensor> {
+        let n = self.core.table.timesteps.len();
         let last_step = index + 1 == n;
         let lower_order_final =
-            last_step && (self.euler_at_final || (self.lower_order_final && n < 15) || self.final_sigma_zero);
-        let sample = sample.to_dtype(DType::F32)?;
-        let x0 = self.prediction.x0(&model_output.to_dtype(DType::F32)?, &sample, self.sigmas[index])?;
-        if self.model_outputs.len() == self.solver_order {
-            self.model_outputs.remove(0);
-        }
-        self.model_outputs.push(x0);
+            last_step && (self.euler_at_final || (self.core.lower_order_final && n < 15) || self.final_sigma_zero);
+        self.core.history.push(self.core.x0(out, sample, index)?);
         // The SDE variant draws fresh noise at every step, whatever the order used.
-        let noise = if self.sde { Some(rng.randn_tensor(model_output.dims(), model_output.device())?) } else { None };
-        let prev = if self.solver_order == 1 || self.lower_order_nums < 1 || lower_order_final {
-            let m0 = self.model_outputs.last().expect("pushed");
-            first_order(&self.sigmas, index, m0, &sample, noise.as_ref())?
+        let noise = if self.sde { Some(rng.randn_tensor(out.dims(), out.device())?) } else { None };
+        let prev = if self.core.solver_order == 1 || self.core.history.warm_steps < 1 || lower_order_final {
+            first_order(&self.core.sigmas, index, self.core.history.back(0), sample, noise.as_ref())?
         } else {
-            self.second_order(&sample, index, noise.as_ref())?
+            self.second_order(sample, index, noise.as_ref())?
         };
-        if self.lower_order_nums < self.solver_order {
-            self.lower_order_nums += 1;
-        }
-        Ok(prev.to_dtype(dtype)?)
+        self.core.history.step_done();
+        Ok(prev)
     }
 }
 
 /// diffusers' `DPMSolverSinglestepScheduler` (DPM-Solver++; orders 1 and 2 alternate, `get_order_list`).
 pub struct DpmSolverSinglestep {
-    timesteps: Vec<f64>,
-    sigmas: Vec<f32>,
-    prediction: Prediction,
+    /// Its history holds the last two x₀ predictions.
+    core: Multistep,
     heun: bool,
     orders: Vec<usize>,
-    /// The last two x₀ predictions, oldest first.
-    model_outputs: Vec<Tensor>,
     /// The sample at the start of the current block (diffusers' `self.sample`).
     block_sample: Option<Tensor>,
 }
 
 impl DpmSolverSinglestep {
     pub fn boxed(config: &SchedulerConfig, steps: usize) -> Result<Box<dyn Scheduler>> {
-        reject_unsupported(config, "DPM Single")?;
-        match config.str_or("algorithm_type", "dpmsolver++") {
-            "dpmsolver++" | "deis" => {}
-            other => {
-                return Err(Error::Other(format!(
-                    "DPM Single: algorithm_type {other:?} is not supported (dpmsolver++)"
-                )))
-            }
-        }
-        let order = config.usize_or("solver_order", 2);
-        if !(1..=2).contains(&order) {
-            return Err(Error::Other(format!("DPM Single: solver_order {order} is not supported (1 or 2)")));
-        }
+        let class = Class { name: "DPM Single", default_spacing: Spacing::Linspace, predictions: ALL_PREDICTIONS };
+        config.refuse_enabled(class.name, UNSUPPORTED)?;
+        config.choice(class.name, "algorithm_type", "dpmsolver++", &[("dpmsolver++", ()), ("deis", ())])?;
+        let order = config.usize_in(class.name, "solver_order", 2, 1..=2)?;
         // The singlestep solver always spaces its timesteps with linspace.
-        let t = tables(&config.clone().with("timestep_spacing", "linspace".into()), steps, FinalSigma::FromConfig)?;
+        let linspace = config.clone().with("timestep_spacing", "linspace".into());
+        let core = Multistep::new(&linspace, &class, steps, FinalSigma::FromConfig, 2)?;
         let final_zero = config.str_or("final_sigmas_type", "zero") == "zero";
         // diffusers forces lower_order_final for uneven step counts and for a zero final sigma.
         let lower_order_final =
@@ -200,55 +182,35 @@ impl DpmSolverSinglestep {
                 *last = 1;
             }
         }
-        Ok(Box::new(Self {
-            timesteps: t.timesteps,
-            sigmas: t.sigmas,
-            prediction: Prediction::from_config(config, "DPM Single")?,
-            heun: config.str_or("solver_type", "midpoint") == "heun",
-            orders,
-            model_outputs: Vec::new(),
-            block_sample: None,
-        }))
+        Ok(Box::new(Self { core, heun: heun_solver(config, class.name)?, orders, block_sample: None }))
     }
 }
 
 impl Scheduler for DpmSolverSinglestep {
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+    fn timetable(&self) -> &Timetable {
+        &self.core.table
     }
 
-    fn sigmas(&self) -> Option<Vec<f64>> {
-        Some(self.sigmas.iter().map(|&s| s as f64).collect())
-    }
-
-    fn step(&mut self, model_output: &Tensor, index: usize, sample: &Tensor, _rng: &mut TorchRng) -> Result<Tensor> {
-        let dtype = model_output.dtype();
-        let sample = sample.to_dtype(DType::F32)?;
-        let x0 = self.prediction.x0(&model_output.to_dtype(DType::F32)?, &sample, self.sigmas[index])?;
-        if self.model_outputs.len() == 2 {
-            self.model_outputs.remove(0);
-        }
-        self.model_outputs.push(x0);
-        let order = self.orders[index].min(self.model_outputs.len());
+    fn update(&mut self, out: &Tensor, index: usize, sample: &Tensor, _rng: &mut TorchRng) -> Result<Tensor> {
+        self.core.history.push(self.core.x0(out, sample, index)?);
+        let order = self.orders[index].min(self.core.history.len());
         if order == 1 {
             self.block_sample = Some(sample.clone());
         }
-        let start = self.block_sample.as_ref().unwrap_or(&sample);
+        let start = self.block_sample.as_ref().unwrap_or(sample);
         let prev = if order == 1 {
-            first_order(&self.sigmas, index, self.model_outputs.last().expect("pushed"), start, None)?
+            first_order(&self.core.sigmas, index, self.core.history.back(0), start, None)?
         } else {
             // From the block's start (σ_{s1}) over both evaluations to σ_t.
-            let (s_t, s_s0, s_s1) = (self.sigmas[index + 1], self.sigmas[index], self.sigmas[index - 1]);
-            let (alpha_t, sigma_t) = alpha_sigma(s_t);
-            let (_, sigma_s1) = alpha_sigma(s_s1);
-            let (lambda_t, lambda_s0, lambda_s1) = (lambda(s_t), lambda(s_s0), lambda(s_s1));
-            let (m0, m1) = (&self.model_outputs[1], &self.model_outputs[0]);
+            let sigmas = &self.core.sigmas;
+            let (alpha_t, sigma_t) = alpha_sigma(sigmas[index + 1]);
+            let (_, sigma_s1) = alpha_sigma(sigmas[index - 1]);
+            let (lambda_t, lambda_s0, lambda_s1) = lambdas(sigmas, index);
             let (h, h_0) = (lambda_t - lambda_s1, lambda_s0 - lambda_s1);
-            let d1 = scale(&(m0 - m1)?, 1f32 / (h_0 / h))?;
-            let e = (-h).exp() - 1f32;
-            let d1_coefficient = if self.heun { alpha_t * (e / h + 1f32) } else { -(0.5f32 * (alpha_t * e)) };
-            ((scale(start, sigma_t / sigma_s1)? - scale(m1, alpha_t * e)?)? + scale(&d1, d1_coefficient)?)?
+            let (m0, m1) = (self.core.history.back(0), self.core.history.back(1));
+            let d1 = first_difference(m0, m1, h_0, h)?;
+            second_order_ode(start, sigma_t / sigma_s1, alpha_t, h, m1, &d1, self.heun)?
         };
-        Ok(prev.to_dtype(dtype)?)
+        Ok(prev)
     }
 }

@@ -2,33 +2,38 @@
 //! integrals of Lagrange basis polynomials over [σ_t, σ_{t+1}]; diffusers integrates them numerically (scipy `quad`),
 //! we integrate the polynomial exactly (degree ≤ 3; quad's Gauss–Kronrod rule is exact for it up to rounding).
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
-use super::ddim::{divide, scale};
-use super::euler::SigmaTables;
-use super::{Scheduler, SchedulerConfig};
+use super::euler::sigma_timetable;
+use super::schedule::{Class, NoiseSchedule, Prediction, Spacing, ALL_PREDICTIONS, BETA, EXPONENTIAL, KARRAS};
+use super::sigma::{derivative, scale};
+use super::{Scheduler, SchedulerConfig, Timetable};
 use crate::rng::TorchRng;
-use crate::{Error, Result};
+use crate::Result;
+
+const CLASS: Class = Class { name: "LMS", default_spacing: Spacing::Linspace, predictions: ALL_PREDICTIONS };
 
 const ORDER: usize = 4;
 
 pub struct Lms {
-    timesteps: Vec<f64>,
+    table: Timetable,
     sigmas: Vec<f32>,
-    init_noise_sigma: f32,
-    prediction_type: String,
+    prediction: Prediction,
     /// The last `ORDER` derivatives, oldest first.
     derivatives: Vec<Tensor>,
 }
 
 impl Lms {
     pub fn boxed(config: &SchedulerConfig, steps: usize) -> Result<Box<dyn Scheduler>> {
-        let SigmaTables { timesteps, sigmas, init_noise_sigma } = SigmaTables::new(config, steps, "LMS")?;
-        let prediction_type = config.str_or("prediction_type", "epsilon").to_string();
-        if !["epsilon", "v_prediction"].contains(&prediction_type.as_str()) {
-            return Err(Error::Other(format!("LMS: unsupported prediction_type {prediction_type:?}")));
-        }
-        Ok(Box::new(Self { timesteps, sigmas, init_noise_sigma, prediction_type, derivatives: Vec::new() }))
+        config.refuse_enabled(CLASS.name, &[KARRAS, EXPONENTIAL, BETA])?;
+        let schedule = NoiseSchedule::new(config, &CLASS)?;
+        let t = schedule.sigma_tables(steps);
+        Ok(Box::new(Self {
+            table: sigma_timetable(t.timesteps, &t.sigmas, t.init_noise_sigma),
+            sigmas: t.sigmas,
+            prediction: schedule.prediction,
+            derivatives: Vec::new(),
+        }))
     }
 
     /// ∫_{σ_t}^{σ_{t+1}} Π_{k≠j} (τ − σ_{t−k}) / (σ_{t−j} − σ_{t−k}) dτ, for the derivative `j` steps back.
@@ -52,48 +57,27 @@ impl Lms {
 }
 
 impl Scheduler for Lms {
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+    fn timetable(&self) -> &Timetable {
+        &self.table
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        self.init_noise_sigma as f64
-    }
-
-    fn sigmas(&self) -> Option<Vec<f64>> {
-        Some(self.sigmas.iter().map(|&s| s as f64).collect())
-    }
-
-    fn scale_model_input(&self, sample: Tensor, index: usize) -> Result<Tensor> {
+    fn update(&mut self, out: &Tensor, index: usize, sample: &Tensor, _rng: &mut TorchRng) -> Result<Tensor> {
         let sigma = self.sigmas[index];
-        Ok(divide(&sample, (sigma * sigma + 1.0).sqrt())?)
-    }
-
-    fn step(&mut self, model_output: &Tensor, index: usize, sample: &Tensor, _rng: &mut TorchRng) -> Result<Tensor> {
-        let dtype = model_output.dtype();
-        let out = model_output.to_dtype(DType::F32)?;
-        let sample = sample.to_dtype(DType::F32)?;
-        let sigma = self.sigmas[index];
-        let x0 = if self.prediction_type == "v_prediction" {
-            let c = sigma * sigma + 1.0;
-            (scale(&out, -sigma / c.sqrt())? + divide(&sample, c)?)?
-        } else {
-            (&sample - scale(&out, sigma)?)?
-        };
-        self.derivatives.push(divide(&(&sample - x0)?, sigma)?);
+        let x0 = self.prediction.x0_at_sigma(out, sample, sigma)?;
+        self.derivatives.push(derivative(sample, &x0, sigma)?);
         if self.derivatives.len() > ORDER {
             self.derivatives.remove(0);
         }
         let order = (index + 1).min(ORDER);
         let mut update: Option<Tensor> = None;
-        for (j, derivative) in self.derivatives.iter().rev().enumerate().take(order) {
-            let term = scale(derivative, self.coefficient(order, index, j) as f32)?;
+        for (j, d) in self.derivatives.iter().rev().enumerate().take(order) {
+            let term = scale(d, self.coefficient(order, index, j) as f32)?;
             update = Some(match update {
                 None => term,
                 Some(u) => (u + term)?,
             });
         }
         let update = update.expect("at least one derivative");
-        Ok((sample + update)?.to_dtype(dtype)?)
+        Ok((sample + update)?)
     }
 }

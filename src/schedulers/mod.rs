@@ -1,9 +1,15 @@
 //! Schedulers: the noise schedule (timesteps and sigmas) and the update rule applied after each model call.
 //!
-//! Each scheduler family lives in its own file and is registered by one line in [`REGISTRY`]. Every scheduler is
-//! built from the model's `scheduler/scheduler_config.json` (see [`SchedulerConfig`]) exactly as diffusers'
-//! `Class.from_config(config, **options)` would build it.
+//! One core, shared by every scheduler: [`schedule`] reads the config keys every diffusers class reads alike
+//! (betas, prediction type, timestep spacing) with the class's defaults and builds the timestep and σ tables;
+//! [`sigma`] holds the arithmetic the update rules share (x₀ per prediction type, input scaling, the ODE
+//! derivative, the ancestral split, α/σ/λ of a noise level). Each scheduler family lives in its own file with only
+//! its history and its update rule, and is registered by one line in `REGISTRY`; adding a scheduler is one file and
+//! one registry line. Every scheduler is built from the model's `scheduler/scheduler_config.json` (see
+//! [`SchedulerConfig`]) exactly as diffusers' `Class.from_config(config, **options)` would build it, and refuses a
+//! config value it does not implement when it is built, naming the key and the accepted values.
 
+mod config;
 mod ddim;
 mod ddpm;
 mod deis;
@@ -15,14 +21,40 @@ mod lms;
 mod multistep;
 mod pndm;
 pub mod schedule;
+pub mod sigma;
 mod unipc;
 
-use std::path::Path;
+use candle_core::{DType, Tensor};
 
-use candle_core::Tensor;
+pub use config::SchedulerConfig;
 
 use crate::rng::TorchRng;
 use crate::{Error, Result};
+
+/// What the denoising loop needs to know of a scheduler before it runs: one entry per model evaluation.
+#[derive(Debug, Clone)]
+pub struct Timetable {
+    /// The timestep passed to the model at each model evaluation (float: diffusers' Euler-family timesteps are
+    /// fractional).
+    pub timesteps: Vec<f64>,
+    /// The number of inference steps (not of model evaluations, which differ for schedulers that evaluate the
+    /// model more than once per step).
+    pub num_inference_steps: usize,
+    /// What the initial standard-normal latents are multiplied by.
+    pub init_noise_sigma: f64,
+    /// For σ-space schedulers, the noise level of each evaluation: the model input is `sample / √(σ² + 1)`. `None`:
+    /// the input is the sample itself.
+    pub input_sigmas: Option<Vec<f32>>,
+    /// diffusers' `scheduler.sigmas` (final level included), for the classes that have them.
+    pub sigmas: Option<Vec<f64>>,
+}
+
+impl Timetable {
+    /// A variance-preserving scheduler's table: one evaluation per step, unscaled input, initial noise × 1.
+    fn unscaled(timesteps: Vec<f64>, sigmas: Option<Vec<f64>>) -> Self {
+        Self { num_inference_steps: timesteps.len(), timesteps, init_noise_sigma: 1.0, input_sigmas: None, sigmas }
+    }
+}
 
 /// The protocol the denoising loop drives (diffusers' `set_timesteps` / `scale_model_input` / `step`).
 ///
@@ -31,85 +63,52 @@ use crate::{Error, Result};
 /// Some schedulers (Heun, DPM2) evaluate the model more than once per inference step; `timesteps()` then holds one
 /// entry per model evaluation, as diffusers' `scheduler.timesteps` does.
 pub trait Scheduler: Send {
-    /// The timestep passed to the model at each model evaluation (float: diffusers' Euler-family timesteps are
-    /// fractional).
-    fn timesteps(&self) -> &[f64];
+    /// The tables built by `set_timesteps`.
+    fn timetable(&self) -> &Timetable;
 
-    /// The number of inference steps this scheduler was set up for (not the number of model evaluations, which
-    /// differ for schedulers that evaluate the model more than once per step).
+    /// The update rule: the previous sample from the model output at evaluation `index`, both float32 (what
+    /// diffusers computes in). Any noise is drawn from `rng`.
+    fn update(&mut self, model_output: &Tensor, index: usize, sample: &Tensor, rng: &mut TorchRng) -> Result<Tensor>;
+
+    /// Computes the previous sample from the model output at evaluation `index`, in the model output's dtype.
+    fn step(&mut self, model_output: &Tensor, index: usize, sample: &Tensor, rng: &mut TorchRng) -> Result<Tensor> {
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        let prev = self.update(&f32(model_output)?, index, &f32(sample)?, rng)?;
+        Ok(prev.to_dtype(model_output.dtype())?)
+    }
+
+    /// The timestep of each model evaluation.
+    fn timesteps(&self) -> &[f64] {
+        &self.timetable().timesteps
+    }
+
+    /// The number of inference steps this scheduler was set up for.
     fn num_inference_steps(&self) -> usize {
-        self.timesteps().len()
+        self.timetable().num_inference_steps
     }
 
     /// What the initial standard-normal latents are multiplied by (1 unless the scheduler works in σ-space).
     fn init_noise_sigma(&self) -> f64 {
-        1.0
+        self.timetable().init_noise_sigma
     }
 
     /// Scales the model input at evaluation `index` (unchanged unless the scheduler works in σ-space).
-    fn scale_model_input(&self, sample: Tensor, _index: usize) -> Result<Tensor> {
-        Ok(sample)
-    }
-
-    /// Computes the previous sample from the model output at evaluation `index`. Any noise is drawn from `rng`.
-    fn step(&mut self, model_output: &Tensor, index: usize, sample: &Tensor, rng: &mut TorchRng) -> Result<Tensor>;
-
-    /// The noise levels, for schedulers that have them (diffusers' `scheduler.sigmas`, final 0 included).
-    fn sigmas(&self) -> Option<Vec<f64>> {
-        None
-    }
-}
-
-/// A model's `scheduler_config.json`, kept whole: each scheduler reads the keys its diffusers class reads, with that
-/// class's defaults for missing (or null) keys, as `Class.from_config(config)` does.
-#[derive(Debug, Clone, Default)]
-pub struct SchedulerConfig {
-    values: serde_json::Map<String, serde_json::Value>,
-}
-
-impl SchedulerConfig {
-    pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        Self::from_json(&text).map_err(|m| Error::model(path, m))
-    }
-
-    pub fn from_json(text: &str) -> std::result::Result<Self, String> {
-        match serde_json::from_str(text) {
-            Ok(serde_json::Value::Object(values)) => Ok(Self { values }),
-            Ok(_) => Err("a scheduler config must be a JSON object".into()),
-            Err(e) => Err(format!("invalid JSON: {e}")),
+    fn scale_model_input(&self, sample: Tensor, index: usize) -> Result<Tensor> {
+        match &self.timetable().input_sigmas {
+            Some(sigmas) => sigma::scale_input(&sample, sigmas[index]),
+            None => Ok(sample),
         }
     }
 
-    /// Sets a key (the `**options` of `from_config`).
-    pub fn with(mut self, key: &str, value: serde_json::Value) -> Self {
-        self.values.insert(key.to_string(), value);
-        self
+    /// The noise levels, for schedulers that have them (diffusers' `scheduler.sigmas`, final level included).
+    fn sigmas(&self) -> Option<&[f64]> {
+        self.timetable().sigmas.as_deref()
     }
+}
 
-    fn get(&self, key: &str) -> Option<&serde_json::Value> {
-        self.values.get(key).filter(|v| !v.is_null())
-    }
-
-    pub fn f64_or(&self, key: &str, default: f64) -> f64 {
-        self.get(key).and_then(|v| v.as_f64()).unwrap_or(default)
-    }
-
-    pub fn usize_or(&self, key: &str, default: usize) -> usize {
-        self.get(key).and_then(|v| v.as_u64()).map_or(default, |v| v as usize)
-    }
-
-    pub fn bool_or(&self, key: &str, default: bool) -> bool {
-        self.get(key).and_then(|v| v.as_bool()).unwrap_or(default)
-    }
-
-    pub fn str_or<'a>(&'a self, key: &str, default: &'a str) -> &'a str {
-        self.get(key).and_then(|v| v.as_str()).unwrap_or(default)
-    }
-
-    pub fn f64_list(&self, key: &str) -> Option<Vec<f64>> {
-        self.get(key)?.as_array()?.iter().map(|v| v.as_f64()).collect()
-    }
+/// f32 tables as the f64 lists diffusers' tensors print as.
+fn widen(values: &[f32]) -> Vec<f64> {
+    values.iter().map(|&v| v as f64).collect()
 }
 
 type Constructor = fn(&SchedulerConfig, usize) -> Result<Box<dyn Scheduler>>;
@@ -184,7 +183,9 @@ impl Kind {
         if num_inference_steps == 0 || num_inference_steps > train_steps {
             return Err(Error::invalid(
                 "num_inference_steps",
-                format!("must be between 1 and the model's {train_steps} training timesteps, got {num_inference_steps}"),
+                format!(
+                    "must be between 1 and the model's {train_steps} training timesteps, got {num_inference_steps}"
+                ),
             ));
         }
         (self.0.build)(config, num_inference_steps)
@@ -199,7 +200,7 @@ impl std::fmt::Debug for Kind {
 
 impl PartialEq for Kind {
     fn eq(&self, other: &Self) -> bool {
-        std::ptr::eq(self.0, other.0)
+        self.0.name == other.0.name
     }
 }
 

@@ -1,21 +1,19 @@
-//! What diffusers' multistep solvers (UniPC, DPM-Solver, DEIS) share: their timestep/sigma tables and the
-//! conversions between a noise level σ and (α_t, σ_t, λ_t). All scalar arithmetic is float32, as diffusers does it
-//! on 0-d float32 tensors.
+//! What diffusers' multistep solvers (UniPC, DPM-Solver, DEIS) share: their timestep/σ tables (Karras sigmas mapped
+//! back to timesteps, the final σ rule) and the history of converted model outputs with its warm-up count. All
+//! scalar arithmetic is float32, as diffusers does it on 0-d float32 tensors.
 
 use candle_core::Tensor;
 
-use super::ddim::{divide, scale};
 use super::schedule::{
-    alphas_cumprod, betas, interp, karras_sigmas, log_sigmas, numpy_linspace, sigma_to_t, train_sigmas,
+    interp, karras_sigmas, log_sigmas, sigma_to_t, Class, NoiseSchedule, Prediction, BETA, EXPONENTIAL, THRESHOLDING,
 };
-use super::SchedulerConfig;
-use crate::{Error, Result};
+use super::sigma::alpha_sigma;
+use super::{widen, SchedulerConfig, Timetable};
+use crate::Result;
 
-/// Timesteps (one per step) and sigmas (one per step plus the final one) of a multistep solver.
-pub struct MultistepTables {
-    pub timesteps: Vec<f64>,
-    pub sigmas: Vec<f32>,
-}
+/// The options of the multistep classes that are not implemented here (each refuses those its class reads).
+pub const UNSUPPORTED: &[&str] =
+    &[THRESHOLDING, EXPONENTIAL, BETA, "use_lu_lambdas", "use_flow_sigmas", "use_dynamic_shifting"];
 
 /// How a solver picks the noise level after its last step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,32 +24,57 @@ pub enum FinalSigma {
     Deis,
 }
 
-/// `set_timesteps` of the multistep solvers: `n + 1` points for linspace/leading (the last dropped), Karras sigmas
-/// mapped back to (rounded) timesteps when `use_karras_sigmas`, then the final sigma.
-pub fn tables(config: &SchedulerConfig, n: usize, final_sigma: FinalSigma) -> Result<MultistepTables> {
-    let train = config.usize_or("num_train_timesteps", 1000);
-    let offset = config.usize_or("steps_offset", 0) as f64;
-    let mut timesteps: Vec<f64> = match config.str_or("timestep_spacing", "linspace") {
-        "linspace" => {
-            numpy_linspace(0.0, (train - 1) as f64, n + 1).into_iter().map(f64::round_ties_even).rev().take(n).collect()
-        }
-        "leading" => {
-            let ratio = (train / (n + 1)) as f64;
-            (1..=n).rev().map(|i| (i as f64 * ratio).round_ties_even() + offset).collect()
-        }
-        "trailing" => {
-            let ratio = train as f64 / n as f64;
-            let count = (train as f64 / ratio).ceil() as usize;
-            (0..count).map(|i| (train as f64 - i as f64 * ratio).round_ties_even() - 1.0).collect()
-        }
-        other => {
-            return Err(Error::Other(format!(
-                "scheduler config: timestep_spacing {other:?} is not supported (leading, trailing, linspace)"
-            )))
-        }
-    };
-    let cumprod = alphas_cumprod(&betas(config)?);
-    let sigmas_train = train_sigmas(&cumprod);
+/// What every multistep solver holds: its tables, the prediction type, its order and the history of converted
+/// model outputs.
+pub struct Multistep {
+    pub table: Timetable,
+    /// σ per step plus the final one.
+    pub sigmas: Vec<f32>,
+    pub prediction: Prediction,
+    pub solver_order: usize,
+    /// `lower_order_final` (default true): lower the order of the last steps.
+    pub lower_order_final: bool,
+    pub history: History,
+}
+
+impl Multistep {
+    pub fn new(
+        config: &SchedulerConfig,
+        class: &Class,
+        steps: usize,
+        final_sigma: FinalSigma,
+        solver_order: usize,
+    ) -> Result<Self> {
+        let schedule = NoiseSchedule::new(config, class)?;
+        let (timesteps, sigmas) = tables(&schedule, config, class.name, steps, final_sigma)?;
+        Ok(Self {
+            table: Timetable::unscaled(timesteps, Some(widen(&sigmas))),
+            sigmas,
+            prediction: schedule.prediction,
+            solver_order,
+            lower_order_final: config.bool_or("lower_order_final", true),
+            history: History::new(solver_order),
+        })
+    }
+
+    /// x₀ implied by the model output at evaluation `index`.
+    pub fn x0(&self, model_output: &Tensor, sample: &Tensor, index: usize) -> Result<Tensor> {
+        let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[index]);
+        self.prediction.x0_at_alpha(model_output, sample, alpha_t, sigma_t)
+    }
+}
+
+/// `set_timesteps` of the multistep solvers: the spacing rule's timesteps, or Karras sigmas mapped back to (rounded)
+/// timesteps when `use_karras_sigmas`, then the final σ.
+fn tables(
+    schedule: &NoiseSchedule,
+    config: &SchedulerConfig,
+    scheduler: &'static str,
+    n: usize,
+    final_sigma: FinalSigma,
+) -> Result<(Vec<f64>, Vec<f32>)> {
+    let mut timesteps = schedule.multistep_timesteps(n);
+    let sigmas_train = schedule.train_sigmas();
     let karras = config.bool_or("use_karras_sigmas", false);
     let mut sigmas: Vec<f64> = if karras {
         let log_sigmas = log_sigmas(&sigmas_train);
@@ -74,68 +97,57 @@ pub fn tables(config: &SchedulerConfig, n: usize, final_sigma: FinalSigma) -> Re
     } else {
         timesteps.iter().map(|&t| interp(t, &sigmas_train)).collect()
     };
+    let cumprod = &schedule.alphas_cumprod;
     let sigma_min = ((1f32 - cumprod[0]) / cumprod[0]).sqrt() as f64;
-    let last = match (final_sigma, config.str_or("final_sigmas_type", "zero")) {
-        (FinalSigma::Deis, _) if karras => *sigmas.last().expect("n ≥ 1"),
-        (FinalSigma::Deis, _) | (FinalSigma::FromConfig, "sigma_min") => sigma_min,
-        (FinalSigma::FromConfig, "zero") => 0.0,
-        (_, other) => {
-            return Err(Error::Other(format!("scheduler config: final_sigmas_type {other:?} is not supported")))
+    let last = match final_sigma {
+        FinalSigma::Deis if karras => *sigmas.last().expect("n ≥ 1"),
+        FinalSigma::Deis => sigma_min,
+        FinalSigma::FromConfig => {
+            config.choice(scheduler, "final_sigmas_type", "zero", &[("zero", 0.0), ("sigma_min", sigma_min)])?
         }
     };
     sigmas.push(last);
     // The model receives integer timesteps (torch int64).
     let timesteps = timesteps.into_iter().map(|t| t.trunc()).collect();
-    Ok(MultistepTables { timesteps, sigmas: sigmas.into_iter().map(|s| s as f32).collect() })
+    Ok((timesteps, sigmas.into_iter().map(|s| s as f32).collect()))
 }
 
-/// (α_t, σ_t) of a noise level σ: `α = 1/√(σ² + 1)`, `σ_t = σ·α`.
-pub fn alpha_sigma(sigma: f32) -> (f32, f32) {
-    let alpha = 1f32 / (sigma * sigma + 1f32).sqrt();
-    (alpha, sigma * alpha)
+/// The last `order` converted model outputs (oldest first) and how many steps have run, up to `order`
+/// (diffusers' `model_outputs` and `lower_order_nums`).
+pub struct History {
+    outputs: Vec<Tensor>,
+    order: usize,
+    /// Steps taken so far, saturating at `order`: the solver's order is limited by it while warming up.
+    pub warm_steps: usize,
 }
 
-/// λ = ln α − ln σ (+∞ at σ = 0).
-pub fn lambda(sigma: f32) -> f32 {
-    let (a, s) = alpha_sigma(sigma);
-    a.ln() - s.ln()
-}
+impl History {
+    pub fn new(order: usize) -> Self {
+        Self { outputs: Vec::with_capacity(order), order, warm_steps: 0 }
+    }
 
-/// What the model predicts, as the config says.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Prediction {
-    Epsilon,
-    Sample,
-    Velocity,
-}
+    /// Adds the newest output, dropping the oldest when `order` are held.
+    pub fn push(&mut self, output: Tensor) {
+        if self.outputs.len() == self.order {
+            self.outputs.remove(0);
+        }
+        self.outputs.push(output);
+    }
 
-impl Prediction {
-    pub fn from_config(config: &SchedulerConfig, scheduler: &str) -> Result<Self> {
-        match config.str_or("prediction_type", "epsilon") {
-            "epsilon" => Ok(Prediction::Epsilon),
-            "sample" => Ok(Prediction::Sample),
-            "v_prediction" => Ok(Prediction::Velocity),
-            other => Err(Error::Other(format!("{scheduler}: unsupported prediction_type {other:?}"))),
+    /// How many outputs are held (at most `order`).
+    pub fn len(&self) -> usize {
+        self.outputs.len()
+    }
+
+    /// The output `back` steps before the newest (0: the newest).
+    pub fn back(&self, back: usize) -> &Tensor {
+        &self.outputs[self.outputs.len() - 1 - back]
+    }
+
+    /// Counts a finished step.
+    pub fn step_done(&mut self) {
+        if self.warm_steps < self.order {
+            self.warm_steps += 1;
         }
     }
-
-    /// The denoised sample x₀ implied by the model output at noise level σ.
-    pub fn x0(self, model_output: &Tensor, sample: &Tensor, sigma: f32) -> Result<Tensor> {
-        let (alpha_t, sigma_t) = alpha_sigma(sigma);
-        Ok(match self {
-            Prediction::Epsilon => divide(&(sample - scale(model_output, sigma_t)?)?, alpha_t)?,
-            Prediction::Sample => model_output.clone(),
-            Prediction::Velocity => (scale(sample, alpha_t)? - scale(model_output, sigma_t)?)?,
-        })
-    }
-}
-
-/// Rejects config options the solvers here do not implement, naming them.
-pub fn reject_unsupported(config: &SchedulerConfig, scheduler: &str) -> Result<()> {
-    for key in ["thresholding", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas"] {
-        if config.bool_or(key, false) {
-            return Err(Error::Other(format!("{scheduler}: `{key}` is not supported")));
-        }
-    }
-    Ok(())
 }

@@ -3,28 +3,28 @@
 //! multistep (Adams–Bashforth, "PLMS") weights, warmed up either by a second evaluation of the first step
 //! (`skip_prk_steps`, as SDXL configs set it) or by three classical Runge–Kutta steps (four evaluations each).
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
-use super::ddim::{divide, scale};
-use super::schedule::{alphas_cumprod, betas, spaced_timesteps};
-use super::{Scheduler, SchedulerConfig};
+use super::schedule::{Class, NoiseSchedule, Spacing, EPSILON_OR_V};
+use super::sigma::{divide, scale};
+use super::{Scheduler, SchedulerConfig, Timetable};
 use crate::rng::TorchRng;
 use crate::{Error, Result};
+
+const CLASS: Class = Class { name: "PNDM", default_spacing: Spacing::Leading, predictions: EPSILON_OR_V };
 
 /// Model outputs kept for the linear multistep combination.
 const ORDER: usize = 4;
 
 pub struct Pndm {
-    alphas_cumprod: Vec<f32>,
-    final_alpha_cumprod: f32,
+    schedule: NoiseSchedule,
     /// One entry per model evaluation: the Runge–Kutta evaluations (if any), then the linear multistep ones.
-    timesteps: Vec<f64>,
-    /// How many of `timesteps` are Runge–Kutta evaluations (0 with `skip_prk_steps`).
+    table: Timetable,
+    final_alpha_cumprod: f32,
+    /// How many of the evaluations are Runge–Kutta evaluations (0 with `skip_prk_steps`).
     prk_evaluations: usize,
-    steps: usize,
     /// num_train_timesteps / steps (integer division), the distance between two inference steps.
     step_ratio: i64,
-    v_prediction: bool,
     /// The last (up to) four model outputs that enter the multistep combination (oldest first).
     history: Vec<Tensor>,
     /// The Runge–Kutta step's weighted sum of its evaluations so far.
@@ -35,20 +35,12 @@ pub struct Pndm {
 
 impl Pndm {
     pub fn boxed(config: &SchedulerConfig, steps: usize) -> Result<Box<dyn Scheduler>> {
-        let alphas_cumprod = alphas_cumprod(&betas(config)?);
-        let final_alpha_cumprod = if config.bool_or("set_alpha_to_one", false) { 1.0 } else { alphas_cumprod[0] };
-        let train = config.usize_or("num_train_timesteps", 1000);
-        let v_prediction = match config.str_or("prediction_type", "epsilon") {
-            "epsilon" => false,
-            "v_prediction" => true,
-            other => {
-                return Err(Error::Other(format!(
-                    "PNDM: unsupported prediction_type {other:?} (allowed: epsilon, v_prediction)"
-                )))
-            }
-        };
+        let schedule = NoiseSchedule::new(config, &CLASS)?;
+        let final_alpha_cumprod =
+            if config.bool_or("set_alpha_to_one", false) { 1.0 } else { schedule.alphas_cumprod[0] };
+        let train = schedule.num_train_timesteps;
         // diffusers' `_timesteps`: the spacing rule's timesteps, cleanest first.
-        let ascending: Vec<i64> = spaced_timesteps(config, steps)?.iter().rev().map(|&t| t as i64).collect();
+        let ascending: Vec<i64> = schedule.spaced_timesteps(steps).iter().rev().map(|&t| t as i64).collect();
         let (prk, plms) = if config.bool_or("skip_prk_steps", false) {
             // The first step is evaluated twice: t_{n−1}, t_{n−2}, t_{n−2}, t_{n−3}, …, t₀.
             let mut plms = ascending[..steps - 1].to_vec();
@@ -57,10 +49,13 @@ impl Pndm {
             (Vec::new(), plms)
         } else {
             if steps < ORDER {
-                return Err(Error::Other(format!(
-                    "PNDM: the Runge–Kutta warm-up (skip_prk_steps = false in the scheduler config) needs \
-                     num_inference_steps ≥ {ORDER}, got {steps}"
-                )));
+                return Err(Error::invalid(
+                    "num_inference_steps",
+                    format!(
+                        "must be at least {ORDER} for PNDM's Runge–Kutta warm-up (skip_prk_steps = false in the \
+                         scheduler config), got {steps}"
+                    ),
+                ));
             }
             // The last four timesteps and their half-way points, each evaluated as Runge–Kutta needs them.
             let half = (train / steps / 2) as i64;
@@ -72,15 +67,14 @@ impl Pndm {
             (prk, ascending[..steps - (ORDER - 1)].iter().rev().copied().collect())
         };
         let prk_evaluations = prk.len();
-        let timesteps = prk.into_iter().chain(plms).map(|t| t as f64).collect();
+        let mut table = Timetable::unscaled(prk.into_iter().chain(plms).map(|t| t as f64).collect(), None);
+        table.num_inference_steps = steps;
         Ok(Box::new(Self {
-            alphas_cumprod,
+            schedule,
+            table,
             final_alpha_cumprod,
-            timesteps,
             prk_evaluations,
-            steps,
             step_ratio: (train / steps) as i64,
-            v_prediction,
             history: Vec::with_capacity(ORDER),
             rk_sum: None,
             start: None,
@@ -90,17 +84,18 @@ impl Pndm {
     /// DDIM's transfer φ: the sample at `prev` from the sample at `t` and the (combined) ε, in float32 arithmetic as
     /// diffusers' `_get_prev_sample`.
     fn transfer(&self, sample: &Tensor, t: i64, prev: i64, model_output: &Tensor) -> Result<Tensor> {
-        let alpha = *self
-            .alphas_cumprod
-            .get(t as usize)
-            .ok_or_else(|| Error::Other(format!("PNDM: timestep {t} is outside the trained schedule")))?;
-        let alpha_prev = if prev >= 0 { self.alphas_cumprod[prev as usize] } else { self.final_alpha_cumprod };
+        let alphas_cumprod = &self.schedule.alphas_cumprod;
+        // The Runge–Kutta half steps of the first step reach past the last training timestep when the spacing
+        // leaves less than half a step above it.
+        let alpha = *alphas_cumprod.get(t as usize).ok_or_else(|| {
+            Error::invalid(
+                "num_inference_steps",
+                format!("PNDM's Runge–Kutta warm-up reaches timestep {t}, outside the model's trained schedule"),
+            )
+        })?;
+        let alpha_prev = if prev >= 0 { alphas_cumprod[prev as usize] } else { self.final_alpha_cumprod };
         let (beta, beta_prev) = (1f32 - alpha, 1f32 - alpha_prev);
-        let eps = if self.v_prediction {
-            (scale(model_output, alpha.sqrt())? + scale(sample, beta.sqrt())?)?
-        } else {
-            model_output.clone()
-        };
+        let eps = self.schedule.prediction.epsilon_at_alpha(model_output, sample, alpha.sqrt(), beta.sqrt())?;
         let sample_coeff = (alpha_prev / alpha).sqrt();
         let denominator = alpha * beta_prev.sqrt() + (alpha * beta * alpha_prev).sqrt();
         Ok((scale(sample, sample_coeff)? - divide(&scale(&eps, alpha_prev - alpha)?, denominator)?)?)
@@ -110,7 +105,7 @@ impl Pndm {
     fn step_prk(&mut self, out: &Tensor, counter: usize, t: i64, sample: &Tensor) -> Result<Tensor> {
         let half = self.step_ratio / 2;
         let prev = if counter % 2 == 1 { t } else { t - half };
-        let step_t = self.timesteps[counter / 4 * 4] as i64;
+        let step_t = self.table.timesteps[counter / 4 * 4] as i64;
         let eps = match counter % 4 {
             0 => {
                 self.rk_sum = Some(scale(out, (1.0f64 / 6.0) as f32)?);
@@ -168,24 +163,17 @@ impl Pndm {
 }
 
 impl Scheduler for Pndm {
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+    fn timetable(&self) -> &Timetable {
+        &self.table
     }
 
-    fn num_inference_steps(&self) -> usize {
-        self.steps
-    }
-
-    fn step(&mut self, model_output: &Tensor, index: usize, sample: &Tensor, _rng: &mut TorchRng) -> Result<Tensor> {
-        let dtype = model_output.dtype();
-        let out = model_output.to_dtype(DType::F32)?;
-        let sample = sample.to_dtype(DType::F32)?;
-        let t = self.timesteps[index] as i64;
+    fn update(&mut self, out: &Tensor, index: usize, sample: &Tensor, _rng: &mut TorchRng) -> Result<Tensor> {
+        let t = self.table.timesteps[index] as i64;
         let prev = if index < self.prk_evaluations {
-            self.step_prk(&out, index, t, &sample)?
+            self.step_prk(out, index, t, sample)?
         } else {
-            self.step_plms(&out, index, t, &sample)?
+            self.step_plms(out, index, t, sample)?
         };
-        Ok(prev.to_dtype(dtype)?)
+        Ok(prev)
     }
 }

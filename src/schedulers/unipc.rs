@@ -1,50 +1,45 @@
 //! diffusers' `UniPCMultistepScheduler` (the hosted API's default): a predictor–corrector multistep solver on x₀
 //! predictions (`predict_x0`), B(h) = e^h − 1 (`bh2`, the default; `bh1` uses B(h) = h).
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
-use super::ddim::{divide, scale};
-use super::multistep::{alpha_sigma, lambda, reject_unsupported, tables, FinalSigma, Prediction};
-use super::{Scheduler, SchedulerConfig};
+use super::multistep::{FinalSigma, Multistep, UNSUPPORTED};
+use super::schedule::{Class, Spacing, ALL_PREDICTIONS, RESCALE};
+use super::sigma::{alpha_sigma, divide, lambda, scale};
+use super::{Scheduler, SchedulerConfig, Timetable};
 use crate::rng::TorchRng;
 use crate::{Error, Result};
 
+const CLASS: Class = Class { name: "UniPC", default_spacing: Spacing::Linspace, predictions: ALL_PREDICTIONS };
+
 pub struct UniPc {
-    timesteps: Vec<f64>,
-    sigmas: Vec<f32>,
-    prediction: Prediction,
-    solver_order: usize,
-    lower_order_final: bool,
+    /// Its history holds x₀ predictions.
+    core: Multistep,
     bh1: bool,
     disable_corrector: Vec<usize>,
-    /// The last `solver_order` converted model outputs, oldest first.
-    model_outputs: Vec<Tensor>,
-    lower_order_nums: usize,
     last_sample: Option<Tensor>,
     this_order: usize,
 }
 
 impl UniPc {
     pub fn boxed(config: &SchedulerConfig, steps: usize) -> Result<Box<dyn Scheduler>> {
-        reject_unsupported(config, "UniPC")?;
+        config.refuse_enabled(CLASS.name, UNSUPPORTED)?;
+        config.refuse_enabled(CLASS.name, &[RESCALE])?;
+        config.refuse_set(CLASS.name, &["solver_p", "shift_terminal"])?;
         if !config.bool_or("predict_x0", true) {
-            return Err(Error::Other("UniPC: predict_x0 = false is not supported".into()));
+            let (key, value, accepted) = ("predict_x0", "false".into(), "true (the class default)".into());
+            return Err(Error::UnsupportedSchedulerConfig { scheduler: CLASS.name, key, value, accepted });
         }
-        let t = tables(config, steps, FinalSigma::FromConfig)?;
         // diffusers maps the DEIS/DPM solver names (`logrho`, `midpoint`, `heun`) to bh2.
-        let bh1 = config.str_or("solver_type", "bh2") == "bh1";
+        let solvers = [("bh2", false), ("bh1", true), ("logrho", false), ("midpoint", false), ("heun", false)];
+        let bh1 = config.choice(CLASS.name, "solver_type", "bh2", &solvers)?;
         let disable_corrector =
             config.f64_list("disable_corrector").unwrap_or_default().into_iter().map(|v| v as usize).collect();
+        let solver_order = config.usize_or("solver_order", 2).max(1);
         Ok(Box::new(Self {
-            timesteps: t.timesteps,
-            sigmas: t.sigmas,
-            prediction: Prediction::from_config(config, "UniPC")?,
-            solver_order: config.usize_or("solver_order", 2).max(1),
-            lower_order_final: config.bool_or("lower_order_final", true),
+            core: Multistep::new(config, &CLASS, steps, FinalSigma::FromConfig, solver_order)?,
             bh1,
             disable_corrector,
-            model_outputs: Vec::new(),
-            lower_order_nums: 0,
             last_sample: None,
             this_order: 1,
         }))
@@ -75,12 +70,12 @@ impl UniPc {
         lambda_s0: f32,
         h: f32,
     ) -> Result<Option<Tensor>> {
-        let m0 = self.model_outputs.last().expect("current output");
+        let m0 = self.core.history.back(0);
         let mut acc: Option<Tensor> = None;
         for (k, &rho) in rhos.iter().enumerate() {
             let i = k + 1;
-            let mi = &self.model_outputs[self.model_outputs.len() - 1 - i];
-            let rk = (lambda(self.sigmas[index_of(i)]) - lambda_s0) / h;
+            let mi = self.core.history.back(i);
+            let rk = (lambda(self.core.sigmas[index_of(i)]) - lambda_s0) / h;
             let d = divide(&(mi - m0)?, rk)?;
             let term = scale(&d, rho)?;
             acc = Some(match acc {
@@ -93,13 +88,13 @@ impl UniPc {
 
     /// The r_k = (λ_{s_k} − λ_{s0}) / h of the history, for the linear systems.
     fn ratios(&self, order: usize, index_of: impl Fn(usize) -> usize, lambda_s0: f32, h: f32) -> Vec<f32> {
-        (1..order).map(|i| (lambda(self.sigmas[index_of(i)]) - lambda_s0) / h).collect()
+        (1..order).map(|i| (lambda(self.core.sigmas[index_of(i)]) - lambda_s0) / h).collect()
     }
 
     /// UniP: the predictor from sample x at step `index` to `index + 1`.
     fn predict(&self, x: &Tensor, index: usize, order: usize) -> Result<Tensor> {
-        let m0 = self.model_outputs.last().expect("current output");
-        let (sigma_t, sigma_s0) = (self.sigmas[index + 1], self.sigmas[index]);
+        let m0 = self.core.history.back(0);
+        let (sigma_t, sigma_s0) = (self.core.sigmas[index + 1], self.core.sigmas[index]);
         let (alpha_t, sigma_t_) = alpha_sigma(sigma_t);
         let (_, sigma_s0_) = alpha_sigma(sigma_s0);
         let (lambda_t, lambda_s0) = (lambda(sigma_t), lambda(sigma_s0));
@@ -121,8 +116,8 @@ impl UniPc {
 
     /// UniC: corrects `this_sample` (the predictor's result for step `index`) with the new model output.
     fn correct(&self, this_output: &Tensor, last_sample: &Tensor, index: usize, order: usize) -> Result<Tensor> {
-        let m0 = self.model_outputs.last().expect("previous output");
-        let (sigma_t, sigma_s0) = (self.sigmas[index], self.sigmas[index - 1]);
+        let m0 = self.core.history.back(0);
+        let (sigma_t, sigma_s0) = (self.core.sigmas[index], self.core.sigmas[index - 1]);
         let (alpha_t, sigma_t_) = alpha_sigma(sigma_t);
         let (_, sigma_s0_) = alpha_sigma(sigma_s0);
         let (lambda_t, lambda_s0) = (lambda(sigma_t), lambda(sigma_s0));
@@ -177,39 +172,28 @@ fn solve(a: &[Vec<f32>], b: &[f32]) -> Vec<f32> {
 }
 
 impl Scheduler for UniPc {
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+    fn timetable(&self) -> &Timetable {
+        &self.core.table
     }
 
-    fn sigmas(&self) -> Option<Vec<f64>> {
-        Some(self.sigmas.iter().map(|&s| s as f64).collect())
-    }
-
-    fn step(&mut self, model_output: &Tensor, index: usize, sample: &Tensor, _rng: &mut TorchRng) -> Result<Tensor> {
-        let dtype = model_output.dtype();
-        let out = model_output.to_dtype(DType::F32)?;
-        let mut sample = sample.to_dtype(DType::F32)?;
-        let converted = self.prediction.x0(&out, &sample, self.sigmas[index])?;
+    fn update(&mut self, out: &Tensor, index: usize, sample: &Tensor, _rng: &mut TorchRng) -> Result<Tensor> {
+        let mut sample = sample.clone();
+        let converted = self.core.x0(out, &sample, index)?;
         let use_corrector = index > 0 && !self.disable_corrector.contains(&(index - 1)) && self.last_sample.is_some();
         if use_corrector {
             let last = self.last_sample.clone().expect("checked");
             sample = self.correct(&converted, &last, index, self.this_order)?;
         }
-        if self.model_outputs.len() == self.solver_order {
-            self.model_outputs.remove(0);
-        }
-        self.model_outputs.push(converted);
-        let order = if self.lower_order_final {
-            self.solver_order.min(self.timesteps.len() - index)
+        self.core.history.push(converted);
+        let order = if self.core.lower_order_final {
+            self.core.solver_order.min(self.core.table.timesteps.len() - index)
         } else {
-            self.solver_order
+            self.core.solver_order
         };
-        self.this_order = order.min(self.lower_order_nums + 1);
+        self.this_order = order.min(self.core.history.warm_steps + 1);
         self.last_sample = Some(sample.clone());
         let prev = self.predict(&sample, index, self.this_order)?;
-        if self.lower_order_nums < self.solver_order {
-            self.lower_order_nums += 1;
-        }
-        Ok(prev.to_dtype(dtype)?)
+        self.core.history.step_done();
+        Ok(prev)
     }
 }

@@ -106,7 +106,10 @@ mod tests {
     #[test]
     fn library_errors_map_to_client_or_server_faults() {
         assert_eq!(ApiError::from_generation(&Error::invalid("seed", "bad")).status, StatusCode::BAD_REQUEST);
-        assert_eq!(ApiError::from_generation(&Error::UnknownScheduler { name: "x".into(), valid: vec!["UniPC"] }).status, StatusCode::BAD_REQUEST);
+        assert_eq!(
+            ApiError::from_generation(&Error::UnknownScheduler { name: "x".into(), valid: vec!["UniPC"] }).status,
+            StatusCode::BAD_REQUEST
+        );
         let e = ApiError::from_generation(&Error::Other("out of memory".into()));
         assert_eq!(e.status, StatusCode::INTERNAL_SERVER_ERROR);
         assert!(e.message.contains("out of memory"));
