@@ -170,7 +170,11 @@ impl Pipeline {
     }
 
     fn component_error(&self, component: Component, e: candle_core::Error) -> Error {
-        Error::Other(format!("loading the {component:?} weights: {}{}", Error::from(e), self.source.config_hint()))
+        Error::ComponentLoad {
+            component: component.name(),
+            source: Box::new(Error::from(e)),
+            hint: self.source.config_hint().to_string(),
+        }
     }
 
     /// Prompt conditioning for a request (text encoders loaded for the call unless resident), read with the
@@ -308,10 +312,15 @@ pub fn to_image(decoded: &Tensor) -> Result<RgbImage> {
     let x = decoded.to_dtype(DType::F32)?.squeeze(0)?;
     let (c, h, w) = x.dims3()?;
     if c != 3 {
-        return Err(Error::Other(format!("the VAE produced {c} channels, expected 3")));
+        return Err(Error::Tensor(candle_core::Error::Msg(format!("the VAE produced {c} channels, expected 3 (RGB)"))));
     }
     let x = ((x / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
     let hwc: Vec<f32> = x.permute((1, 2, 0))?.flatten_all()?.to_vec1()?;
     let bytes: Vec<u8> = hwc.iter().map(|&v| (v * 255.0).round_ties_even() as u8).collect();
-    RgbImage::from_raw(w as u32, h as u32, bytes).ok_or_else(|| Error::Other("image buffer size mismatch".into()))
+    RgbImage::from_raw(w as u32, h as u32, bytes).ok_or_else(|| {
+        Error::Tensor(candle_core::Error::Msg(format!(
+            "image buffer size mismatch: {w}×{h} RGB from {} values",
+            hwc.len()
+        )))
+    })
 }

@@ -85,7 +85,9 @@ impl ModelRepo {
                 let api = hf_hub::api::sync::ApiBuilder::from_cache(cache.clone())
                     .with_progress(true)
                     .build()
-                    .map_err(|e| Error::Other(format!("cannot reach the Hugging Face hub: {e}")))?;
+                    .map_err(|e| {
+                        Error::NotFound(format!("{id}: {rel} cannot be downloaded: the Hugging Face hub client: {e}"))
+                    })?;
                 match api.model(id.clone()).get(rel) {
                     Ok(p) => Ok(Some(p)),
                     Err(hf_hub::api::sync::ApiError::RequestError(e)) if is_not_found(&e) => Ok(None),

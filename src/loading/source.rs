@@ -36,7 +36,8 @@ pub enum Component {
 }
 
 impl Component {
-    fn folder(self) -> &'static str {
+    /// The component's name: its folder in a diffusers repository (`"unet"`, `"text_encoder_2"`, …).
+    pub fn name(self) -> &'static str {
         match self {
             Component::TextEncoder => "text_encoder",
             Component::TextEncoder2 => "text_encoder_2",
@@ -168,7 +169,8 @@ impl ModelSource {
                     vae: if file.has_vae() { parse(file.vae_config()?, origin)? } else { sdxl_vae_config() },
                     text_encoder: parse(file.clip_config(Part::ClipL)?, origin)?,
                     text_encoder_2: parse(file.clip_config(Part::ClipG)?, origin)?,
-                    scheduler: SchedulerConfig::from_json(SDXL_SCHEDULER_CONFIG).map_err(Error::Other)?,
+                    scheduler: SchedulerConfig::from_json(SDXL_SCHEDULER_CONFIG)
+                        .expect("the built-in SDXL scheduler config is a JSON object"),
                     force_zeros_for_empty_prompt: true,
                 }
             }
@@ -222,7 +224,7 @@ impl ModelSource {
         }
         match &self.weights {
             Weightset::Diffusers(repo) => {
-                let files = repo.weights(component.folder(), component.weights_stem(), prefer_fp16)?;
+                let files = repo.weights(component.name(), component.weights_stem(), prefer_fp16)?;
                 Ok(Weights::open(&files)?.into_var_builder(dtype, device))
             }
             Weightset::SingleFile(file) => {
