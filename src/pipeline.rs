@@ -10,8 +10,8 @@ use crate::models::clip::{ClipTextConfig, ClipTextModel};
 use crate::models::layers::{compute_dtype, LinearLayout};
 use crate::models::unet::UNet2DConditionModel;
 use crate::models::vae::VaeDecoder;
-pub use crate::models::vae_tiling::VaeTiling;
-use crate::models::vae_tiling::{tiled_decode, TileSize};
+pub use crate::models::vae_bands::VaeTiling;
+use crate::models::vae_bands::{decode_in_bands, BandPlan};
 use crate::rng::TorchRng;
 use crate::sampling::{self, Control, Progress, ProgressFn};
 use crate::schedulers;
@@ -41,7 +41,7 @@ pub struct PipelineOptions {
     /// For a single-file checkpoint: a diffusers folder or hub id whose config files (not weights) describe it.
     pub config: Option<String>,
     pub residency: Residency,
-    /// Whether the VAE decodes in tiles (by default when the image is larger than the VAE's `sample_size`).
+    /// Whether the VAE decodes in bands of rows (by default when the image is larger than the VAE's `sample_size`).
     pub vae_tiling: VaeTiling,
 }
 
@@ -250,13 +250,13 @@ impl Pipeline {
         let vae = component(&self.resident.vae, &mut slot, progress, "loading vae", || self.load_vae())?;
         stage(progress, "decoding")?;
         let mut images = Vec::with_capacity(latents.dim(0)?);
-        let tiles = TileSize::from_vae(vae)?;
+        let plan = BandPlan::for_vae(self.vae_tiling, &vae.config);
         for i in 0..latents.dim(0)? {
             let z = latents.narrow(0, i, 1)?.to_dtype(compute_dtype(&self.device, self.vae_dtype()))?;
             let (_, _, h, w) = z.dims4()?;
-            let decoded = if tiles.applies(self.vae_tiling, h, w) {
+            let decoded = if plan.in_bands(h, w) {
                 stage(progress, "decoding in bands")?;
-                tiled_decode(vae, &vae.scale_latents(&z)?, &mut |_, _| {})?
+                decode_in_bands(vae, &vae.scale_latents(&z)?, &mut |_, _| {})?
             } else {
                 vae.decode_latents(&z)?
             };

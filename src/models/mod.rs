@@ -3,6 +3,7 @@
 //! key path. Configs come from each component's `config.json`; nothing here knows where weights came from.
 
 pub mod attention;
+pub mod bands;
 pub mod clip;
 pub mod embeddings;
 pub mod layers;
@@ -10,4 +11,4 @@ pub mod resnet;
 pub mod transformer;
 pub mod unet;
 pub mod vae;
-pub mod vae_tiling;
+pub mod vae_bands;

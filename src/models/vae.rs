@@ -5,9 +5,9 @@ use candle_nn::{Module, VarBuilder};
 use serde::Deserialize;
 
 use super::attention::Attention;
+use super::bands::Bands;
 use super::layers::{conv1x1, conv3x3, group_norm, Conv2d, GroupNorm};
 use super::resnet::{ResnetBlock2D, Upsample2D};
-use super::vae_tiling::Bands;
 
 fn default_groups() -> usize {
     32
@@ -53,7 +53,7 @@ pub struct VaeConfig {
     pub use_post_quant_conv: bool,
     #[serde(default = "default_true")]
     pub mid_block_add_attention: bool,
-    /// The image size the VAE was trained on: the decoded tile size of tiled decoding.
+    /// The image size the VAE was trained on: larger images decode in bands (see [`crate::models::vae_bands`]).
     #[serde(default = "default_sample_size")]
     pub sample_size: usize,
 }
@@ -173,7 +173,7 @@ impl VaeDecoder {
 
     /// The decoder's first part, at the latents' resolution: post-quant conv, conv_in and the mid-block (ResNets
     /// and the attention over all pixels). Cheap in memory even for large images (512 channels at 1/8 size for
-    /// SDXL), so a tiled decode runs it whole.
+    /// SDXL), so a banded decode runs it whole.
     pub fn decode_middle(&self, z: &Tensor) -> Result<Tensor> {
         let z = match &self.post_quant_conv {
             Some(conv) => conv.forward(z)?,
@@ -203,7 +203,7 @@ impl VaeDecoder {
     }
 
     /// [`Self::decode_upper`] layer by layer over an image held in host memory, each layer computed in bands of
-    /// rows on the VAE's device, every GroupNorm by the whole image's statistics (see [`crate::models::vae_tiling`]).
+    /// rows on the VAE's device, every GroupNorm by the whole image's statistics (see [`crate::models::vae_bands`]).
     /// `on_layer(done, total)` follows the layers.
     pub fn decode_upper_in_bands(
         &self,
