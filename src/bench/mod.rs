@@ -281,12 +281,8 @@ impl Plan {
     }
 
     /// Number of runs, the reference included.
-    pub fn len(&self) -> usize {
+    pub fn run_count(&self) -> usize {
         1 + self.runs.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        false
     }
 }
 
@@ -444,7 +440,7 @@ pub fn run(pipeline: &Pipeline, options: &BenchOptions, on_event: &mut BenchEven
     }
 
     let mut done = 0;
-    let runs = plan.len();
+    let runs = plan.run_count();
     let mut reference: Option<(Tensor, RunResult)> = None;
     for (index, planned) in std::iter::once(&plan.reference).chain(&plan.runs).enumerate() {
         send(on_event, &BenchEvent::RunStarted { index, runs, run: planned })?;
@@ -743,7 +739,7 @@ mod tests {
         options.reference_scheduler = "DDIM".into();
         options.reference_steps = 5;
         let plan = Plan::new(&options, &config).unwrap();
-        assert_eq!(plan.len(), 5);
+        assert_eq!(plan.run_count(), 5);
         assert_eq!(plan.reference.image, "images/reference_ddim_5.png");
         for run in std::iter::once(&plan.reference).chain(&plan.runs) {
             let expected = schedulers::create(&run.scheduler, &config, run.steps).unwrap().timesteps().len();

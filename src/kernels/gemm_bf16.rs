@@ -63,11 +63,6 @@ impl Packed {
         self.k
     }
 
-    /// Bytes held.
-    pub fn bytes(&self) -> usize {
-        self.data.len() * 4
-    }
-
     fn block(&self, b: usize) -> &[u32] {
         let len = self.pairs() * self.width;
         &self.data[b * len..(b + 1) * len]

@@ -278,12 +278,3 @@ fn root_cause(e: &candle_core::Error) -> String {
         other => other.to_string(),
     }
 }
-
-/// Checks a path exists before reading it, so the message names what is missing.
-pub fn require_file(path: &Path, what: &str) -> Result<()> {
-    if path.is_file() {
-        Ok(())
-    } else {
-        Err(Error::NotFound(format!("{what} not found: {} does not exist", path.display())))
-    }
-}

@@ -210,16 +210,6 @@ impl UNetConfig {
     fn heads(&self, block: usize) -> usize {
         self.num_attention_heads.as_ref().unwrap_or(&self.attention_head_dim).get(block)
     }
-
-    /// How much the UNet shrinks the latent: 2^(number of downsamplers).
-    pub fn downsampling_factor(&self) -> usize {
-        1 << (self.block_out_channels.len() - 1)
-    }
-
-    /// Width of the text conditioning the cross-attention expects.
-    pub fn cross_attention_width(&self) -> usize {
-        self.cross_attention_dim.get(0)
-    }
 }
 
 #[derive(Debug, Clone)]
