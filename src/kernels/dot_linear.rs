@@ -58,6 +58,10 @@ pub fn linear(x: &[f32], w: &[f32], bias: Option<&[f32]>, rows: usize, n: usize,
 }
 
 /// out_t (w_rows × rows) = W-rows · xᵀ.
+///
+/// # Safety
+/// The CPU must support AVX-512F; `x` must hold at least `rows · k` values and `w` at least `w_rows · k` (they are
+/// read through raw pointers; `out_t` is written with bounds checks).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn task_dots(out_t: &mut [f32], x: &[f32], w: &[f32], rows: usize, w_rows: usize, k: usize) {
@@ -76,6 +80,11 @@ unsafe fn task_dots(out_t: &mut [f32], x: &[f32], w: &[f32], rows: usize, w_rows
     }
 }
 
+/// Never called: [`available`] is false off x86-64, so [`linear`] returns before. It exists for the call site to
+/// compile there.
+///
+/// # Safety
+/// None: it panics.
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn task_dots(_: &mut [f32], _: &[f32], _: &[f32], _: usize, _: usize, _: usize) {
     unreachable!("dot linear: needs AVX-512F")
@@ -83,6 +92,9 @@ unsafe fn task_dots(_: &mut [f32], _: &[f32], _: &[f32], _: usize, _: usize, _: 
 
 /// The `W_BLOCK` × 4 dot products of rows of W (`w`) with 4 rows of x (`x`), each `k` long:
 /// result[c][r] = w_c · x_r.
+///
+/// # Safety
+/// The CPU must support AVX-512F, and every pointer of `x` and `w` must be valid for reading `k` f32 values.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn block_dots(x: [*const f32; 4], w: [*const f32; W_BLOCK], k: usize) -> [[f32; 4]; W_BLOCK] {
