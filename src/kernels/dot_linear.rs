@@ -2,22 +2,22 @@
 //!
 //! Each output is the dot product of two contiguous k-vectors, a row of x and a row of W, so the weight is read
 //! where it lies. A general GEMM (the `gemm` crate) instead repacks W into column panels on every call, a strided
-//! gather that costs as much as the product itself when x has few rows: a text encoder's 77 tokens per prompt,
-//! where it halves the matrix-product rate. Blocks of 4 rows of x × 4 rows of W keep 16 accumulators in AVX-512
-//! registers; W is streamed once (split over the threads by rows), x is re-read from cache.
+//! gather that costs as much as the product itself when x has few rows (a text encoder's 77 tokens per prompt).
+//! Blocks of 4 rows of x × 4 rows of W keep 16 accumulators in AVX-512 registers; W is streamed once (split over the
+//! threads by rows), x is re-read from cache.
 
 use rayon::prelude::*;
 
-/// Up to this many rows of x the dot-product kernel beats the `gemm` crate on W as stored (on the text encoders'
-/// shapes at 77 and 154 rows: 134–155 GFLOP/s against 63–159; `cargo bench --bench sdxl -- --case gemm`); from
-/// about 256 rows on, repacking W is amortised and the `gemm` crate is as fast or faster.
+/// Up to this many rows of x the dot-product kernel beats the `gemm` crate on W as stored (the text encoders' 77 and
+/// 154 rows; `cargo bench --bench sdxl -- --case gemm`, see BENCHMARKS.md); from about 256 rows on, repacking W is
+/// amortised and the `gemm` crate is as fast or faster.
 pub const MAX_ROWS: usize = 200;
 
 /// Rows of W per parallel task.
 const W_ROWS_PER_TASK: usize = 64;
 
-/// Rows of W per register block (× 4 rows of x: 16 accumulators in AVX-512 registers; 6 × 4 spills and runs at
-/// two thirds of the speed).
+/// Rows of W per register block (× 4 rows of x: 16 accumulators in AVX-512 registers; 6 × 4 spills registers and is
+/// slower).
 const W_BLOCK: usize = 4;
 
 /// Whether this CPU runs the kernel (AVX-512F).

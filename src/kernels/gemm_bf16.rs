@@ -12,8 +12,8 @@ use rayon::prelude::*;
 pub const MR: usize = 12;
 /// Columns of the right operand per micro-tile (two 16-lane vectors).
 pub const NR: usize = 32;
-/// k pairs per cache block: a right micro-panel (KC × NR pairs, 32 KiB) streams through L1 (256 measured 3–10 %
-/// faster than 128 or 192 on the UNet's shapes here).
+/// k pairs per cache block: a right micro-panel (KC × NR pairs, 32 KiB) streams through L1 (256 was faster than
+/// 128 or 192 on the UNet's shapes, see BENCHMARKS.md).
 const KC: usize = 256;
 /// Left rows per task (a left block of MC × KC pairs, 96 KiB, stays in L2).
 const MC: usize = 8 * MR;

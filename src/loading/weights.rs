@@ -83,7 +83,7 @@ impl Weights {
             .load(device)
             .map_err(|e| candle_core::Error::Msg(format!("{}: tensor `{name}`: {}", path.display(), root_cause(&e))))?;
         // The tensor now owns a copy: drop the mapped pages from this process (they stay in the page cache), so
-        // that loading a 10 GB UNet does not count its file a second time in resident memory.
+        // that loading a UNet of several GB does not count its file a second time in resident memory.
         release_mapped_pages(view.data());
         tensor.to_dtype(dtype)
     }
