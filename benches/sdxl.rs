@@ -180,7 +180,7 @@ fn run(args: &Args, process_start: Instant) -> Result<(), Box<dyn std::error::Er
             let bands = args.case == "vae-decode-bands";
             let seconds = time(args.warmup, args.iters, || {
                 if bands {
-                    dreamshaper::models::vae_tiling::tiled_decode(&vae, &z, &mut |_, _| {})
+                    dreamshaper::models::vae_bands::decode_in_bands(&vae, &z, &mut |_, _| {})
                         .expect("VAE decode in bands");
                 } else {
                     vae.decode(&z).expect("VAE decode");

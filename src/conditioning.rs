@@ -8,27 +8,11 @@ use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
 
-use crate::models::clip::ClipTextModel;
 use crate::prompt::encode::encode_reading;
+pub use crate::prompt::encode::{PromptEmbedding, TextEncoders};
 use crate::prompt::schedule::entry_at;
 use crate::prompt::{Emphasis, PromptReading, PromptSyntax};
-use crate::tokenizer::ClipTokenizer;
 use crate::Result;
-
-/// The two SDXL text encoders with their tokenizers (CLIP-L first, OpenCLIP bigG second).
-pub struct TextEncoders {
-    pub tokenizer: ClipTokenizer,
-    pub tokenizer_2: ClipTokenizer,
-    pub text_encoder: ClipTextModel,
-    pub text_encoder_2: ClipTextModel,
-}
-
-/// One prompt, encoded: (1, tokens, width₁ + width₂) penultimate hidden states and (1, projection) pooled.
-#[derive(Debug, Clone)]
-pub struct PromptEmbedding {
-    pub context: Tensor,
-    pub pooled: Tensor,
-}
 
 /// One UNet batch's text inputs, for the whole batch: with classifier-free guidance the first half of the rows is the
 /// negative prompt and the second half the prompt (diffusers' order).
@@ -43,21 +27,6 @@ pub struct Conditioning {
 }
 
 impl TextEncoders {
-    /// Both encoders on one prompt: `hidden_states[-2]` of each concatenated, the pooled output of the second.
-    pub fn encode(&self, text: &str, device: &Device) -> Result<PromptEmbedding> {
-        let ids = |tok: &ClipTokenizer| -> Result<Tensor> {
-            let ids = tok.encode_padded(text)?;
-            let n = ids.len();
-            Ok(Tensor::from_vec(ids, (1, n), device)?)
-        };
-        let first = self.text_encoder.forward(&ids(&self.tokenizer)?)?;
-        let second = self.text_encoder_2.forward(&ids(&self.tokenizer_2)?)?;
-        let pooled =
-            second.pooled.ok_or_else(|| crate::Error::Other("text_encoder_2 has no text_projection".into()))?;
-        let context = Tensor::cat(&[&first.penultimate, &second.penultimate.to_dtype(first.penultimate.dtype())?], 2)?;
-        Ok(PromptEmbedding { context, pooled })
-    }
-
     /// diffusers' `encode_prompt` for `samples` images per prompt. The negative prompt is all zeros when it is
     /// empty and the model's `force_zeros_for_empty_prompt` is set (the hosted API's `""` means "none").
     pub fn condition(

@@ -72,9 +72,6 @@ pub enum Error {
     /// A tensor operation failed (shapes, device, dtype support…).
     #[error("{0}")]
     Tensor(candle_core::Error),
-
-    #[error("{0}")]
-    Other(String),
 }
 
 impl Error {

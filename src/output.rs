@@ -46,7 +46,7 @@ pub fn save_png(image: &RgbImage, path: &Path, parameters: &str) -> Result<()> {
     } else {
         encoder.add_itxt_chunk("parameters".into(), parameters.into())
     };
-    let png_error = |e: png::EncodingError| Error::Other(format!("{}: writing PNG: {e}", path.display()));
+    let png_error = |e: png::EncodingError| Error::output(path, format!("writing PNG: {e}"));
     chunk.map_err(png_error)?;
     let mut writer = encoder.write_header().map_err(png_error)?;
     writer.write_image_data(image.as_raw()).map_err(png_error)?;

@@ -10,8 +10,8 @@ use crate::models::clip::{ClipTextConfig, ClipTextModel};
 use crate::models::layers::{compute_dtype, LinearLayout};
 use crate::models::unet::UNet2DConditionModel;
 use crate::models::vae::VaeDecoder;
-pub use crate::models::vae_tiling::VaeTiling;
-use crate::models::vae_tiling::{tiled_decode, TileSize};
+pub use crate::models::vae_bands::VaeTiling;
+use crate::models::vae_bands::{decode_in_bands, BandPlan};
 use crate::rng::TorchRng;
 use crate::sampling::{self, Control, Progress, ProgressFn};
 use crate::schedulers::{self, Scheduler};
@@ -41,7 +41,7 @@ pub struct PipelineOptions {
     /// For a single-file checkpoint: a diffusers folder or hub id whose config files (not weights) describe it.
     pub config: Option<String>,
     pub residency: Residency,
-    /// Whether the VAE decodes in tiles (by default when the image is larger than the VAE's `sample_size`).
+    /// Whether the VAE decodes in bands of rows (by default when the image is larger than the VAE's `sample_size`).
     pub vae_tiling: VaeTiling,
 }
 
@@ -170,7 +170,11 @@ impl Pipeline {
     }
 
     fn component_error(&self, component: Component, e: candle_core::Error) -> Error {
-        Error::Other(format!("loading the {component:?} weights: {}{}", Error::from(e), self.source.config_hint()))
+        Error::ComponentLoad {
+            component: component.name(),
+            source: Box::new(Error::from(e)),
+            hint: self.source.config_hint().to_string(),
+        }
     }
 
     /// The request's scheduler, built from the model's scheduler config: checks the name, the step count and the
@@ -266,13 +270,13 @@ impl Pipeline {
         let vae = component(&self.resident.vae, &mut slot, progress, "loading vae", || self.load_vae())?;
         stage(progress, "decoding")?;
         let mut images = Vec::with_capacity(latents.dim(0)?);
-        let tiles = TileSize::from_vae(vae)?;
+        let plan = BandPlan::for_vae(self.vae_tiling, &vae.config);
         for i in 0..latents.dim(0)? {
             let z = latents.narrow(0, i, 1)?.to_dtype(compute_dtype(&self.device, self.vae_dtype()))?;
             let (_, _, h, w) = z.dims4()?;
-            let decoded = if tiles.applies(self.vae_tiling, h, w) {
+            let decoded = if plan.in_bands(h, w) {
                 stage(progress, "decoding in bands")?;
-                tiled_decode(vae, &vae.scale_latents(&z)?, &mut |_, _| {})?
+                decode_in_bands(vae, &vae.scale_latents(&z)?, &mut |_, _| {})?
             } else {
                 vae.decode_latents(&z)?
             };
@@ -328,10 +332,15 @@ pub fn to_image(decoded: &Tensor) -> Result<RgbImage> {
     let x = decoded.to_dtype(DType::F32)?.squeeze(0)?;
     let (c, h, w) = x.dims3()?;
     if c != 3 {
-        return Err(Error::Other(format!("the VAE produced {c} channels, expected 3")));
+        return Err(Error::Tensor(candle_core::Error::Msg(format!("the VAE produced {c} channels, expected 3 (RGB)"))));
     }
     let x = ((x / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
     let hwc: Vec<f32> = x.permute((1, 2, 0))?.flatten_all()?.to_vec1()?;
     let bytes: Vec<u8> = hwc.iter().map(|&v| (v * 255.0).round_ties_even() as u8).collect();
-    RgbImage::from_raw(w as u32, h as u32, bytes).ok_or_else(|| Error::Other("image buffer size mismatch".into()))
+    RgbImage::from_raw(w as u32, h as u32, bytes).ok_or_else(|| {
+        Error::Tensor(candle_core::Error::Msg(format!(
+            "image buffer size mismatch: {w}×{h} RGB from {} values",
+            hwc.len()
+        )))
+    })
 }

@@ -405,7 +405,8 @@ impl ClipTokenizer {
             .build()
             .map_err(|e| Error::model(model_file, format!("invalid BPE vocabulary/merges: {e}")))?;
 
-        let pipeline_err = |e: tokenizers::Error| Error::Other(format!("building the CLIP tokenizer pipeline: {e}"));
+        let pipeline_err =
+            |e: tokenizers::Error| Error::Tokenizer(format!("building the CLIP tokenizer pipeline: {e}"));
         let normalizer = NormalizerSequence::new(vec![
             NormalizerWrapper::NFC(NFC),
             NormalizerWrapper::Replace(Replace::new(ReplacePattern::Regex(r"\s+".into()), " ").map_err(pipeline_err)?),
@@ -434,7 +435,7 @@ impl ClipTokenizer {
     /// Token ids of `text` without BOS/EOS, untruncated.
     pub fn encode_tokens(&self, text: &str) -> Result<Vec<u32>> {
         let encoding =
-            self.tokenizer.encode(text, false).map_err(|e| Error::Other(format!("tokenizing the prompt: {e}")))?;
+            self.tokenizer.encode(text, false).map_err(|e| Error::Tokenizer(format!("tokenizing the prompt: {e}")))?;
         Ok(encoding.get_ids().to_vec())
     }
 

@@ -202,7 +202,7 @@ struct StandIn;
 impl Engine for StandIn {
     fn generate(&mut self, request: &GenerateRequest, progress: &mut ProgressFn) -> dreamshaper::Result<Generation> {
         match request.prompt.as_str() {
-            "fail" => return Err(Error::Other("the stand-in engine failed on purpose".into())),
+            "fail" => return Err(Error::Service("the stand-in engine failed on purpose".into())),
             "panic" => panic!("the stand-in engine panicked on purpose"),
             _ => {}
         }

@@ -1,11 +1,12 @@
-//! Tiled VAE decoding: the tiled image equals the whole-image decode (diffusers' untiled `vae.decode`, from
-//! tests/fixtures/vae_tiling.safetensors made by scripts/make_vae_tiling_refs.py) within 1/255, tiles are chosen by
+//! Banded VAE decoding: the banded image equals the whole-image decode (diffusers' untiled `vae.decode`, from
+//! tests/fixtures/vae_tiling.safetensors made by scripts/make_vae_tiling_refs.py) within 1/255, bands are chosen by
 //! size in `Auto`, and the pipeline uses them.
 
 mod common;
 
 use candle_core::{Device, Tensor};
-use dreamshaper::models::vae_tiling::{tiled_decode, TileSize, VaeTiling};
+use dreamshaper::models::bands::Bands;
+use dreamshaper::models::vae_bands::{decode_in_bands, BandPlan, VaeTiling};
 use dreamshaper::pipeline::to_image;
 use dreamshaper::{Pipeline, PipelineOptions};
 
@@ -23,17 +24,17 @@ fn pixels(t: &Tensor) -> Vec<u8> {
 }
 
 #[test]
-fn tiled_decode_gives_the_untiled_image() {
+fn banded_decode_gives_the_untiled_image() {
     let refs = fixture();
     let (z, untiled) = (&refs["z"], &refs["untiled"]);
     let vae = pipeline(VaeTiling::Auto).load_vae().unwrap();
-    let tiles = TileSize::from_vae(&vae).unwrap();
-    assert_eq!(tiles, TileSize::new(16).unwrap(), "sample_size 128 / 8");
+    let plan = BandPlan::for_vae(VaeTiling::Auto, &vae.config);
+    assert_eq!(plan.largest_whole, 16, "sample_size 128 / 8");
     let whole = vae.decode(z).unwrap();
     common::assert_close("untiled decode vs diffusers", &whole, untiled, 1e-4);
 
     let mut calls = Vec::new();
-    let tiled = tiled_decode(&vae, z, &mut |done, total| calls.push((done, total))).unwrap();
+    let tiled = decode_in_bands(&vae, z, &mut |done, total| calls.push((done, total))).unwrap();
     // 4 up blocks of 3 ResNets, 3 up-samplers, the output layer.
     assert_eq!(calls, (1..=16).map(|done| (done, 16)).collect::<Vec<_>>());
     assert_eq!(tiled.dims(), untiled.dims());
@@ -60,21 +61,21 @@ fn bands_of_any_height_give_the_whole_layer() {
     let middle = vae.decode_middle(&refs["z"]).unwrap();
     let whole = vae.decode_upper(&middle).unwrap();
     for elements in [1, 3 * 32 * 28, usize::MAX] {
-        let bands = dreamshaper::models::vae_tiling::Bands::new(&Device::Cpu, elements);
+        let bands = Bands::new(&Device::Cpu, elements);
         let banded = vae.decode_upper_in_bands(&middle, &bands, &mut |_, _| {}).unwrap();
         common::assert_close(&format!("bands of {elements} elements vs whole"), &banded, &whole, 1e-5);
     }
 }
 
 #[test]
-fn auto_tiles_only_images_larger_than_the_vae_tile() {
-    let tiles = TileSize::new(16).unwrap();
-    assert!(!tiles.applies(VaeTiling::Auto, 16, 16));
-    assert!(tiles.applies(VaeTiling::Auto, 16, 17));
-    assert!(tiles.applies(VaeTiling::Always, 8, 8));
-    assert!(!tiles.applies(VaeTiling::Never, 400, 400));
-    let e = TileSize::new(0).unwrap_err().to_string();
-    assert!(e.contains("VAE tiling") && e.contains("tile size"), "{e}");
+fn auto_bands_only_images_larger_than_the_vae_sample_size() {
+    let plan = |tiling| BandPlan { tiling, largest_whole: 16 };
+    assert!(!plan(VaeTiling::Auto).in_bands(16, 16));
+    assert!(plan(VaeTiling::Auto).in_bands(16, 17));
+    assert!(plan(VaeTiling::Always).in_bands(8, 8));
+    assert!(!plan(VaeTiling::Never).in_bands(400, 400));
+    // A VAE trained on images smaller than its down-sampling factor: every image is larger.
+    assert!(BandPlan { tiling: VaeTiling::Auto, largest_whole: 0 }.in_bands(1, 1));
 }
 
 #[test]

@@ -30,8 +30,11 @@ pub struct Panel<'a> {
     pub from_zero: bool,
 }
 
+/// The chart's file name in the benchmark's output folder.
+pub const FILE_NAME: &str = "convergence.png";
+
 fn drawing_error(e: impl std::fmt::Display) -> Error {
-    Error::Other(format!("drawing the convergence chart: {e}"))
+    Error::output(FILE_NAME, format!("drawing the convergence chart: {e}"))
 }
 
 /// Draws the panels side by side under `title`.
@@ -49,7 +52,7 @@ pub fn convergence_chart(title: &str, panels: &[Panel]) -> Result<RgbImage> {
         }
         root.present().map_err(drawing_error)?;
     }
-    RgbImage::from_raw(w, h, buffer).ok_or_else(|| Error::Other("chart buffer size mismatch".into()))
+    RgbImage::from_raw(w, h, buffer).ok_or_else(|| drawing_error("the pixel buffer does not match the chart's size"))
 }
 
 fn draw_panel<DB: DrawingBackend>(area: &DrawingArea<DB, plotters::coord::Shift>, panel: &Panel) -> Result<()>

@@ -36,7 +36,11 @@ pub fn rmse(a: &[f32], b: &[f32]) -> f64 {
 /// RMSE between two latent tensors of the same shape.
 pub fn latent_rmse(a: &Tensor, b: &Tensor) -> Result<f64> {
     if a.dims() != b.dims() {
-        return Err(Error::Other(format!("latent shapes differ: {:?} vs {:?}", a.dims(), b.dims())));
+        return Err(Error::Tensor(candle_core::Error::Msg(format!(
+            "latent shapes differ: {:?} vs {:?}",
+            a.dims(),
+            b.dims()
+        ))));
     }
     let a: Vec<f32> = a.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     let b: Vec<f32> = b.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
@@ -45,7 +49,11 @@ pub fn latent_rmse(a: &Tensor, b: &Tensor) -> Result<f64> {
 
 fn same_size(a: &RgbImage, b: &RgbImage) -> Result<()> {
     if a.dimensions() != b.dimensions() {
-        return Err(Error::Other(format!("image sizes differ: {:?} vs {:?}", a.dimensions(), b.dimensions())));
+        return Err(Error::Tensor(candle_core::Error::Msg(format!(
+            "image sizes differ: {:?} vs {:?}",
+            a.dimensions(),
+            b.dimensions()
+        ))));
     }
     Ok(())
 }
@@ -127,7 +135,7 @@ pub fn ssim(a: &RgbImage, b: &RgbImage) -> Result<f64> {
     same_size(a, b)?;
     let (w, h) = (a.width() as usize, a.height() as usize);
     if w == 0 || h == 0 {
-        return Err(Error::Other("SSIM of an empty image".into()));
+        return Err(Error::Tensor(candle_core::Error::Msg("SSIM of an empty image".into())));
     }
     let channel =
         |img: &RgbImage, c: usize| -> Vec<f64> { img.as_raw().iter().skip(c).step_by(3).map(|&v| v as f64).collect() };

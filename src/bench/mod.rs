@@ -68,9 +68,12 @@ pub fn parse_steps(list: &str) -> Result<Vec<usize>> {
         match item.parse::<usize>() {
             Ok(n) if n >= 1 => steps.push(n),
             _ => {
-                return Err(Error::Other(format!(
-                    "steps list {list:?}: {item:?} is not a whole number of steps ≥ 1 (expected e.g. \"10,20,30,50\")"
-                )))
+                return Err(Error::invalid(
+                    "steps",
+                    format!(
+                        "list {list:?}: {item:?} is not a whole number of steps ≥ 1 (expected e.g. \"10,20,30,50\")"
+                    ),
+                ))
             }
         }
     }
@@ -94,10 +97,10 @@ pub fn parse_schedulers(list: &str) -> Result<Vec<String>> {
     let mut out: Vec<String> = Vec::new();
     for item in list.split(',') {
         if item.trim().is_empty() {
-            return Err(Error::Other(format!(
-                "schedulers list {list:?} has an empty item; valid names: {}",
-                schedulers::names().join(", ")
-            )));
+            return Err(Error::invalid(
+                "schedulers",
+                format!("list {list:?} has an empty item; valid names: {}", schedulers::names().join(", ")),
+            ));
         }
         let item = item.trim();
         schedulers::lookup(item)?;
@@ -156,7 +159,7 @@ fn unique_slug(name: &str, taken: &mut Vec<String>) -> String {
 
 /// Creates `dir` and `dir/images` and checks that files can be written there; the error names the folder.
 pub fn prepare_output_dir(dir: &Path) -> Result<()> {
-    let fail = |e: std::io::Error| Error::Other(format!("output directory {} is not writable: {e}", dir.display()));
+    let fail = |e: std::io::Error| Error::output(dir, format!("the output directory is not writable: {e}"));
     std::fs::create_dir_all(dir.join("images")).map_err(fail)?;
     let probe = dir.join(".dreamshaper-write-test");
     std::fs::write(&probe, b"").map_err(fail)?;
@@ -219,13 +222,19 @@ impl Plan {
     /// Builds every scheduler for the model's config to count its model evaluations (and reject step counts the
     /// model cannot do).
     pub fn new(options: &BenchOptions, config: &SchedulerConfig) -> Result<Self> {
-        if options.schedulers.is_empty() || options.steps.is_empty() {
-            return Err(Error::Other("nothing to benchmark: no schedulers or no step counts".into()));
+        if options.schedulers.is_empty() {
+            return Err(Error::invalid("schedulers", "is empty: nothing to benchmark"));
+        }
+        if options.steps.is_empty() {
+            return Err(Error::invalid("steps", "is empty: nothing to benchmark"));
         }
         let nfe = |name: &str, steps: usize| -> Result<usize> {
             let scheduler = schedulers::create(name, config, steps).map_err(|e| match e {
                 Error::UnknownScheduler { .. } => e,
-                e => Error::Other(format!("{name} at {steps} steps: {e}")),
+                Error::InvalidRequest { message, .. } => {
+                    Error::invalid("steps", format!("{name} at {steps} steps: {message}"))
+                }
+                e => Error::invalid("schedulers", format!("{name} at {steps} steps: {e}")),
             })?;
             Ok(scheduler.timesteps().len())
         };
@@ -272,12 +281,8 @@ impl Plan {
     }
 
     /// Number of runs, the reference included.
-    pub fn len(&self) -> usize {
+    pub fn run_count(&self) -> usize {
         1 + self.runs.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        false
     }
 }
 
@@ -435,7 +440,7 @@ pub fn run(pipeline: &Pipeline, options: &BenchOptions, on_event: &mut BenchEven
     }
 
     let mut done = 0;
-    let runs = plan.len();
+    let runs = plan.run_count();
     let mut reference: Option<(Tensor, RunResult)> = None;
     for (index, planned) in std::iter::once(&plan.reference).chain(&plan.runs).enumerate() {
         send(on_event, &BenchEvent::RunStarted { index, runs, run: planned })?;
@@ -522,7 +527,9 @@ fn execute(
     let t = Instant::now();
     let mut images = pipeline.decode(&latents, &mut progress)?;
     let decode_seconds = t.elapsed().as_secs_f64();
-    let image = images.pop().ok_or_else(|| Error::Other("the VAE decode returned no image".into()))?;
+    let image = images
+        .pop()
+        .ok_or_else(|| Error::Tensor(candle_core::Error::Msg("the VAE decode returned no image".into())))?;
     Ok(RunOutput { latents: latents.to_dtype(DType::F32)?, image, denoise_seconds, decode_seconds })
 }
 
@@ -671,7 +678,7 @@ fn write_file(path: &Path, contents: &str) -> Result<()> {
 }
 
 fn write_image(path: &Path, image: &RgbImage) -> Result<()> {
-    image.save(path).map_err(|e| Error::Other(format!("{}: {e}", path.display())))
+    image.save(path).map_err(|e| Error::output(path, e))
 }
 
 /// Writes `results.csv`, `results.json`, `grid.png` and `convergence.png` into `dir` (the run images are written
@@ -680,7 +687,7 @@ pub fn write_outputs(report: &BenchReport, dir: &Path) -> Result<()> {
     write_file(&dir.join("results.csv"), &report.to_csv())?;
     write_file(&dir.join("results.json"), &report.to_json())?;
     write_image(&dir.join("grid.png"), &report.grid())?;
-    write_image(&dir.join("convergence.png"), &report.chart()?)?;
+    write_image(&dir.join(chart::FILE_NAME), &report.chart()?)?;
     Ok(())
 }
 
@@ -732,7 +739,7 @@ mod tests {
         options.reference_scheduler = "DDIM".into();
         options.reference_steps = 5;
         let plan = Plan::new(&options, &config).unwrap();
-        assert_eq!(plan.len(), 5);
+        assert_eq!(plan.run_count(), 5);
         assert_eq!(plan.reference.image, "images/reference_ddim_5.png");
         for run in std::iter::once(&plan.reference).chain(&plan.runs) {
             let expected = schedulers::create(&run.scheduler, &config, run.steps).unwrap().timesteps().len();

@@ -155,11 +155,14 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, bias: &Tensor, params: ConvParams) ->
 /// The output buffer (batch, c_out, pixels) with every plane set to its channel's bias, written in parallel.
 fn bias_planes(bias: &[f32], batch: usize, pixels: usize) -> Vec<f32> {
     let c_out = bias.len();
-    super::filled_par(batch * c_out * pixels, pixels, |plane, chunk| {
-        for v in chunk {
-            v.write(bias[plane % c_out]);
-        }
-    })
+    // SAFETY: every element of every plane is written.
+    unsafe {
+        super::filled_par(batch * c_out * pixels, pixels, |plane, chunk| {
+            for v in chunk {
+                v.write(bias[plane % c_out]);
+            }
+        })
+    }
 }
 
 /// A convolution whose weight is packed to bf16 once, for [`gemm_bf16`]: f32 activations in and out, each band's

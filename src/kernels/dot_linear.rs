@@ -2,22 +2,22 @@
 //!
 //! Each output is the dot product of two contiguous k-vectors, a row of x and a row of W, so the weight is read
 //! where it lies. A general GEMM (the `gemm` crate) instead repacks W into column panels on every call, a strided
-//! gather that costs as much as the product itself when x has few rows: a text encoder's 77 tokens per prompt,
-//! where it halves the matrix-product rate. Blocks of 4 rows of x × 4 rows of W keep 16 accumulators in AVX-512
-//! registers; W is streamed once (split over the threads by rows), x is re-read from cache.
+//! gather that costs as much as the product itself when x has few rows (a text encoder's 77 tokens per prompt).
+//! Blocks of 4 rows of x × 4 rows of W keep 16 accumulators in AVX-512 registers; W is streamed once (split over the
+//! threads by rows), x is re-read from cache.
 
 use rayon::prelude::*;
 
-/// Up to this many rows of x the dot-product kernel beats the `gemm` crate on W as stored (on the text encoders'
-/// shapes at 77 and 154 rows: 134–155 GFLOP/s against 63–159; `cargo bench --bench sdxl -- --case gemm`); from
-/// about 256 rows on, repacking W is amortised and the `gemm` crate is as fast or faster.
+/// Up to this many rows of x the dot-product kernel beats the `gemm` crate on W as stored (the text encoders' 77 and
+/// 154 rows; `cargo bench --bench sdxl -- --case gemm`, see BENCHMARKS.md); from about 256 rows on, repacking W is
+/// amortised and the `gemm` crate is as fast or faster.
 pub const MAX_ROWS: usize = 200;
 
 /// Rows of W per parallel task.
 const W_ROWS_PER_TASK: usize = 64;
 
-/// Rows of W per register block (× 4 rows of x: 16 accumulators in AVX-512 registers; 6 × 4 spills and runs at
-/// two thirds of the speed).
+/// Rows of W per register block (× 4 rows of x: 16 accumulators in AVX-512 registers; 6 × 4 spills registers and is
+/// slower).
 const W_BLOCK: usize = 4;
 
 /// Whether this CPU runs the kernel (AVX-512F).
@@ -58,6 +58,10 @@ pub fn linear(x: &[f32], w: &[f32], bias: Option<&[f32]>, rows: usize, n: usize,
 }
 
 /// out_t (w_rows × rows) = W-rows · xᵀ.
+///
+/// # Safety
+/// The CPU must support AVX-512F; `x` must hold at least `rows · k` values and `w` at least `w_rows · k` (they are
+/// read through raw pointers; `out_t` is written with bounds checks).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn task_dots(out_t: &mut [f32], x: &[f32], w: &[f32], rows: usize, w_rows: usize, k: usize) {
@@ -76,6 +80,11 @@ unsafe fn task_dots(out_t: &mut [f32], x: &[f32], w: &[f32], rows: usize, w_rows
     }
 }
 
+/// Never called: [`available`] is false off x86-64, so [`linear`] returns before. It exists for the call site to
+/// compile there.
+///
+/// # Safety
+/// None: it panics.
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn task_dots(_: &mut [f32], _: &[f32], _: &[f32], _: usize, _: usize, _: usize) {
     unreachable!("dot linear: needs AVX-512F")
@@ -83,6 +92,9 @@ unsafe fn task_dots(_: &mut [f32], _: &[f32], _: &[f32], _: usize, _: usize, _: 
 
 /// The `W_BLOCK` × 4 dot products of rows of W (`w`) with 4 rows of x (`x`), each `k` long:
 /// result[c][r] = w_c · x_r.
+///
+/// # Safety
+/// The CPU must support AVX-512F, and every pointer of `x` and `w` must be valid for reading `k` f32 values.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn block_dots(x: [*const f32; 4], w: [*const f32; W_BLOCK], k: usize) -> [[f32; 4]; W_BLOCK] {

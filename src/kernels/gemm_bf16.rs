@@ -12,8 +12,8 @@ use rayon::prelude::*;
 pub const MR: usize = 12;
 /// Columns of the right operand per micro-tile (two 16-lane vectors).
 pub const NR: usize = 32;
-/// k pairs per cache block: a right micro-panel (KC × NR pairs, 32 KiB) streams through L1 (256 measured 3–10 %
-/// faster than 128 or 192 on the UNet's shapes here).
+/// k pairs per cache block: a right micro-panel (KC × NR pairs, 32 KiB) streams through L1 (256 was faster than
+/// 128 or 192 on the UNet's shapes, see BENCHMARKS.md).
 const KC: usize = 256;
 /// Left rows per task (a left block of MC × KC pairs, 96 KiB, stays in L2).
 const MC: usize = 8 * MR;
@@ -63,11 +63,6 @@ impl Packed {
         self.k
     }
 
-    /// Bytes held.
-    pub fn bytes(&self) -> usize {
-        self.data.len() * 4
-    }
-
     fn block(&self, b: usize) -> &[u32] {
         let len = self.pairs() * self.width;
         &self.data[b * len..(b + 1) * len]
@@ -78,22 +73,26 @@ impl Packed {
     pub fn from_rows(src: &[f32], count: usize, k: usize, width: usize) -> Self {
         assert_eq!(src.len(), count * k, "gemm_bf16: {count}×{k} matrix from {} elements", src.len());
         let (pairs, blocks) = (k.div_ceil(2), count.div_ceil(width));
-        let data = super::filled_par(blocks * pairs * width, pairs * width, |b, block| {
-            let rows = width.min(count - b * width);
-            for l in 0..width {
-                if l >= rows {
-                    // Padding rows of the last block.
-                    for p in 0..pairs {
-                        block[p * width + l].write(0);
+        // SAFETY: each block's `pairs × width` slots are all written: a pair for every (k pair, row), zeros for the
+        // padding rows of the last block.
+        let data = unsafe {
+            super::filled_par(blocks * pairs * width, pairs * width, |b, block| {
+                let rows = width.min(count - b * width);
+                for l in 0..width {
+                    if l >= rows {
+                        // Padding rows of the last block.
+                        for p in 0..pairs {
+                            block[p * width + l].write(0);
+                        }
+                        continue;
                     }
-                    continue;
+                    let row = &src[(b * width + l) * k..(b * width + l + 1) * k];
+                    for (p, two) in row.chunks(2).enumerate() {
+                        block[p * width + l].write(pair(two[0], two.get(1).copied().unwrap_or(0.0)));
+                    }
                 }
-                let row = &src[(b * width + l) * k..(b * width + l + 1) * k];
-                for (p, two) in row.chunks(2).enumerate() {
-                    block[p * width + l].write(pair(two[0], two.get(1).copied().unwrap_or(0.0)));
-                }
-            }
-        });
+            })
+        };
         Self { data, count, k, width }
     }
 
@@ -157,9 +156,14 @@ impl<T> SyncPtr<T> {
     }
 }
 
-/// Which micro-kernel runs.
+/// Which micro-kernel runs: one that this CPU executes. A `Kernel` can only be obtained from [`Kernel::detect`] or
+/// [`Kernel::available`], which check the CPU's features, so holding one proves that its instructions run here: that
+/// is what makes [`gemm()`] safe to call with any `Kernel`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Kernel(Isa);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kernel {
+enum Isa {
     /// `vdpbf16ps` (x86-64 with AVX512-BF16).
     Avx512Bf16,
     /// The bf16 values widened to f32 and multiplied with AVX2 FMA (x86-64 without AVX512-BF16).
@@ -177,18 +181,33 @@ impl Kernel {
     /// Every kernel this CPU can run, slowest first.
     pub fn available() -> Vec<Self> {
         #[allow(unused_mut)]
-        let mut kernels = vec![Kernel::Portable];
+        let mut kernels = vec![Kernel(Isa::Portable)];
         #[cfg(target_arch = "x86_64")]
         {
             use std::arch::is_x86_feature_detected as has;
             if has!("avx2") && has!("fma") {
-                kernels.push(Kernel::Avx2Fma);
+                kernels.push(Kernel(Isa::Avx2Fma));
             }
             if has!("avx512f") && has!("avx512bf16") {
-                kernels.push(Kernel::Avx512Bf16);
+                kernels.push(Kernel(Isa::Avx512Bf16));
             }
         }
         kernels
+    }
+
+    /// `"Avx512Bf16"`, `"Avx2Fma"` or `"Portable"` (also the `Debug` form).
+    pub fn name(self) -> &'static str {
+        match self.0 {
+            Isa::Avx512Bf16 => "Avx512Bf16",
+            Isa::Avx2Fma => "Avx2Fma",
+            Isa::Portable => "Portable",
+        }
+    }
+}
+
+impl std::fmt::Debug for Kernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -226,7 +245,10 @@ pub fn gemm(c: &mut [f32], ldc: usize, a: &Packed, b: &Packed, kernel: Kernel) {
 /// One mc × nc tile of c: for each k block, each right micro-panel against each left micro-block.
 ///
 /// # Safety
-/// `c` must point to an m × n matrix with row stride `ldc` that no one else touches inside this tile.
+/// `c` must point to an m × n matrix (m = `a.count`, n = `b.count`) of writable f32 with row stride `ldc ≥ n`, and
+/// no other thread may read or write the tile's elements (rows `row0..row0 + mc`, columns `col0..col0 + nc`, within
+/// m × n) during the call. `a` and `b` must be packed with widths [`MR`] and [`NR`] and the same k (the packed data
+/// itself is read with bounds checks).
 unsafe fn tile(
     c: *mut f32,
     ldc: usize,
@@ -270,19 +292,26 @@ unsafe fn tile(
 /// c (MR × NR, row stride ldc) += a_panel (kc pairs × MR) · b_panel (kc pairs × NR).
 ///
 /// # Safety
-/// `c` must point to MR rows of NR writable f32 with row stride `ldc`.
+/// `c` must point to MR rows of NR writable f32 with row stride `ldc`, which no other thread uses during the call;
+/// `a` must hold at least kc·MR values and `b` kc·NR (the AVX-512 kernel reads them through raw pointers). The
+/// kernel's instructions run on this CPU because a [`Kernel`] exists only for those that do.
 #[inline(always)]
 unsafe fn micro(kernel: Kernel, kc: usize, a: &[u32], b: &[u32], c: *mut f32, ldc: usize) {
-    debug_assert!(a.len() == kc * MR && b.len() == kc * NR);
-    match kernel {
+    debug_assert!(a.len() >= kc * MR && b.len() >= kc * NR);
+    match kernel.0 {
+        // SAFETY (both arms): a Kernel of this ISA was made only after its CPU features were detected.
         #[cfg(target_arch = "x86_64")]
-        Kernel::Avx512Bf16 => avx512::micro(kc, a.as_ptr(), b.as_ptr(), c, ldc),
+        Isa::Avx512Bf16 => avx512::micro(kc, a.as_ptr(), b.as_ptr(), c, ldc),
         #[cfg(target_arch = "x86_64")]
-        Kernel::Avx2Fma => micro_avx2_fma(kc, a, b, c, ldc),
+        Isa::Avx2Fma => micro_avx2_fma(kc, a, b, c, ldc),
         _ => micro_widened::<false>(kc, a, b, c, ldc),
     }
 }
 
+/// [`micro_widened`] compiled for AVX2 with fused multiply-adds.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA, and `c` must be as [`micro`] requires.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn micro_avx2_fma(kc: usize, a: &[u32], b: &[u32], c: *mut f32, ldc: usize) {
@@ -291,6 +320,10 @@ unsafe fn micro_avx2_fma(kc: usize, a: &[u32], b: &[u32], c: *mut f32, ldc: usiz
 
 /// The micro-kernel on bf16 values widened to f32, vectorised by the compiler for the caller's target features
 /// (`FMA`: fused multiply-adds, only where the CPU has them, else `mul_add` would be a library call).
+///
+/// # Safety
+/// `c` must point to MR rows of NR writable f32 with row stride `ldc`, which no other thread uses during the call
+/// (`a` and `b` are read with bounds checks).
 #[inline(always)]
 unsafe fn micro_widened<const FMA: bool>(kc: usize, a: &[u32], b: &[u32], c: *mut f32, ldc: usize) {
     let mut acc = [[0f32; NR]; MR];
@@ -325,7 +358,8 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     /// # Safety
-    /// The CPU must have AVX512F and AVX512-BF16; `a` holds kc·MR pairs, `b` kc·NR pairs, `c` MR rows of NR.
+    /// The CPU must have AVX512F and AVX512-BF16; `a` must be valid for reading kc·MR values and `b` kc·NR, and `c`
+    /// must point to MR rows of NR writable f32 with row stride `ldc`, which no other thread uses during the call.
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub unsafe fn micro(kc: usize, a: *const u32, b: *const u32, c: *mut f32, ldc: usize) {
         let mut acc = [[_mm512_setzero_ps(); 2]; MR];

@@ -1,6 +1,6 @@
 //! GroupNorm (optionally followed by SiLU) in one pass pair per group: mean and variance in f64, then
 //! y = x·(γ·rstd) + (β − mean·γ·rstd) per channel, as PyTorch's CPU kernel applies it. The statistics can also be
-//! given (a tiled decode normalises every tile by the whole image's statistics) and measured over a region
+//! given (a banded decode normalises every band by the whole image's statistics) and measured over a region
 //! ([`region_moments`]).
 
 use std::ops::Range;

@@ -36,10 +36,13 @@ pub(crate) fn with_f32_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Resul
     Ok(f(contiguous_f32(storage, layout)?))
 }
 
-/// A new buffer of `len` elements written chunk by chunk over rayon's pool: `fill(i, chunk)` must write every
-/// element of chunk `i` (elements `i·chunk_len ..`). Saves the serial zeroing of `vec![0; len]` before outputs that
-/// are overwritten anyway (a bias, packed operands).
-pub(crate) fn filled_par<T: Copy + Send + Sync>(
+/// A new buffer of `len` elements written chunk by chunk over rayon's pool by `fill(i, chunk)`, for chunk `i`
+/// (elements `i·chunk_len ..`). Saves the serial zeroing of `vec![0; len]` before outputs that are overwritten
+/// anyway (a bias, packed operands).
+///
+/// # Safety
+/// `fill` must write every element of the chunk it is given (or panic): the buffer is returned as initialised.
+pub(crate) unsafe fn filled_par<T: Copy + Send + Sync>(
     len: usize,
     chunk_len: usize,
     fill: impl Fn(usize, &mut [std::mem::MaybeUninit<T>]) + Sync + Send,
@@ -47,7 +50,8 @@ pub(crate) fn filled_par<T: Copy + Send + Sync>(
     use rayon::prelude::*;
     let mut v: Vec<T> = Vec::with_capacity(len);
     v.spare_capacity_mut()[..len].par_chunks_mut(chunk_len.max(1)).enumerate().for_each(|(i, c)| fill(i, c));
-    // SAFETY: the first `len` elements were all written by `fill` (its contract), and T is Copy (no drop glue).
+    // SAFETY: the first `len` elements were all written by `fill` (the caller's guarantee), and T is Copy (no drop
+    // glue).
     unsafe { v.set_len(len) };
     v
 }
@@ -55,9 +59,13 @@ pub(crate) fn filled_par<T: Copy + Send + Sync>(
 /// `rows` copies of `row`, written in parallel.
 pub(crate) fn repeated_rows(row: &[f32], rows: usize) -> Vec<f32> {
     let n = row.len();
-    filled_par(rows * n, n * 64, |_, chunk| {
-        for (dst, &src) in chunk.iter_mut().zip(row.iter().cycle()) {
-            dst.write(src);
-        }
-    })
+    // SAFETY: chunks are whole rows (n · 64 elements, the last one fewer), each written element by element from the
+    // row repeated.
+    unsafe {
+        filled_par(rows * n, n * 64, |_, chunk| {
+            for (dst, &src) in chunk.iter_mut().zip(row.iter().cycle()) {
+                dst.write(src);
+            }
+        })
+    }
 }

@@ -9,6 +9,10 @@ macro_rules! multiversion {
             #[cfg(target_arch = "x86_64")]
             {
                 if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                    /// `$body` compiled for AVX2 with fused multiply-adds.
+                    ///
+                    /// # Safety
+                    /// The CPU must support AVX2 and FMA.
                     #[target_feature(enable = "avx2,fma")]
                     unsafe fn fast($($arg: $ty),*) $(-> $ret)? {
                         $body($($arg),*)

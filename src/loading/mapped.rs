@@ -112,11 +112,39 @@ fn drop_pages(ptr: *mut u8, len: usize) {
 
 /// The system allocator, plus: freeing memory that lies in a live [`Mapping`] releases the mapping's reference
 /// instead (the memory was never allocated).
+///
+/// # Safety
+///
+/// Allocation is [`System`]'s, unchanged. Freeing and reallocating are [`System`]'s for every pointer outside the
+/// mappings this module made, and those are the only pointers System handed out; a pointer inside one is one of
+/// [`Mapping::vec`]'s buffers. Zero-copy tensors are sound under these assumptions:
+///
+/// - **It is the global allocator.** [`zero_copy_available`] takes the first allocation this allocator serves as
+///   proof that it is installed with `#[global_allocator]`: `Vec`s over mapped memory are freed through the global
+///   allocator, and any other would hand them to the system allocator. Calling its methods directly while another
+///   allocator is global breaks this (nothing in this crate does).
+/// - **Buffers are freed as they were made.** A buffer from [`Mapping::vec`] is freed or grown only through this
+///   allocator (`Vec` does so), with the layout the `Vec` was made with: `dealloc` drops the process's copies of the
+///   whole pages in that range (`MADV_DONTNEED`), then one reference to the mapping; `realloc` copies the bytes out
+///   into a System allocation. Slots are found by address, so the mapping's range must not be unmapped or reused
+///   while a buffer lies in it (the reference counts see to that).
+/// - **Nobody writes through a mapped buffer that another live buffer shares.** The same tensor read twice gives two
+///   `Vec`s over the same bytes. Candle never writes into its inputs, and weights are only inputs; a write would
+///   stay private to this process (the mapping is `MAP_PRIVATE`), show in the other buffer, and be dropped when
+///   either buffer is freed.
+/// - **The files do not change while mapped.** As with every memory map, another process truncating or rewriting a
+///   file changes (or unmaps) memory that Rust code holds as immutable data; [`set_zero_copy`]`(false)` turns
+///   mapping off where files may change.
+/// - **System's memory and the mappings are disjoint.** A pointer inside a live mapping is taken for a mapped
+///   buffer; this holds because `mmap` never returns pages System holds, and System never allocates inside a live
+///   mapping.
 pub struct MappedAwareAllocator;
 
-// SAFETY: every allocation is System's; the only memory not passed back to System is memory System never gave out
-// (inside a mapping this module made and registered).
+// SAFETY: see the type's `# Safety` section: every allocation is System's; the only memory not passed back to
+// System is memory System never gave out (inside a mapping this module made and registered).
 unsafe impl GlobalAlloc for MappedAwareAllocator {
+    /// # Safety
+    /// [`GlobalAlloc::alloc`]'s contract: `layout` has a non-zero size.
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         if !INSTALLED.load(std::sync::atomic::Ordering::Relaxed) {
             INSTALLED.store(true, SeqCst);
@@ -124,6 +152,8 @@ unsafe impl GlobalAlloc for MappedAwareAllocator {
         System.alloc(layout)
     }
 
+    /// # Safety
+    /// [`GlobalAlloc::alloc_zeroed`]'s contract: `layout` has a non-zero size.
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         if !INSTALLED.load(std::sync::atomic::Ordering::Relaxed) {
             INSTALLED.store(true, SeqCst);
@@ -131,6 +161,9 @@ unsafe impl GlobalAlloc for MappedAwareAllocator {
         System.alloc_zeroed(layout)
     }
 
+    /// # Safety
+    /// [`GlobalAlloc::dealloc`]'s contract: `ptr` was allocated by this allocator with `layout`, or is the buffer of a
+    /// `Vec` made by [`Mapping::vec`] whose capacity in bytes is `layout.size()`.
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         match slot_of(ptr) {
             Some(slot) => {
@@ -141,6 +174,9 @@ unsafe impl GlobalAlloc for MappedAwareAllocator {
         }
     }
 
+    /// # Safety
+    /// [`GlobalAlloc::realloc`]'s contract: `ptr` as for [`dealloc`](Self::dealloc), `new_size` non-zero and, rounded
+    /// up to `layout.align()`, at most `isize::MAX`.
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         match slot_of(ptr) {
             Some(slot) => {

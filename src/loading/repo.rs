@@ -85,7 +85,9 @@ impl ModelRepo {
                 let api = hf_hub::api::sync::ApiBuilder::from_cache(cache.clone())
                     .with_progress(true)
                     .build()
-                    .map_err(|e| Error::Other(format!("cannot reach the Hugging Face hub: {e}")))?;
+                    .map_err(|e| {
+                        Error::NotFound(format!("{id}: {rel} cannot be downloaded: the Hugging Face hub client: {e}"))
+                    })?;
                 match api.model(id.clone()).get(rel) {
                     Ok(p) => Ok(Some(p)),
                     Err(hf_hub::api::sync::ApiError::RequestError(e)) if is_not_found(&e) => Ok(None),
@@ -155,10 +157,33 @@ impl ModelRepo {
     }
 }
 
-/// Reads and parses a JSON file, with errors naming it.
+/// Reads and parses a JSON file, with errors naming it and, for a value of the wrong type or a missing key, the
+/// key ([`Error::ConfigKey`]).
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text).map_err(|e| Error::model(path, format!("invalid config: {e}")))
+    let mut deserializer = serde_json::Deserializer::from_str(&text);
+    let value = serde_path_to_error::deserialize(&mut deserializer).map_err(|e| json_error(path, e))?;
+    deserializer.end().map_err(|e| Error::model(path, format!("invalid JSON: {e}")))?;
+    Ok(value)
+}
+
+/// A JSON error from `origin`: unreadable JSON, or a key whose value does not fit (the key as a path into the
+/// document, `block_out_channels[1]`; a missing key by its own name).
+fn json_error(origin: &Path, e: serde_path_to_error::Error<serde_json::Error>) -> Error {
+    let path = e.path().to_string();
+    let inner = e.into_inner();
+    if !inner.is_data() {
+        return Error::model(origin, format!("invalid JSON: {inner}"));
+    }
+    let message = inner.to_string();
+    if let Some(field) = message.strip_prefix("missing field `").and_then(|rest| rest.split('`').next()) {
+        let key = if path == "." { field.to_string() } else { format!("{path}.{field}") };
+        return Error::config_key(origin, key, "is missing");
+    }
+    if path == "." {
+        return Error::model(origin, format!("invalid config: {message}"));
+    }
+    Error::config_key(origin, path, message)
 }
 
 fn is_not_found(e: &impl std::fmt::Display) -> bool {

@@ -8,12 +8,13 @@ use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-use super::repo::ModelRepo;
+use super::repo::{read_json, ModelRepo};
 use super::single_file::{is_single_file, Part, SingleFile};
 use super::weights::Weights;
 use crate::models::clip::ClipTextConfig;
 use crate::models::unet::UNetConfig;
 use crate::models::vae::VaeConfig;
+use crate::models::ConfigError;
 use crate::schedulers::SchedulerConfig;
 use crate::tokenizer::ClipTokenizer;
 use crate::{Error, Result};
@@ -36,7 +37,8 @@ pub enum Component {
 }
 
 impl Component {
-    fn folder(self) -> &'static str {
+    /// The component's name: its folder in a diffusers repository (`"unet"`, `"text_encoder_2"`, …).
+    pub fn name(self) -> &'static str {
         match self {
             Component::TextEncoder => "text_encoder",
             Component::TextEncoder2 => "text_encoder_2",
@@ -97,8 +99,32 @@ pub struct ModelSource {
     vae: Option<VaeSource>,
 }
 
-fn parse<T: serde::de::DeserializeOwned>(value: serde_json::Value, origin: &Path) -> Result<T> {
-    serde_json::from_value(value).map_err(|e| Error::model(origin, format!("derived config is invalid: {e}")))
+/// A component's config file of `repo`, checked by `validate`: errors name the file and the key.
+fn component_config<T: serde::de::DeserializeOwned>(
+    repo: &ModelRepo,
+    rel: &str,
+    validate: impl FnOnce(&T) -> std::result::Result<(), ConfigError>,
+) -> Result<T> {
+    let path = repo.require(rel)?;
+    let config = read_json(&path)?;
+    validate(&config).map_err(|e| Error::config_key(&path, e.key, e.message))?;
+    Ok(config)
+}
+
+/// A component's config derived from a single file's keys (`component`: which one), checked by `validate`.
+fn derived_config<T: serde::de::DeserializeOwned>(
+    value: serde_json::Value,
+    origin: &Path,
+    component: &str,
+    validate: impl FnOnce(&T) -> std::result::Result<(), ConfigError>,
+) -> Result<T> {
+    let config = serde_json::from_value(value).map_err(|e| {
+        Error::model(origin, format!("the {component} config read off this file's keys is invalid: {e}"))
+    })?;
+    validate(&config).map_err(|e| {
+        Error::config_key(origin, e.key, format!("{} (in the {component} config read off this file's keys)", e.message))
+    })?;
+    Ok(config)
 }
 
 impl ModelSource {
@@ -140,50 +166,69 @@ impl ModelSource {
         }
     }
 
+    /// Every config of the pipeline, each checked: a value a component cannot be built with is an error naming the
+    /// file and the key.
     pub fn configs(&self) -> Result<ModelConfigs> {
-        let mut configs = match (&self.weights, self.config_repo()) {
+        Ok(match (&self.weights, self.config_repo()) {
             (_, Some(repo)) => {
                 let index: ModelIndex = repo.json("model_index.json")?;
-                let unet: UNetConfig = repo.json("unet/config.json")?;
-                if let Err(message) = unet.validate() {
-                    return Err(Error::model(repo.require("unet/config.json")?, message));
-                }
                 ModelConfigs {
-                    unet,
-                    vae: repo.json("vae/config.json")?,
-                    text_encoder: repo.json("text_encoder/config.json")?,
-                    text_encoder_2: repo.json("text_encoder_2/config.json")?,
+                    unet: component_config(repo, "unet/config.json", UNetConfig::validate)?,
+                    vae: self.vae_config()?,
+                    text_encoder: component_config(repo, "text_encoder/config.json", ClipTextConfig::validate)?,
+                    text_encoder_2: component_config(repo, "text_encoder_2/config.json", ClipTextConfig::validate)?,
                     scheduler: SchedulerConfig::from_file(&repo.require("scheduler/scheduler_config.json")?)?,
                     force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt,
                 }
             }
             (Weightset::SingleFile(file), None) => {
                 let origin = file.path();
-                let unet: UNetConfig = parse(file.unet_config()?, origin)?;
-                if let Err(message) = unet.validate() {
-                    return Err(Error::model(origin, message));
-                }
+                let clip = |part, component| {
+                    derived_config(file.clip_config(part)?, origin, component, ClipTextConfig::validate)
+                };
                 ModelConfigs {
-                    unet,
-                    vae: if file.has_vae() { parse(file.vae_config()?, origin)? } else { sdxl_vae_config() },
-                    text_encoder: parse(file.clip_config(Part::ClipL)?, origin)?,
-                    text_encoder_2: parse(file.clip_config(Part::ClipG)?, origin)?,
-                    scheduler: SchedulerConfig::from_json(SDXL_SCHEDULER_CONFIG).map_err(Error::Other)?,
+                    unet: derived_config(file.unet_config()?, origin, "unet", UNetConfig::validate)?,
+                    vae: self.vae_config()?,
+                    text_encoder: clip(Part::ClipL, "text_encoder")?,
+                    text_encoder_2: clip(Part::ClipG, "text_encoder_2")?,
+                    scheduler: SchedulerConfig::from_json(SDXL_SCHEDULER_CONFIG)
+                        .expect("the built-in SDXL scheduler config is a JSON object"),
                     force_zeros_for_empty_prompt: true,
                 }
             }
             (Weightset::Diffusers(_), None) => unreachable!("a diffusers source is its own config repository"),
-        };
+        })
+    }
+
+    /// The config of the VAE that decodes: the replacement's (`--vae`) or the model's own.
+    fn vae_config(&self) -> Result<VaeConfig> {
         match &self.vae {
-            None => {}
-            Some(VaeSource::Repo(repo)) => configs.vae = repo.json("config.json")?,
+            Some(VaeSource::Repo(repo)) => component_config(repo, "config.json", VaeConfig::validate),
             Some(VaeSource::Original(file)) => {
-                configs.vae = parse(file.vae_config()?, file.path())?;
-                configs.vae.force_upcast = !named_f16_safe(file.path());
+                let mut config: VaeConfig =
+                    derived_config(file.vae_config()?, file.path(), "vae", VaeConfig::validate)?;
+                config.force_upcast = !named_f16_safe(file.path());
+                Ok(config)
             }
-            Some(VaeSource::Diffusers(path)) => configs.vae.force_upcast = !named_f16_safe(path),
+            Some(VaeSource::Diffusers(path)) => {
+                let mut config = self.own_vae_config()?;
+                config.force_upcast = !named_f16_safe(path);
+                Ok(config)
+            }
+            None => self.own_vae_config(),
         }
-        Ok(configs)
+    }
+
+    /// The model's own VAE config: its repository's `vae/config.json`, or read off a single file's keys (SDXL's for a
+    /// file without a VAE).
+    fn own_vae_config(&self) -> Result<VaeConfig> {
+        match (&self.weights, self.config_repo()) {
+            (_, Some(repo)) => component_config(repo, "vae/config.json", VaeConfig::validate),
+            (Weightset::SingleFile(file), None) if file.has_vae() => {
+                derived_config(file.vae_config()?, file.path(), "vae", VaeConfig::validate)
+            }
+            _ => Ok(sdxl_vae_config()),
+        }
     }
 
     /// Both tokenizers: the repository's, or CLIP's built-in vocabulary for a single file without `--config`.
@@ -222,7 +267,7 @@ impl ModelSource {
         }
         match &self.weights {
             Weightset::Diffusers(repo) => {
-                let files = repo.weights(component.folder(), component.weights_stem(), prefer_fp16)?;
+                let files = repo.weights(component.name(), component.weights_stem(), prefer_fp16)?;
                 Ok(Weights::open(&files)?.into_var_builder(dtype, device))
             }
             Weightset::SingleFile(file) => {

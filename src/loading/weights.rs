@@ -83,7 +83,7 @@ impl Weights {
             .load(device)
             .map_err(|e| candle_core::Error::Msg(format!("{}: tensor `{name}`: {}", path.display(), root_cause(&e))))?;
         // The tensor now owns a copy: drop the mapped pages from this process (they stay in the page cache), so
-        // that loading a 10 GB UNet does not count its file a second time in resident memory.
+        // that loading a UNet of several GB does not count its file a second time in resident memory.
         release_mapped_pages(view.data());
         tensor.to_dtype(dtype)
     }
@@ -276,14 +276,5 @@ fn root_cause(e: &candle_core::Error) -> String {
         candle_core::Error::WithBacktrace { inner, .. } => root_cause(inner),
         candle_core::Error::WithPath { inner, .. } => root_cause(inner),
         other => other.to_string(),
-    }
-}
-
-/// Checks a path exists before reading it, so the message names what is missing.
-pub fn require_file(path: &Path, what: &str) -> Result<()> {
-    if path.is_file() {
-        Ok(())
-    } else {
-        Err(Error::NotFound(format!("{what} not found: {} does not exist", path.display())))
     }
 }

@@ -4,6 +4,7 @@ use candle_core::{DType, Device, IndexOp, Result, Tensor};
 use candle_nn::{Embedding, LayerNorm, Module, VarBuilder};
 
 use super::layers::{embedding, layer_norm, linear_in, Linear, LinearLayout};
+use super::ConfigError;
 use serde::Deserialize;
 
 /// The fields of a text encoder's `config.json` that shape the network.
@@ -23,6 +24,33 @@ pub struct ClipTextConfig {
     pub projection_dim: Option<usize>,
     #[serde(default = "default_eos")]
     pub eos_token_id: u32,
+}
+
+impl ClipTextConfig {
+    /// Rejects configs the encoder cannot be built with, naming the key.
+    pub fn validate(&self) -> std::result::Result<(), ConfigError> {
+        for (key, value) in [
+            ("hidden_size", self.hidden_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("vocab_size", self.vocab_size),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::new(key, "must be at least 1"));
+            }
+        }
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
+            return Err(ConfigError::new(
+                "num_attention_heads",
+                format!("({}) does not divide hidden_size = {}", self.num_attention_heads, self.hidden_size),
+            ));
+        }
+        if self.projection_dim == Some(0) {
+            return Err(ConfigError::new("projection_dim", "must be at least 1"));
+        }
+        Ok(())
+    }
 }
 
 fn default_act() -> Activation {
@@ -152,6 +180,7 @@ impl ClipTextModel {
     /// output; without it only the layers up to the penultimate hidden state are loaded. `layout`: how the linear
     /// layers keep their weights.
     pub fn new(vb: VarBuilder, cfg: &ClipTextConfig, with_projection: bool, layout: LinearLayout) -> Result<Self> {
+        cfg.validate()?;
         let tm = if vb.contains_tensor("text_model.embeddings.token_embedding.weight") {
             vb.pp("text_model")
         } else {
@@ -214,7 +243,7 @@ impl ClipTextModel {
         let mask = Self::causal_mask(n, x.dtype(), x.device())?;
         // With a projection all layers are loaded (the last one feeds the pooled output); without, only those up
         // to the penultimate hidden state.
-        let penultimate_layers = self.layers.len() - usize::from(self.text_projection.is_some());
+        let penultimate_layers = self.layers.len().saturating_sub(usize::from(self.text_projection.is_some()));
         let mut x = x;
         for layer in &self.layers[..penultimate_layers] {
             x = layer.forward(&x, &mask)?;

@@ -237,9 +237,8 @@ pub enum LinearLayout {
     AsStored,
     /// For inputs of few rows per call (the text encoders' 77 tokens) that are called many times: in f32 on the
     /// CPU the weight is transposed once at load, so that each call's GEMM reads it in place instead of repacking
-    /// all of it for a few rows (1.3–2.3× faster GEMMs at 77 rows, text encoders 3.1 → 1.8–2.1 s on full SDXL),
-    /// at the price of a copy at load (2.5 s here for SDXL's 1.6 GB of text encoders). Right for a resident
-    /// server, not for a one-off generation.
+    /// all of it for a few rows (faster text encoders, see BENCHMARKS.md), at the price of a copy of the weights at
+    /// load. Right for a resident server, not for a one-off generation.
     TransposedForFewRows,
 }
 

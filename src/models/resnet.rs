@@ -3,9 +3,9 @@
 use candle_core::{Result, Tensor};
 use candle_nn::{Module, VarBuilder};
 
+use super::bands::Bands;
 pub use super::layers::{conv1x1, conv3x3};
 use super::layers::{group_norm, linear, Conv2d, GroupNorm, Linear};
-use super::vae_tiling::Bands;
 
 /// diffusers' `ResnetBlock2D` (default time-scale-shift, SiLU, output scale 1).
 #[derive(Debug, Clone)]

@@ -10,6 +10,7 @@ use super::embeddings::{TimestepEmbedding, Timesteps};
 use super::layers::{conv3x3, group_norm, Conv2d, GroupNorm};
 use super::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
 use super::transformer::{Transformer2DModel, TransformerSpec};
+use super::ConfigError;
 
 /// A config value given either once for all blocks or once per block.
 #[derive(Debug, Clone, Deserialize)]
@@ -20,17 +21,29 @@ pub enum PerBlock<T> {
 }
 
 impl<T: Clone> PerBlock<T> {
+    /// The value of `block` (validated configs have one value or one per block).
     fn get(&self, block: usize) -> T {
         match self {
             PerBlock::One(v) => v.clone(),
-            PerBlock::Each(v) => v[block.min(v.len() - 1)].clone(),
+            PerBlock::Each(v) => v[block.min(v.len().saturating_sub(1))].clone(),
         }
     }
 
-    fn len_ok(&self, blocks: usize) -> bool {
+    fn values(&self) -> &[T] {
         match self {
-            PerBlock::One(_) => true,
-            PerBlock::Each(v) => v.len() == blocks,
+            PerBlock::One(v) => std::slice::from_ref(v),
+            PerBlock::Each(v) => v,
+        }
+    }
+
+    /// One value, or one per block.
+    fn check_len(&self, key: &str, blocks: usize) -> std::result::Result<(), ConfigError> {
+        match self {
+            PerBlock::Each(v) if v.len() != blocks => Err(ConfigError::new(
+                key,
+                format!("has {} entries for {blocks} blocks (give one value, or one per block)", v.len()),
+            )),
+            _ => Ok(()),
         }
     }
 }
@@ -45,17 +58,19 @@ pub enum TransformerLayers {
 }
 
 impl TransformerLayers {
-    /// The transformer depth of each of the `layers` attention modules of down block `block`.
+    /// The transformer depth of each of the `layers` attention modules of down block `block` (validated configs
+    /// have an entry for every block and, nested, for every layer).
     fn for_block(&self, block: usize, layers: usize) -> Vec<usize> {
         match self {
             TransformerLayers::One(n) => vec![*n; layers],
-            TransformerLayers::PerBlock(v) => vec![v[block.min(v.len() - 1)]; layers],
-            TransformerLayers::PerLayer(v) => v[block.min(v.len() - 1)].clone(),
+            TransformerLayers::PerBlock(v) => vec![v[block]; layers],
+            TransformerLayers::PerLayer(v) => v[block].clone(),
         }
     }
 
-    fn last(&self, blocks: usize) -> Vec<usize> {
-        self.for_block(blocks - 1, 1)
+    /// The mid block's depth: the last block's (its first layer's, nested).
+    fn last(&self, blocks: usize) -> usize {
+        self.for_block(blocks - 1, 1)[0]
     }
 }
 
@@ -141,67 +156,149 @@ pub struct UNetConfig {
 }
 
 impl UNetConfig {
-    /// Rejects configs this implementation does not cover, naming the key.
-    pub fn validate(&self) -> std::result::Result<(), String> {
+    /// Rejects configs this implementation cannot build or does not cover, naming the key: list lengths that do
+    /// not match the number of blocks, zero counts, channels that groups or heads do not divide, block types and
+    /// options other than SDXL's.
+    pub fn validate(&self) -> std::result::Result<(), ConfigError> {
         let n = self.block_out_channels.len();
-        if n == 0 || self.down_block_types.len() != n || self.up_block_types.len() != n {
-            return Err(format!(
-                "block_out_channels ({n}), down_block_types ({}) and up_block_types ({}) must have the same length",
-                self.down_block_types.len(),
-                self.up_block_types.len()
+        if n == 0 {
+            return Err(ConfigError::new("block_out_channels", "is empty: a UNet needs at least one block"));
+        }
+        let (down, up) = (self.down_block_types.len(), self.up_block_types.len());
+        if down != n || up != n {
+            // Blame the list that disagrees with the other two.
+            let key = if down == up {
+                "block_out_channels"
+            } else if down != n {
+                "down_block_types"
+            } else {
+                "up_block_types"
+            };
+            return Err(ConfigError::new(
+                key,
+                format!(
+                    "does not match: block_out_channels has {n} entries, down_block_types {down}, up_block_types \
+                     {up} (one per block each)"
+                ),
             ));
         }
         for t in &self.down_block_types {
             if t != "DownBlock2D" && t != "CrossAttnDownBlock2D" {
-                return Err(format!("unsupported down block type `{t}`"));
+                return Err(ConfigError::new("down_block_types", format!("has the unsupported block type `{t}`")));
             }
         }
         for t in &self.up_block_types {
             if t != "UpBlock2D" && t != "CrossAttnUpBlock2D" {
-                return Err(format!("unsupported up block type `{t}`"));
+                return Err(ConfigError::new("up_block_types", format!("has the unsupported block type `{t}`")));
             }
         }
         if let Some(t) = &self.mid_block_type {
             if t != "UNetMidBlock2DCrossAttn" {
-                return Err(format!("unsupported mid_block_type `{t}`"));
+                return Err(ConfigError::new("mid_block_type", format!("`{t}` is not supported")));
             }
         }
         if self.addition_embed_type.as_deref() != Some("text_time") {
-            return Err(format!(
-                "addition_embed_type is {:?}; an SDXL UNet needs \"text_time\" (is this an SD 1.x/2.x model?)",
-                self.addition_embed_type
+            return Err(ConfigError::new(
+                "addition_embed_type",
+                format!(
+                    "is {:?}; an SDXL UNet needs \"text_time\" (is this an SD 1.x/2.x model?)",
+                    self.addition_embed_type
+                ),
             ));
         }
-        if self.addition_time_embed_dim.is_none() || self.projection_class_embeddings_input_dim.is_none() {
-            return Err("addition_time_embed_dim and projection_class_embeddings_input_dim are required".into());
+        for (key, value) in [
+            ("addition_time_embed_dim", self.addition_time_embed_dim),
+            ("projection_class_embeddings_input_dim", self.projection_class_embeddings_input_dim),
+        ] {
+            if value.is_none() {
+                return Err(ConfigError::new(key, "is required (SDXL's added time and text conditioning)"));
+            }
         }
-        if self.class_embed_type.is_some() || self.encoder_hid_dim.is_some() || self.time_cond_proj_dim.is_some() {
-            return Err("class_embed_type, encoder_hid_dim and time_cond_proj_dim are not supported".into());
+        for (key, set) in [
+            ("class_embed_type", self.class_embed_type.is_some()),
+            ("encoder_hid_dim", self.encoder_hid_dim.is_some()),
+            ("time_cond_proj_dim", self.time_cond_proj_dim.is_some()),
+        ] {
+            if set {
+                return Err(ConfigError::new(key, "is not supported (leave it null)"));
+            }
         }
         if self.resnet_time_scale_shift.as_deref().is_some_and(|s| s != "default") {
-            return Err("only resnet_time_scale_shift \"default\" is supported".into());
+            return Err(ConfigError::new("resnet_time_scale_shift", "is not supported: only \"default\" is"));
         }
-        if !self.layers_per_block.len_ok(n) || !self.attention_head_dim.len_ok(n) || !self.cross_attention_dim.len_ok(n)
-        {
-            return Err("per-block lists must have one entry per block".into());
+
+        self.layers_per_block.check_len("layers_per_block", n)?;
+        self.attention_head_dim.check_len("attention_head_dim", n)?;
+        if let Some(heads) = &self.num_attention_heads {
+            heads.check_len("num_attention_heads", n)?;
         }
-        if matches!(self.transformer_layers_per_block, TransformerLayers::PerLayer(_))
-            && self.reverse_transformer_layers_per_block.is_none()
-        {
-            return Err("nested transformer_layers_per_block needs reverse_transformer_layers_per_block".into());
+        self.cross_attention_dim.check_len("cross_attention_dim", n)?;
+        if self.layers_per_block.values().contains(&0) {
+            return Err(ConfigError::new("layers_per_block", "must be at least 1 for every block"));
         }
+        let heads_key = if self.num_attention_heads.is_some() { "num_attention_heads" } else { "attention_head_dim" };
+        if (0..n).any(|i| self.heads(i) == 0) {
+            return Err(ConfigError::new(heads_key, "must be at least 1 for every block (attention heads)"));
+        }
+        if self.norm_num_groups == 0 {
+            return Err(ConfigError::new("norm_num_groups", "must be at least 1"));
+        }
+        self.check_transformer_layers(n)?;
         for (i, &c) in self.block_out_channels.iter().enumerate() {
-            if c % self.norm_num_groups != 0 {
-                return Err(format!(
-                    "block_out_channels[{i}] = {c} is not divisible by norm_num_groups {}",
-                    self.norm_num_groups
+            if c == 0 {
+                return Err(ConfigError::new(format!("block_out_channels[{i}]"), "must be at least 1"));
+            }
+            if !c.is_multiple_of(self.norm_num_groups) {
+                return Err(ConfigError::new(
+                    "norm_num_groups",
+                    format!("({}) does not divide block_out_channels[{i}] = {c}", self.norm_num_groups),
                 ));
             }
-            if c % self.heads(i) != 0 {
-                return Err(format!(
-                    "block_out_channels[{i}] = {c} is not divisible by its {} attention heads",
-                    self.heads(i)
+            if !c.is_multiple_of(self.heads(i)) {
+                return Err(ConfigError::new(
+                    heads_key,
+                    format!("({} heads for block {i}) does not divide block_out_channels[{i}] = {c}", self.heads(i)),
                 ));
+            }
+        }
+        Ok(())
+    }
+
+    /// `transformer_layers_per_block` (and `reverse_transformer_layers_per_block`): one entry per block, nested lists
+    /// with a depth for every layer of their block.
+    fn check_transformer_layers(&self, n: usize) -> std::result::Result<(), ConfigError> {
+        const KEY: &str = "transformer_layers_per_block";
+        const REVERSE: &str = "reverse_transformer_layers_per_block";
+        let per_block = |len: usize, key: &str| {
+            if len == n {
+                Ok(())
+            } else {
+                Err(ConfigError::new(key, format!("has {len} entries for {n} blocks (one per block)")))
+            }
+        };
+        match &self.transformer_layers_per_block {
+            TransformerLayers::One(_) => {}
+            TransformerLayers::PerBlock(v) => per_block(v.len(), KEY)?,
+            TransformerLayers::PerLayer(v) => {
+                per_block(v.len(), KEY)?;
+                for (i, depths) in v.iter().enumerate() {
+                    let layers = self.layers_per_block.get(i);
+                    if depths.len() < layers {
+                        return Err(ConfigError::new(
+                            format!("{KEY}[{i}]"),
+                            format!("has {} depths for the {layers} layers of down block {i}", depths.len()),
+                        ));
+                    }
+                }
+                if self.reverse_transformer_layers_per_block.is_none() {
+                    return Err(ConfigError::new(REVERSE, format!("is required when {KEY} is nested")));
+                }
+            }
+        }
+        if let Some(reverse) = &self.reverse_transformer_layers_per_block {
+            per_block(reverse.len(), REVERSE)?;
+            if let Some(i) = reverse.iter().position(Vec::is_empty) {
+                return Err(ConfigError::new(format!("{REVERSE}[{i}]"), "is empty"));
             }
         }
         Ok(())
@@ -209,16 +306,6 @@ impl UNetConfig {
 
     fn heads(&self, block: usize) -> usize {
         self.num_attention_heads.as_ref().unwrap_or(&self.attention_head_dim).get(block)
-    }
-
-    /// How much the UNet shrinks the latent: 2^(number of downsamplers).
-    pub fn downsampling_factor(&self) -> usize {
-        1 << (self.block_out_channels.len() - 1)
-    }
-
-    /// Width of the text conditioning the cross-attention expects.
-    pub fn cross_attention_width(&self) -> usize {
-        self.cross_attention_dim.get(0)
     }
 }
 
@@ -271,7 +358,7 @@ pub struct UNet2DConditionModel {
 impl UNet2DConditionModel {
     pub fn new(vb: VarBuilder, config: &UNetConfig) -> Result<Self> {
         let cfg = config;
-        cfg.validate().map_err(candle_core::Error::Msg)?;
+        cfg.validate()?;
         let channels = &cfg.block_out_channels;
         let n = channels.len();
         let groups = cfg.norm_num_groups;
@@ -318,7 +405,7 @@ impl UNet2DConditionModel {
             Some(_) => {
                 let vb = vb.pp("mid_block");
                 let c = channels[n - 1];
-                let depth = cfg.mid_block_transformer_layers.unwrap_or(cfg.transformer_layers_per_block.last(n)[0]);
+                let depth = cfg.mid_block_transformer_layers.unwrap_or(cfg.transformer_layers_per_block.last(n));
                 Some(MidBlock {
                     resnet_in: ResnetBlock2D::new(vb.pp("resnets").pp(0), c, c, Some(temb_dim), groups, eps)?,
                     attentions: vec![transformer(vb.pp("attentions").pp(0), c, n - 1, depth)?],

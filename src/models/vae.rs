@@ -5,9 +5,10 @@ use candle_nn::{Module, VarBuilder};
 use serde::Deserialize;
 
 use super::attention::Attention;
+use super::bands::Bands;
 use super::layers::{conv1x1, conv3x3, group_norm, Conv2d, GroupNorm};
 use super::resnet::{ResnetBlock2D, Upsample2D};
-use super::vae_tiling::Bands;
+use super::ConfigError;
 
 fn default_groups() -> usize {
     32
@@ -53,7 +54,7 @@ pub struct VaeConfig {
     pub use_post_quant_conv: bool,
     #[serde(default = "default_true")]
     pub mid_block_add_attention: bool,
-    /// The image size the VAE was trained on: the decoded tile size of tiled decoding.
+    /// The image size the VAE was trained on: larger images decode in bands (see [`crate::models::vae_bands`]).
     #[serde(default = "default_sample_size")]
     pub sample_size: usize,
 }
@@ -66,6 +67,64 @@ impl VaeConfig {
     /// How much the decoder enlarges the latent: 2^(levels − 1) (8 for SDXL).
     pub fn scale_factor(&self) -> usize {
         1 << (self.block_out_channels.len().saturating_sub(1))
+    }
+
+    /// Rejects configs the decoder cannot be built with or the pipeline cannot use, naming the key.
+    pub fn validate(&self) -> std::result::Result<(), ConfigError> {
+        let channels = &self.block_out_channels;
+        if channels.is_empty() {
+            return Err(ConfigError::new("block_out_channels", "is empty: a VAE needs at least one level"));
+        }
+        // More levels than a usize can shift by would overflow the scale factor (and no VAE has them).
+        if channels.len() > 16 {
+            return Err(ConfigError::new("block_out_channels", format!("has {} levels; at most 16", channels.len())));
+        }
+        let groups = self.norm_num_groups;
+        if groups == 0 {
+            return Err(ConfigError::new("norm_num_groups", "must be at least 1"));
+        }
+        for (i, &c) in channels.iter().enumerate() {
+            if c == 0 {
+                return Err(ConfigError::new(format!("block_out_channels[{i}]"), "must be at least 1"));
+            }
+            if !c.is_multiple_of(groups) {
+                let default = if groups == default_groups() { ", the default when the key is absent" } else { "" };
+                return Err(ConfigError::new(
+                    "norm_num_groups",
+                    format!("({groups}{default}) does not divide block_out_channels[{i}] = {c}"),
+                ));
+            }
+        }
+        if self.latent_channels == 0 {
+            return Err(ConfigError::new("latent_channels", "must be at least 1"));
+        }
+        if self.out_channels != 3 {
+            return Err(ConfigError::new(
+                "out_channels",
+                format!("is {}; the pipeline decodes to RGB images, 3 channels", self.out_channels),
+            ));
+        }
+        if !(self.scaling_factor.is_finite() && self.scaling_factor != 0.0) {
+            return Err(ConfigError::new(
+                "scaling_factor",
+                format!("is {}; it must be a non-zero number", self.scaling_factor),
+            ));
+        }
+        for (key, values) in [("latents_mean", &self.latents_mean), ("latents_std", &self.latents_std)] {
+            if let Some(values) = values {
+                if values.len() != self.latent_channels {
+                    return Err(ConfigError::new(
+                        key,
+                        format!(
+                            "has {} values for {} latent channels (one per channel)",
+                            values.len(),
+                            self.latent_channels
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -115,14 +174,12 @@ impl VaeDecoder {
     /// `vb` is rooted at the VAE (keys `post_quant_conv…`, `decoder…`).
     pub fn new(vb: VarBuilder, config: &VaeConfig) -> Result<Self> {
         let cfg = config;
+        cfg.validate()?;
         let channels = &cfg.block_out_channels;
-        if channels.is_empty() {
-            candle_core::bail!("vae config: block_out_channels is empty");
-        }
         let groups = cfg.norm_num_groups;
         let eps = 1e-6;
         let dec = vb.pp("decoder");
-        let top = *channels.last().expect("non-empty");
+        let top = *channels.last().expect("validated: at least one level");
         let post_quant_conv = if cfg.use_post_quant_conv {
             Some(conv1x1(vb.pp("post_quant_conv"), cfg.latent_channels, cfg.latent_channels)?)
         } else {
@@ -173,7 +230,7 @@ impl VaeDecoder {
 
     /// The decoder's first part, at the latents' resolution: post-quant conv, conv_in and the mid-block (ResNets
     /// and the attention over all pixels). Cheap in memory even for large images (512 channels at 1/8 size for
-    /// SDXL), so a tiled decode runs it whole.
+    /// SDXL), so a banded decode runs it whole.
     pub fn decode_middle(&self, z: &Tensor) -> Result<Tensor> {
         let z = match &self.post_quant_conv {
             Some(conv) => conv.forward(z)?,
@@ -203,7 +260,7 @@ impl VaeDecoder {
     }
 
     /// [`Self::decode_upper`] layer by layer over an image held in host memory, each layer computed in bands of
-    /// rows on the VAE's device, every GroupNorm by the whole image's statistics (see [`crate::models::vae_tiling`]).
+    /// rows on the VAE's device, every GroupNorm by the whole image's statistics (see [`crate::models::vae_bands`]).
     /// `on_layer(done, total)` follows the layers.
     pub fn decode_upper_in_bands(
         &self,

@@ -1,14 +1,52 @@
-//! Encoding a read prompt A1111's way: every chunk through both text encoders (the penultimate layer, as SDXL
-//! uses), emphasis per encoder and chunk index over all the prompt's texts at once, chunks concatenated along the
-//! sequence, the pooled embedding from the first chunk of the second encoder.
+//! Prompts through SDXL's two text encoders: [`TextEncoders::encode`] is diffusers' reading of one prompt, and
+//! [`encode_reading`] encodes a prompt read A1111's way: every chunk through both text encoders (the penultimate
+//! layer, as SDXL uses), emphasis per encoder and chunk index over all the prompt's texts at once, chunks
+//! concatenated along the sequence, the pooled embedding from the first chunk of the second encoder.
 
 use candle_core::{Device, Tensor};
 
 use super::chunks::{encoder_ids, ChunkTokens, CHUNK_TOKENS};
 use super::emphasis::{self, Emphasis};
 use super::reading::PromptReading;
-use crate::conditioning::{PromptEmbedding, TextEncoders};
+use crate::models::clip::ClipTextModel;
+use crate::tokenizer::ClipTokenizer;
 use crate::{Error, Result};
+
+/// The two SDXL text encoders with their tokenizers (CLIP-L first, OpenCLIP bigG second).
+pub struct TextEncoders {
+    pub tokenizer: ClipTokenizer,
+    pub tokenizer_2: ClipTokenizer,
+    pub text_encoder: ClipTextModel,
+    pub text_encoder_2: ClipTextModel,
+}
+
+/// One prompt, encoded: (1, tokens, width₁ + width₂) penultimate hidden states and (1, projection) pooled.
+#[derive(Debug, Clone)]
+pub struct PromptEmbedding {
+    pub context: Tensor,
+    pub pooled: Tensor,
+}
+
+impl TextEncoders {
+    /// Both encoders on one prompt: `hidden_states[-2]` of each concatenated, the pooled output of the second.
+    pub fn encode(&self, text: &str, device: &Device) -> Result<PromptEmbedding> {
+        let ids = |tok: &ClipTokenizer| -> Result<Tensor> {
+            let ids = tok.encode_padded(text)?;
+            let n = ids.len();
+            Ok(Tensor::from_vec(ids, (1, n), device)?)
+        };
+        let first = self.text_encoder.forward(&ids(&self.tokenizer)?)?;
+        let second = self.text_encoder_2.forward(&ids(&self.tokenizer_2)?)?;
+        let pooled = second.pooled.ok_or_else(no_projection)?;
+        let context = Tensor::cat(&[&first.penultimate, &second.penultimate.to_dtype(first.penultimate.dtype())?], 2)?;
+        Ok(PromptEmbedding { context, pooled })
+    }
+}
+
+/// The second encoder was built without its `text_projection` (the pooled embedding SDXL needs).
+fn no_projection() -> Error {
+    Error::model("text_encoder_2", "no text_projection: SDXL's pooled embedding needs CLIPTextModelWithProjection")
+}
 
 /// One embedding per distinct text of `reading` (same order): (1, 77 · chunks, width₁ + width₂) and (1, projection).
 pub fn encode_reading(
@@ -39,7 +77,7 @@ pub fn encode_reading(
         }
         contexts.push(Tensor::cat(&per_chunk, 1)?);
     }
-    let pooled = pooled.ok_or_else(|| Error::Other("text_encoder_2 has no text_projection".into()))?;
+    let pooled = pooled.ok_or_else(no_projection)?;
     let context = Tensor::cat(&[&contexts[0], &contexts[1].to_dtype(contexts[0].dtype())?], 2)?;
     (0..rows)
         .map(|t| Ok(PromptEmbedding { context: context.narrow(0, t, 1)?, pooled: pooled.narrow(0, t, 1)? }))

@@ -72,11 +72,25 @@ impl ApiError {
     }
 
     /// The status of an error raised by the pipeline for one request: the caller's fault (400) or the server's (500).
+    /// Every variant is listed, so that a new one gets its status decided here.
     pub fn from_generation(error: &Error) -> Self {
         match error {
-            Error::InvalidRequest { .. } | Error::UnknownScheduler { .. } => Self::bad_request(error.to_string()),
+            // What the request asked for: a field out of range, a scheduler that does not exist or that cannot run
+            // with this model's scheduler config (another scheduler can).
+            Error::InvalidRequest { .. }
+            | Error::UnknownScheduler { .. }
+            | Error::UnsupportedSchedulerConfig { .. } => Self::bad_request(error.to_string()),
             Error::Cancelled => Self::new(StatusCode::SERVICE_UNAVAILABLE, "generation cancelled"),
-            _ => Self::new(StatusCode::INTERNAL_SERVER_ERROR, format!("generation failed: {error}")),
+            // The server's model, files, tokenizer, worker or tensors: nothing the caller can change.
+            Error::Io { .. }
+            | Error::Model { .. }
+            | Error::ConfigKey { .. }
+            | Error::NotFound(_)
+            | Error::ComponentLoad { .. }
+            | Error::Tokenizer(_)
+            | Error::Output { .. }
+            | Error::Service(_)
+            | Error::Tensor(_) => Self::new(StatusCode::INTERNAL_SERVER_ERROR, format!("generation failed: {error}")),
         }
     }
 }
@@ -105,14 +119,42 @@ mod tests {
 
     #[test]
     fn library_errors_map_to_client_or_server_faults() {
-        assert_eq!(ApiError::from_generation(&Error::invalid("seed", "bad")).status, StatusCode::BAD_REQUEST);
-        assert_eq!(
-            ApiError::from_generation(&Error::UnknownScheduler { name: "x".into(), valid: vec!["UniPC"] }).status,
-            StatusCode::BAD_REQUEST
-        );
-        let e = ApiError::from_generation(&Error::Other("out of memory".into()));
-        assert_eq!(e.status, StatusCode::INTERNAL_SERVER_ERROR);
-        assert!(e.message.contains("out of memory"));
+        let client = [
+            Error::invalid("seed", "bad"),
+            Error::UnknownScheduler { name: "x".into(), valid: vec!["UniPC"] },
+            Error::UnsupportedSchedulerConfig {
+                scheduler: "UniPC",
+                key: "solver_type",
+                value: "\"x\"".into(),
+                accepted: "bh1, bh2".into(),
+            },
+        ];
+        for e in &client {
+            let api = ApiError::from_generation(e);
+            assert_eq!(api.status, StatusCode::BAD_REQUEST, "{e}");
+            assert_eq!(api.message, e.to_string());
+        }
+        let server = [
+            Error::io("weights.safetensors", std::io::Error::other("disk gone")),
+            Error::model("unet/config.json", "bad layout"),
+            Error::config_key("unet/config.json", "norm_num_groups", "must be at least 1"),
+            Error::NotFound("model folder".into()),
+            Error::ComponentLoad {
+                component: "unet",
+                source: Box::new(Error::NotFound("x".into())),
+                hint: String::new(),
+            },
+            Error::Tokenizer("bad vocabulary".into()),
+            Error::output("out.png", "disk full"),
+            Error::Service("the generation worker stopped".into()),
+            Error::Tensor(candle_core::Error::Msg("out of memory".into())),
+        ];
+        for e in &server {
+            let api = ApiError::from_generation(e);
+            assert_eq!(api.status, StatusCode::INTERNAL_SERVER_ERROR, "{e}");
+            assert!(api.message.contains(&e.to_string()), "{}", api.message);
+        }
+        assert_eq!(ApiError::from_generation(&Error::Cancelled).status, StatusCode::SERVICE_UNAVAILABLE);
     }
 
     #[test]

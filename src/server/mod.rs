@@ -109,12 +109,12 @@ impl Server {
             .thread_name("http")
             .enable_all()
             .build()
-            .map_err(|e| Error::Other(format!("could not start the HTTP runtime: {e}")))?;
+            .map_err(|e| Error::Service(format!("could not start the HTTP runtime: {e}")))?;
         // Bind first: a busy port fails before a long model load.
         let listener = runtime
             .block_on(tokio::net::TcpListener::bind(config.addr))
-            .map_err(|e| Error::Other(format!("could not listen on {}: {e}", config.addr)))?;
-        let addr = listener.local_addr().map_err(|e| Error::Other(format!("listening socket: {e}")))?;
+            .map_err(|e| Error::Service(format!("could not listen on {}: {e}", config.addr)))?;
+        let addr = listener.local_addr().map_err(|e| Error::Service(format!("listening socket: {e}")))?;
         tracing::info!(model = %config.model_name, "loading the model");
         let (queue, worker) = Queue::start(config.max_queue, load)?;
         let state = handlers::AppState {
@@ -176,12 +176,12 @@ impl Server {
                     }
                 });
                 let joined = worker.join();
-                served.map_err(|e| Error::Other(format!("server error: {e}")))?;
-                joined.map_err(|_| Error::Other("the generation worker panicked".into()))?;
+                served.map_err(|e| Error::Service(format!("server error: {e}")))?;
+                joined.map_err(|_| Error::Service("the generation worker panicked".into()))?;
                 tracing::info!("stopped");
                 Ok(())
             })
-            .map_err(|e| Error::Other(format!("could not start the HTTP thread: {e}")))?;
+            .map_err(|e| Error::Service(format!("could not start the HTTP thread: {e}")))?;
         tracing::info!("listening on http://{addr}");
         Ok(Server { addr, trigger: Some(trigger), thread: Some(thread) })
     }
@@ -207,7 +207,7 @@ impl Server {
 
     fn join(&mut self) -> Result<()> {
         match self.thread.take() {
-            Some(thread) => thread.join().map_err(|_| Error::Other("the HTTP thread panicked".into()))?,
+            Some(thread) => thread.join().map_err(|_| Error::Service("the HTTP thread panicked".into()))?,
             None => Ok(()),
         }
     }

@@ -135,17 +135,17 @@ impl Queue {
                 }
                 Err(panic) => {
                     let _ = ready_tx
-                        .send(Err(Error::Other(format!("loading the model panicked: {}", panic_message(&*panic)))));
+                        .send(Err(Error::Service(format!("loading the model panicked: {}", panic_message(&*panic)))));
                 }
             })
-            .map_err(|e| Error::Other(format!("could not start the generation worker: {e}")))?;
+            .map_err(|e| Error::Service(format!("could not start the generation worker: {e}")))?;
         match ready_rx.recv() {
             Ok(Ok(())) => Ok((Queue { shared }, handle)),
             Ok(Err(e)) => {
                 let _ = handle.join();
                 Err(e)
             }
-            Err(_) => Err(Error::Other("the generation worker stopped while loading the model".into())),
+            Err(_) => Err(Error::Service("the generation worker stopped while loading the model".into())),
         }
     }
 
@@ -228,7 +228,7 @@ impl Ticket {
         let outcome = receiver.await;
         // Answered: nothing left to cancel when the ticket drops.
         self.receiver = None;
-        outcome.unwrap_or_else(|_| Outcome::Failed(Error::Other("the generation worker stopped".into())))
+        outcome.unwrap_or_else(|_| Outcome::Failed(Error::Service("the generation worker stopped".into())))
     }
 }
 

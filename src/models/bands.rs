@@ -1,70 +1,13 @@
-//! Decoding large images in bands, to the whole-image decode's picture.
-//!
-//! diffusers' `enable_tiling()` decodes overlapping tiles independently and blends them: each tile normalises
-//! (GroupNorm) and attends over itself only, so the picture depends on the tiling (by 6.4/255 on average on our
-//! random-weight test VAE). Tile-local statistics cannot be patched up afterwards: on that VAE, tiles normalised by
-//! statistics estimated in an extra pass still land 0.7–5/255 off, depending on the tile size. So here:
-//! - the decoder's middle (post-quant conv, conv_in, the mid-block with its attention over all pixels) runs on the
-//!   whole latent, at 1/8 of the image's size;
-//! - the upper decoder (up blocks and output conv, where the memory goes) runs one layer at a time over the whole
-//!   image, held in host memory: each GroupNorm takes the whole image's statistics (exact, merged band by band in
-//!   f64), then the layer's convolutions run on the VAE's device in bands of rows, each band widened by the one row a
-//!   3×3 convolution reaches and cropped back.
-//!
-//! The result is the whole-image decode's (to float rounding), with the device's working memory bounded by a band;
-//! host memory holds about three full-resolution activations of the layer at hand (and never the normalised,
-//! up-sampled or im2col copies a whole-image decode makes).
+//! Running one layer over an image held in host memory in bands of rows, each band computed on the layer's device:
+//! what the VAE's banded decode ([`crate::models::vae_bands`]) builds on. A band is widened by the rows a
+//! convolution reaches and cropped back, and a GroupNorm takes the whole image's statistics (merged band by band), so
+//! a banded layer gives the whole-image layer's output.
 
 use std::ops::Range;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::vae::VaeDecoder;
 use crate::kernels::group_norm::{region_moments, Moments};
-use crate::{Error, Result};
-
-/// Elements of a band's input (4 bytes each in f32): 16 M, 64 MB.
-pub const BAND_ELEMENTS: usize = 16 << 20;
-
-/// When to decode in bands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum VaeTiling {
-    /// In bands when the image is larger than the VAE's tile (`sample_size` in `vae/config.json`, 1024 for SDXL).
-    #[default]
-    Auto,
-    Always,
-    Never,
-}
-
-/// The largest latent side [`VaeTiling::Auto`] decodes whole.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TileSize {
-    pub latent: usize,
-}
-
-impl TileSize {
-    /// The image size the VAE was trained on (`sample_size`, 1024 px for SDXL): 128 latent pixels for SDXL.
-    pub fn from_vae(vae: &VaeDecoder) -> Result<Self> {
-        let config = &vae.config;
-        Self::new(config.sample_size / config.scale_factor())
-    }
-
-    pub fn new(latent: usize) -> Result<Self> {
-        if latent == 0 {
-            return Err(Error::Other("VAE tiling: the tile size must be at least one latent pixel (got 0)".into()));
-        }
-        Ok(Self { latent })
-    }
-
-    /// Whether `tiling` asks for bands for latents of this height and width.
-    pub fn applies(&self, tiling: VaeTiling, latent_height: usize, latent_width: usize) -> bool {
-        match tiling {
-            VaeTiling::Always => true,
-            VaeTiling::Never => false,
-            VaeTiling::Auto => latent_height > self.latent || latent_width > self.latent,
-        }
-    }
-}
 
 /// A layer's computation on one band: `(band, widened rows, core rows) → output`, see [`Bands::map`].
 pub type BandFn<'a> = dyn FnMut(&Tensor, Range<usize>, Range<usize>) -> candle_core::Result<Tensor> + 'a;
@@ -180,14 +123,4 @@ impl Assembly {
             Self::Tensor(t) => Ok(t),
         }
     }
-}
-
-/// Decodes `z` (already divided by the scaling factor, as [`VaeDecoder::decode`] takes it) in bands, to the
-/// whole-image decode's picture (see the module's documentation). `on_layer(done, total)` is called after each
-/// layer of the upper decoder. Returns f32 RGB in about [-1, 1], (batch, channels, height, width), on `z`'s device.
-pub fn tiled_decode(vae: &VaeDecoder, z: &Tensor, on_layer: &mut dyn FnMut(usize, usize)) -> Result<Tensor> {
-    let bands = Bands::new(z.device(), BAND_ELEMENTS);
-    let middle = vae.decode_middle(z)?.to_device(&Device::Cpu)?;
-    let image = vae.decode_upper_in_bands(&middle, &bands, on_layer)?;
-    Ok(image.to_dtype(DType::F32)?.to_device(z.device())?)
 }

@@ -1,0 +1,73 @@
+//! Decoding large images in bands, to the whole-image decode's picture.
+//!
+//! diffusers' `enable_tiling()` decodes overlapping tiles independently and blends them: each tile normalises
+//! (GroupNorm) and attends over itself only, so the picture depends on the tiling. Tile-local statistics cannot be
+//! patched up afterwards either: statistics estimated in an extra pass still leave visible differences, because a
+//! layer's statistics are only known once every earlier layer has been computed everywhere (see BENCHMARKS.md). So
+//! here:
+//! - the decoder's middle (post-quant conv, conv_in, the mid-block with its attention over all pixels) runs on the
+//!   whole latent, at 1/8 of the image's size;
+//! - the upper decoder (up blocks and output conv, where the memory goes) runs one layer at a time over the whole
+//!   image, held in host memory: each GroupNorm takes the whole image's statistics (exact, merged band by band in
+//!   f64), then the layer's convolutions run on the VAE's device in bands of rows, each band widened by the one row a
+//!   3×3 convolution reaches and cropped back (see [`crate::models::bands`]).
+//!
+//! The result is the whole-image decode's (to float rounding), with the device's working memory bounded by a band;
+//! host memory holds about three full-resolution activations of the layer at hand (and never the normalised,
+//! up-sampled or im2col copies a whole-image decode makes).
+
+use candle_core::{DType, Device, Tensor};
+
+use super::bands::Bands;
+use super::vae::{VaeConfig, VaeDecoder};
+use crate::Result;
+
+/// Elements of a band's input (4 bytes each in f32): 16 M, 64 MB.
+pub const BAND_ELEMENTS: usize = 16 << 20;
+
+/// When to decode in bands (the `--vae-tiling` / `--no-vae-tiling` options).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum VaeTiling {
+    /// In bands when the image is larger than the size the VAE was trained on (`sample_size` in `vae/config.json`,
+    /// 1024 for SDXL).
+    #[default]
+    Auto,
+    Always,
+    Never,
+}
+
+/// Which latents a decode takes in bands: the caller's [`VaeTiling`] and, for [`VaeTiling::Auto`], the largest
+/// latent side decoded whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BandPlan {
+    pub tiling: VaeTiling,
+    /// The largest latent height or width [`VaeTiling::Auto`] decodes whole.
+    pub largest_whole: usize,
+}
+
+impl BandPlan {
+    /// For a VAE: `Auto` decodes whole up to the image size it was trained on (`sample_size`, 1024 px for SDXL: 128
+    /// latent pixels).
+    pub fn for_vae(tiling: VaeTiling, config: &VaeConfig) -> Self {
+        Self { tiling, largest_whole: config.sample_size / config.scale_factor() }
+    }
+
+    /// Whether latents of this height and width decode in bands.
+    pub fn in_bands(&self, latent_height: usize, latent_width: usize) -> bool {
+        match self.tiling {
+            VaeTiling::Always => true,
+            VaeTiling::Never => false,
+            VaeTiling::Auto => latent_height > self.largest_whole || latent_width > self.largest_whole,
+        }
+    }
+}
+
+/// Decodes `z` (already divided by the scaling factor, as [`VaeDecoder::decode`] takes it) in bands, to the
+/// whole-image decode's picture (see the module's documentation). `on_layer(done, total)` is called after each
+/// layer of the upper decoder. Returns f32 RGB in about [-1, 1], (batch, channels, height, width), on `z`'s device.
+pub fn decode_in_bands(vae: &VaeDecoder, z: &Tensor, on_layer: &mut dyn FnMut(usize, usize)) -> Result<Tensor> {
+    let bands = Bands::new(z.device(), BAND_ELEMENTS);
+    let middle = vae.decode_middle(z)?.to_device(&Device::Cpu)?;
+    let image = vae.decode_upper_in_bands(&middle, &bands, on_layer)?;
+    Ok(image.to_dtype(DType::F32)?.to_device(z.device())?)
+}
