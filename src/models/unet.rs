@@ -164,6 +164,13 @@ impl UNetConfig {
         if n == 0 {
             return Err(ConfigError::new("block_out_channels", "is empty: a UNet needs at least one block"));
         }
+        self.check_block_types(n)?;
+        self.check_conditioning()?;
+        self.check_per_block_values(n)
+    }
+
+    /// One down and one up block per entry of `block_out_channels`, of types this UNet implements.
+    fn check_block_types(&self, n: usize) -> std::result::Result<(), ConfigError> {
         let (down, up) = (self.down_block_types.len(), self.up_block_types.len());
         if down != n || up != n {
             // Blame the list that disagrees with the other two.
@@ -197,6 +204,11 @@ impl UNetConfig {
                 return Err(ConfigError::new("mid_block_type", format!("`{t}` is not supported")));
             }
         }
+        Ok(())
+    }
+
+    /// SDXL's added time and text conditioning, and none of the other conditioning kinds.
+    fn check_conditioning(&self) -> std::result::Result<(), ConfigError> {
         if self.addition_embed_type.as_deref() != Some("text_time") {
             return Err(ConfigError::new(
                 "addition_embed_type",
@@ -226,7 +238,11 @@ impl UNetConfig {
         if self.resnet_time_scale_shift.as_deref().is_some_and(|s| s != "default") {
             return Err(ConfigError::new("resnet_time_scale_shift", "is not supported: only \"default\" is"));
         }
+        Ok(())
+    }
 
+    /// The per-block lists have one entry per block, and the widths divide into groups and heads.
+    fn check_per_block_values(&self, n: usize) -> std::result::Result<(), ConfigError> {
         self.layers_per_block.check_len("layers_per_block", n)?;
         self.attention_head_dim.check_len("attention_head_dim", n)?;
         if let Some(heads) = &self.num_attention_heads {
@@ -339,6 +355,95 @@ pub struct AddedConditioning {
     pub time_ids: Tensor,
 }
 
+/// What building the UNet's blocks needs beside their weights: the config and the time-embedding width.
+struct BlockParts<'a> {
+    cfg: &'a UNetConfig,
+    temb_dim: usize,
+}
+
+impl BlockParts<'_> {
+    fn resnet(&self, vb: VarBuilder, c_in: usize, c_out: usize) -> Result<ResnetBlock2D> {
+        ResnetBlock2D::new(vb, c_in, c_out, Some(self.temb_dim), self.cfg.norm_num_groups, self.cfg.norm_eps)
+    }
+
+    fn transformer(&self, vb: VarBuilder, channels: usize, block: usize, layers: usize) -> Result<Transformer2DModel> {
+        let cfg = self.cfg;
+        Transformer2DModel::new(
+            vb,
+            TransformerSpec {
+                channels,
+                heads: cfg.heads(block),
+                layers,
+                context_dim: cfg.cross_attention_dim.get(block),
+                groups: cfg.norm_num_groups,
+                use_linear_projection: cfg.use_linear_projection,
+            },
+        )
+    }
+
+    /// `down_blocks.i`: its resnets, transformers (cross-attention blocks) and down-sampler (all but the last).
+    fn down_block(&self, vb: VarBuilder, i: usize) -> Result<DownBlock> {
+        let (cfg, channels) = (self.cfg, &self.cfg.block_out_channels);
+        let c_out = channels[i];
+        let c_in = if i == 0 { channels[0] } else { channels[i - 1] };
+        let layers = cfg.layers_per_block.get(i);
+        let depths = cfg.transformer_layers_per_block.for_block(i, layers);
+        let mut resnets = Vec::with_capacity(layers);
+        let mut attentions = Vec::new();
+        for (j, &depth) in depths.iter().enumerate().take(layers) {
+            resnets.push(self.resnet(vb.pp("resnets").pp(j), if j == 0 { c_in } else { c_out }, c_out)?);
+            if cfg.down_block_types[i] == "CrossAttnDownBlock2D" {
+                attentions.push(self.transformer(vb.pp("attentions").pp(j), c_out, i, depth)?);
+            }
+        }
+        let last = i + 1 == channels.len();
+        let downsampler = if last { None } else { Some(Downsample2D::new(vb.pp("downsamplers").pp(0), c_out)?) };
+        Ok(DownBlock { resnets, attentions, downsampler })
+    }
+
+    /// `mid_block`: resnet, transformer, resnet at the deepest width.
+    fn mid_block(&self, vb: VarBuilder) -> Result<MidBlock> {
+        let (cfg, n) = (self.cfg, self.cfg.block_out_channels.len());
+        let c = cfg.block_out_channels[n - 1];
+        let depth = cfg.mid_block_transformer_layers.unwrap_or(cfg.transformer_layers_per_block.last(n));
+        Ok(MidBlock {
+            resnet_in: self.resnet(vb.pp("resnets").pp(0), c, c)?,
+            attentions: vec![self.transformer(vb.pp("attentions").pp(0), c, n - 1, depth)?],
+            resnets: vec![self.resnet(vb.pp("resnets").pp(1), c, c)?],
+        })
+    }
+
+    /// `up_blocks.i`, mirroring down block `n − 1 − i`: one resnet more than it (each taking a skip connection),
+    /// transformers for cross-attention blocks, an up-sampler for all but the last.
+    fn up_block(&self, vb: VarBuilder, i: usize) -> Result<UpBlock> {
+        let cfg = self.cfg;
+        let n = cfg.block_out_channels.len();
+        let reversed: Vec<usize> = cfg.block_out_channels.iter().rev().copied().collect();
+        let block = n - 1 - i;
+        let c_out = reversed[i];
+        let c_prev = if i == 0 { reversed[0] } else { reversed[i - 1] };
+        let c_skip_last = reversed[(i + 1).min(n - 1)];
+        let layers = cfg.layers_per_block.get(block) + 1;
+        let depths = match &cfg.reverse_transformer_layers_per_block {
+            Some(rev) => rev[i].clone(),
+            None => cfg.transformer_layers_per_block.for_block(block, layers),
+        };
+        let mut resnets = Vec::with_capacity(layers);
+        let mut attentions = Vec::new();
+        for j in 0..layers {
+            let skip = if j + 1 == layers { c_skip_last } else { c_out };
+            let c_in = if j == 0 { c_prev } else { c_out };
+            resnets.push(self.resnet(vb.pp("resnets").pp(j), c_in + skip, c_out)?);
+            if cfg.up_block_types[i] == "CrossAttnUpBlock2D" {
+                let depth = *depths.get(j).or(depths.last()).unwrap_or(&1);
+                attentions.push(self.transformer(vb.pp("attentions").pp(j), c_out, block, depth)?);
+            }
+        }
+        let upsampler = if i + 1 < n { Some(Upsample2D::new(vb.pp("upsamplers").pp(0), c_out)?) } else { None };
+        Ok(UpBlock { resnets, attentions, upsampler })
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct UNet2DConditionModel {
     time_proj: Timesteps,
@@ -361,94 +466,17 @@ impl UNet2DConditionModel {
         cfg.validate()?;
         let channels = &cfg.block_out_channels;
         let n = channels.len();
-        let groups = cfg.norm_num_groups;
-        let eps = cfg.norm_eps;
-        let temb_dim = channels[0] * 4;
+        let parts = BlockParts { cfg, temb_dim: channels[0] * 4 };
+        let (groups, eps) = (cfg.norm_num_groups, cfg.norm_eps);
         let add_dim = cfg.addition_time_embed_dim.expect("validated");
         let shift = cfg.freq_shift;
-        let transformer = |vb: VarBuilder, c: usize, block: usize, layers: usize| {
-            Transformer2DModel::new(
-                vb,
-                TransformerSpec {
-                    channels: c,
-                    heads: cfg.heads(block),
-                    layers,
-                    context_dim: cfg.cross_attention_dim.get(block),
-                    groups,
-                    use_linear_projection: cfg.use_linear_projection,
-                },
-            )
-        };
-
-        let mut down_blocks = Vec::with_capacity(n);
-        for (i, kind) in cfg.down_block_types.iter().enumerate() {
-            let vb = vb.pp("down_blocks").pp(i);
-            let c_out = channels[i];
-            let c_in = if i == 0 { channels[0] } else { channels[i - 1] };
-            let layers = cfg.layers_per_block.get(i);
-            let depths = cfg.transformer_layers_per_block.for_block(i, layers);
-            let mut resnets = Vec::with_capacity(layers);
-            let mut attentions = Vec::new();
-            for (j, &depth) in depths.iter().enumerate().take(layers) {
-                let c = if j == 0 { c_in } else { c_out };
-                resnets.push(ResnetBlock2D::new(vb.pp("resnets").pp(j), c, c_out, Some(temb_dim), groups, eps)?);
-                if kind == "CrossAttnDownBlock2D" {
-                    attentions.push(transformer(vb.pp("attentions").pp(j), c_out, i, depth)?);
-                }
-            }
-            let downsampler =
-                if i + 1 < n { Some(Downsample2D::new(vb.pp("downsamplers").pp(0), c_out)?) } else { None };
-            down_blocks.push(DownBlock { resnets, attentions, downsampler });
-        }
-
+        let down_blocks = (0..n).map(|i| parts.down_block(vb.pp("down_blocks").pp(i), i)).collect::<Result<_>>()?;
         let mid_block = match cfg.mid_block_type {
-            Some(_) => {
-                let vb = vb.pp("mid_block");
-                let c = channels[n - 1];
-                let depth = cfg.mid_block_transformer_layers.unwrap_or(cfg.transformer_layers_per_block.last(n));
-                Some(MidBlock {
-                    resnet_in: ResnetBlock2D::new(vb.pp("resnets").pp(0), c, c, Some(temb_dim), groups, eps)?,
-                    attentions: vec![transformer(vb.pp("attentions").pp(0), c, n - 1, depth)?],
-                    resnets: vec![ResnetBlock2D::new(vb.pp("resnets").pp(1), c, c, Some(temb_dim), groups, eps)?],
-                })
-            }
+            Some(_) => Some(parts.mid_block(vb.pp("mid_block"))?),
             None => None,
         };
-
-        let reversed: Vec<usize> = channels.iter().rev().copied().collect();
-        let mut up_blocks = Vec::with_capacity(n);
-        for (i, kind) in cfg.up_block_types.iter().enumerate() {
-            let vb = vb.pp("up_blocks").pp(i);
-            let block = n - 1 - i; // the down block this up block mirrors
-            let c_out = reversed[i];
-            let c_prev = if i == 0 { reversed[0] } else { reversed[i - 1] };
-            let c_skip_last = reversed[(i + 1).min(n - 1)];
-            let layers = cfg.layers_per_block.get(block) + 1;
-            let depths = match &cfg.reverse_transformer_layers_per_block {
-                Some(rev) => rev[i].clone(),
-                None => cfg.transformer_layers_per_block.for_block(block, layers),
-            };
-            let mut resnets = Vec::with_capacity(layers);
-            let mut attentions = Vec::new();
-            for j in 0..layers {
-                let skip = if j + 1 == layers { c_skip_last } else { c_out };
-                let c_in = if j == 0 { c_prev } else { c_out };
-                resnets.push(ResnetBlock2D::new(
-                    vb.pp("resnets").pp(j),
-                    c_in + skip,
-                    c_out,
-                    Some(temb_dim),
-                    groups,
-                    eps,
-                )?);
-                if kind == "CrossAttnUpBlock2D" {
-                    let depth = *depths.get(j).or(depths.last()).unwrap_or(&1);
-                    attentions.push(transformer(vb.pp("attentions").pp(j), c_out, block, depth)?);
-                }
-            }
-            let upsampler = if i + 1 < n { Some(Upsample2D::new(vb.pp("upsamplers").pp(0), c_out)?) } else { None };
-            up_blocks.push(UpBlock { resnets, attentions, upsampler });
-        }
+        let up_blocks = (0..n).map(|i| parts.up_block(vb.pp("up_blocks").pp(i), i)).collect::<Result<_>>()?;
+        let temb_dim = parts.temb_dim;
 
         Ok(Self {
             time_proj: Timesteps { channels: channels[0], flip_sin_to_cos: cfg.flip_sin_to_cos, freq_shift: shift },

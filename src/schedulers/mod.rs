@@ -179,7 +179,7 @@ impl Kind {
 
     /// Builds the scheduler from the model's config, set up for `num_inference_steps`.
     pub fn build(self, config: &SchedulerConfig, num_inference_steps: usize) -> Result<Box<dyn Scheduler>> {
-        let train_steps = config.usize_or("num_train_timesteps", 1000);
+        let train_steps = schedule::train_timesteps(config);
         if num_inference_steps == 0 || num_inference_steps > train_steps {
             return Err(Error::invalid(
                 "num_inference_steps",

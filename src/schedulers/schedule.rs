@@ -85,7 +85,7 @@ impl NoiseSchedule {
         let spacings =
             [("leading", Spacing::Leading), ("trailing", Spacing::Trailing), ("linspace", Spacing::Linspace)];
         Ok(Self {
-            num_train_timesteps: config.usize_or("num_train_timesteps", 1000),
+            num_train_timesteps: train_timesteps(config),
             alphas_cumprod: alphas_cumprod(&betas(config, class.name)?),
             prediction: config.choice(class.name, "prediction_type", "epsilon", &predictions)?,
             spacing: config.choice(class.name, "timestep_spacing", default_spacing, &spacings)?,
@@ -191,9 +191,14 @@ pub fn linspace_f32(start: f64, end: f64, n: usize) -> Vec<f32> {
     (0..n).map(|i| if i < n / 2 { step.mul_add(i as f32, s) } else { (-step).mul_add((n - 1 - i) as f32, e) }).collect()
 }
 
+/// The number of training timesteps (`num_train_timesteps`, 1000 in every class).
+pub fn train_timesteps(config: &SchedulerConfig) -> usize {
+    config.usize_or("num_train_timesteps", 1000)
+}
+
 /// `betas` as the scheduler's `__init__` builds them.
 fn betas(config: &SchedulerConfig, scheduler: &'static str) -> Result<Vec<f32>> {
-    let n = config.usize_or("num_train_timesteps", 1000);
+    let n = train_timesteps(config);
     if let Some(trained) = config.f64_list("trained_betas") {
         return Ok(trained.into_iter().map(|b| b as f32).collect());
     }
