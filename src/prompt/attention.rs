@@ -121,15 +121,21 @@ pub fn parse_attention(text: &str) -> Vec<Fragment> {
     for start in square {
         multiply(&mut res, start, SQUARE);
     }
-    if res.is_empty() {
-        res.push((String::new(), 1.0));
-    }
-    let mut merged: Vec<(String, f64)> = Vec::with_capacity(res.len());
-    for (text, weight) in res {
+    merge_equal_weights(res)
+}
+
+/// Adjacent pieces of equal weight joined (A1111's last pass), BREAK markers as [`Fragment::Break`]; at least one
+/// (possibly empty) fragment.
+fn merge_equal_weights(pieces: Vec<(String, f64)>) -> Vec<Fragment> {
+    let mut merged: Vec<(String, f64)> = Vec::with_capacity(pieces.len().max(1));
+    for (text, weight) in pieces {
         match merged.last_mut() {
             Some(last) if last.1 == weight => last.0.push_str(&text),
             _ => merged.push((text, weight)),
         }
+    }
+    if merged.is_empty() {
+        merged.push((String::new(), 1.0));
     }
     merged
         .into_iter()
