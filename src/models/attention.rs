@@ -16,7 +16,7 @@ const MAX_SCORE_ELEMENTS: usize = 1 << 24;
 /// softmax(q kᵀ · scale) v for `q`: (batch, heads, n_q, d), `k`, `v`: (batch, heads, n_kv, d).
 /// On the CPU this is the fused kernel (in f32 whatever the storage dtype); on CUDA with the `flash-attn` feature,
 /// f16 / bf16 inputs go to the flash-attention kernels; elsewhere queries are processed in chunks so the score
-/// tensor stays under [`MAX_SCORE_ELEMENTS`].
+/// tensor stays under `MAX_SCORE_ELEMENTS`.
 pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     if q.device().is_cpu() {
         let dtype = q.dtype();
@@ -136,7 +136,7 @@ impl Attention {
     }
 
     /// `x`: (batch, tokens, query_dim); `context`: (batch, tokens_kv, context_dim) or `None` for self-attention.
-    /// Cross-attention keys and values of a context seen recently are reused (see [`ContextProjections`]).
+    /// Cross-attention keys and values of a context seen recently are reused (see `ContextProjections`).
     pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let q = self.split_heads(&self.to_q.forward(x)?)?;
         let (k, v) = match context {
