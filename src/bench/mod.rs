@@ -112,8 +112,8 @@ pub fn parse_schedulers(list: &str) -> Result<Vec<String>> {
     Ok(out)
 }
 
-/// Checks the reference scheduler's name and returns its registered spelling. An unknown name (e.g. the default
-/// Heun in a build that does not have it yet) is an error asking for another reference.
+/// Checks the reference scheduler's name and returns its registered spelling; an unknown name is an error listing
+/// the valid ones.
 pub fn check_reference_scheduler(name: &str) -> Result<String> {
     schedulers::lookup(name).map_err(|_| {
         Error::invalid(
