@@ -1,7 +1,13 @@
 //! `dreamshaper`: a native Stable Diffusion XL inference engine that matches diffusers.
 //!
 //! Data flows one way: [`GenerateRequest`] → prompt conditioning → denoising loop → VAE decode → images.
+//!
+//! Cargo features (all but the GPU ones on by default): `server` (the `server` module: the local HTTP server),
+//! `bench` (the `bench` module: the scheduler comparison), `cli` (the `dreamshaper` binary; implies both), and
+//! `cuda`, `cudnn`, `flash-attn`, `metal` for GPUs. With `default-features = false` the library generates images
+//! without pulling in axum, tokio, plotters or clap.
 
+#[cfg(feature = "bench")]
 pub mod bench;
 pub mod conditioning;
 pub mod error;
@@ -15,6 +21,7 @@ pub mod request;
 pub mod rng;
 pub mod sampling;
 pub mod schedulers;
+#[cfg(feature = "server")]
 pub mod server;
 pub mod tokenizer;
 

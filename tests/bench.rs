@@ -3,19 +3,16 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
-use common::tiny_model;
+use common::{tiny_model, TempDir};
 use dreamshaper::bench::{self, grid::GridLayout, BenchEvent, BenchOptions};
 use dreamshaper::schedulers::{self, SchedulerConfig};
 use dreamshaper::{Control, GenerateRequest, Pipeline, PipelineOptions, Residency};
 
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("dreamshaper-bench-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+fn temp_dir(name: &str) -> TempDir {
+    TempDir::new(&format!("bench-{name}"))
 }
 
 fn run(args: &[&str]) -> Output {

@@ -2,16 +2,15 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use common::tiny_model;
+use common::{tiny_model, TempDir};
 use dreamshaper::loading::ModelRepo;
 use dreamshaper::{Pipeline, PipelineOptions};
 
-/// A private copy of the tiny model that a test may damage.
-fn copy_model(name: &str) -> PathBuf {
-    let dst = std::env::temp_dir().join(format!("dreamshaper-test-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dst);
+/// A private copy of the tiny model that a test may damage, removed when dropped.
+fn copy_model(name: &str) -> TempDir {
+    let dst = TempDir::new(&format!("test-{name}"));
     copy_dir(&tiny_model(), &dst);
     dst
 }
@@ -138,15 +137,14 @@ fn not_a_model_path_or_id() {
 /// A hub id resolves through the Hugging Face cache layout (`models--owner--name/snapshots/<rev>/…`), offline.
 #[test]
 fn hub_id_loads_from_the_local_cache_offline() {
-    let cache = std::env::temp_dir().join(format!("dreamshaper-test-{}-hub", std::process::id()));
-    let _ = std::fs::remove_dir_all(&cache);
+    let cache = TempDir::new("test-hub");
     let repo_dir = cache.join("models--tester--tiny-sdxl");
     let rev = "0123456789abcdef0123456789abcdef01234567";
     copy_dir(&tiny_model(), &repo_dir.join("snapshots").join(rev));
     std::fs::create_dir_all(repo_dir.join("refs")).unwrap();
     std::fs::write(repo_dir.join("refs/main"), rev).unwrap();
     // Environment variables are process-wide; this is the only test that sets them.
-    std::env::set_var("HF_HUB_CACHE", &cache);
+    std::env::set_var("HF_HUB_CACHE", cache.path());
     std::env::set_var("HF_HUB_OFFLINE", "1");
     let p = Pipeline::load("tester/tiny-sdxl", PipelineOptions::default()).unwrap();
     p.load_text_encoders().unwrap();

@@ -769,8 +769,8 @@ fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
 
 #[test]
 fn serve_binary_with_a_key_file_and_sigterm() {
-    let dir = std::env::temp_dir().join(format!("dreamshaper-serve-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    // Declared before the server: the child is killed (Serve's drop) before the folder goes.
+    let dir = common::TempDir::new("serve");
     let keys = dir.join("keys.txt");
     std::fs::write(&keys, "# local keys\nfirst-key\n\nsecond-key\n").unwrap();
     let mut server = serve(&["--api-keys-file", keys.to_str().unwrap(), "--max-queue", "2", "--relaxed-ranges"]);
@@ -801,7 +801,6 @@ fn serve_binary_with_a_key_file_and_sigterm() {
     let requests = log.iter().filter(|l| l.contains("request_id=") && l.contains(PATH)).count();
     assert!(requests >= 5, "one log line per request:\n{}", log.join("\n"));
     assert!(log.iter().any(|l| l.contains("status=401")) && log.iter().any(|l| l.contains("status=503")));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use common::{root, tiny_model};
+use common::{root, tiny_model, TempDir};
 use dreamshaper::loading::single_file::{Part, SingleFile};
 use dreamshaper::loading::{Component, ModelSource, Weights};
 use dreamshaper::{Control, GenerateRequest, Pipeline, PipelineOptions, Residency};
@@ -19,12 +19,6 @@ fn single_file() -> PathBuf {
 
 fn config_folder() -> String {
     root().join("models/tiny-sdxl-config").display().to_string()
-}
-
-fn temp_file(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("dreamshaper-single-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
 }
 
 #[test]
@@ -210,14 +204,15 @@ fn load_error(model: &Path) -> String {
 
 #[test]
 fn truncated_or_lying_files_name_the_file() {
+    let dir = TempDir::new("single-bad-files");
     let bytes = std::fs::read(single_file()).unwrap();
-    let truncated = temp_file("truncated.safetensors");
+    let truncated = dir.join("truncated.safetensors");
     std::fs::write(&truncated, &bytes[..bytes.len() - 1000]).unwrap();
     let e = load_error(&truncated);
     assert!(e.contains("truncated.safetensors") && e.contains("truncated or corrupt"), "{e}");
 
     // A header whose offsets point past the end of the data.
-    let lying = temp_file("lying.safetensors");
+    let lying = dir.join("lying.safetensors");
     let header =
         br#"{"model.diffusion_model.out.2.weight":{"dtype":"F16","shape":[4,32,3,3],"data_offsets":[0,999999]}}"#;
     let mut data = (header.len() as u64).to_le_bytes().to_vec();
@@ -234,7 +229,8 @@ fn wrong_shape_tensor_names_the_stored_key() {
     let key = "model.diffusion_model.middle_block.1.proj_in.weight";
     let t = tensors[key].clone();
     tensors.insert(key.into(), t.narrow(0, 0, 32).unwrap());
-    let path = temp_file("wrong-shape.safetensors");
+    let dir = TempDir::new("single-wrong-shape");
+    let path = dir.join("wrong-shape.safetensors");
     candle_core::safetensors::save(&tensors, &path).unwrap();
     let e = load_error(&path);
     assert!(e.contains(key) && e.contains("wrong-shape.safetensors") && e.contains("shape"), "{e}");
@@ -242,10 +238,11 @@ fn wrong_shape_tensor_names_the_stored_key() {
 
 #[test]
 fn non_sdxl_and_partial_files_are_explained() {
+    let dir = TempDir::new("single-partial");
     let write = |name: &str, keys: &[&str]| -> PathBuf {
         let tensors: HashMap<String, Tensor> =
             keys.iter().map(|k| (k.to_string(), Tensor::zeros(4, DType::F16, &Device::Cpu).unwrap())).collect();
-        let path = temp_file(name);
+        let path = dir.join(name);
         candle_core::safetensors::save(&tensors, &path).unwrap();
         path
     };
@@ -267,7 +264,7 @@ fn non_sdxl_and_partial_files_are_explained() {
     // A checkpoint without a VAE needs --vae.
     let mut tensors: HashMap<String, Tensor> = candle_core::safetensors::load(single_file(), &Device::Cpu).unwrap();
     tensors.retain(|k, _| !k.starts_with("first_stage_model."));
-    let no_vae = temp_file("no-vae.safetensors");
+    let no_vae = dir.join("no-vae.safetensors");
     candle_core::safetensors::save(&tensors, &no_vae).unwrap();
     let e = Pipeline::load(no_vae.to_str().unwrap(), PipelineOptions::default()).err().unwrap().to_string();
     assert!(e.contains("no VAE") && e.contains("--vae"), "{e}");

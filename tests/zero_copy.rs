@@ -5,7 +5,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::tiny_model;
+use common::{tiny_model, TempDir};
 use dreamshaper::loading::mapped::{self, MappedAwareAllocator};
 use dreamshaper::loading::Weights;
 use dreamshaper::{Control, GenerateRequest, Pipeline, PipelineOptions};
@@ -28,8 +28,7 @@ fn tensors_share_the_mapping_live_as_long_as_it_and_match_read_weights() {
     assert_eq!(mapped::live_mappings(), 0);
 
     // An f32 file: the loaded tensor is the mapped memory, and keeps it mapped after the file's Weights are gone.
-    let dir = std::env::temp_dir().join(format!("dreamshaper-zero-copy-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("zero-copy");
     let path = dir.join("w.safetensors");
     let a = Tensor::arange(0f32, 4096., &Device::Cpu).unwrap().reshape((64, 64)).unwrap();
     let b = Tensor::arange(0f32, 10., &Device::Cpu).unwrap().to_dtype(DType::F16).unwrap();
@@ -44,7 +43,7 @@ fn tensors_share_the_mapping_live_as_long_as_it_and_match_read_weights() {
     assert_eq!(converted.to_vec1::<f32>().unwrap(), (0..10).map(|i| i as f32).collect::<Vec<_>>());
     drop(loaded);
     assert_eq!(mapped::live_mappings(), 0, "the last tensor over the file unmaps it");
-    std::fs::remove_dir_all(&dir).unwrap();
+    drop(dir);
 
     // A whole generation: the same image as with weights read into their own memory, and nothing left mapped.
     let zero_copy = generate();

@@ -4,10 +4,10 @@
 //! emphasis weights `(a:1.2)` `(a)` `[a]`, prompt editing `[a:b:0.5]`, alternation `[a|b]`, `BREAK`, and prompts of
 //! any length in 75-token chunks. [`PromptSyntax::None`] is diffusers' reading: the literal text, cut to 77 tokens.
 //!
-//! One idea per file: [`schedule`] (editing and alternation → text per step), [`attention`] (emphasis → weighted
-//! fragments), [`chunks`] (tokens → 77-token chunks), [`emphasis`] (weights applied to hidden states), [`reading`]
-//! (a whole prompt read, before any model runs), [`encode`] (a reading through both text encoders), [`explain`]
-//! (a reading, printed).
+//! One idea per file: [`schedule`](mod@schedule) (editing and alternation → text per step), [`attention`]
+//! (emphasis → weighted fragments), [`chunks`] (tokens → 77-token chunks), [`emphasis`] (weights applied to hidden
+//! states), [`reading`] (a whole prompt read, before any model runs), [`encode`] (a reading through both text
+//! encoders), [`explain`] (a reading, printed).
 
 pub mod attention;
 pub mod chars;

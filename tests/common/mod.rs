@@ -1,8 +1,10 @@
-//! Shared helpers for the parity tests: the tiny model, diffusers' reference tensors and comparisons.
+//! Shared helpers for the tests: the tiny model, diffusers' reference tensors and comparisons, temporary folders.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::ops::Deref;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{DType, Device, Tensor};
 
@@ -53,4 +55,55 @@ pub fn assert_close(what: &str, actual: &Tensor, expected: &Tensor, tolerance: f
 pub fn mean_abs_pixel_diff(a: &[u8], b: &[u8]) -> f64 {
     assert_eq!(a.len(), b.len());
     a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).abs()).sum::<f64>() / a.len() as f64
+}
+
+/// A new, empty folder under the system temp dir, removed with everything in it when the guard is dropped: at the
+/// end of the test, and also when the test panics (unwinding drops it). Named `dreamshaper-{label}-{pid}-{n}`, so
+/// tests running in parallel (threads of one process, or several test binaries) never share one.
+///
+/// It dereferences to [`Path`] (`dir.join("out.png")`, `&dir` where a `&Path` is wanted) and is `AsRef<Path>`
+/// (`std::fs::read_dir(&dir)`, `Command::current_dir(&dir)`). Declare it before anything that must be gone before
+/// the folder is removed (a child process writing into it, an open file), since locals drop in reverse order.
+#[derive(Debug)]
+pub struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    /// Creates `dreamshaper-{label}-{pid}-{n}` (`n` counts the guards made by this process).
+    pub fn new(label: &str) -> Self {
+        static COUNT: AtomicUsize = AtomicUsize::new(0);
+        let n = COUNT.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("dreamshaper-{label}-{}-{n}", std::process::id()));
+        // A folder left by an earlier process with the same pid (one that was killed before its guards dropped).
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+        Self { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Deref for TempDir {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl AsRef<Path> for TempDir {
+    fn as_ref(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        // Best effort: a failure to clean up must not turn a passing test into a failing one (or a panic while
+        // unwinding into an abort).
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
 }
