@@ -132,13 +132,20 @@ mod tests {
 
     #[test]
     fn key_file_skips_comments_and_blank_lines() {
-        let path = std::env::temp_dir().join(format!("dreamshaper-keys-{}", std::process::id()));
-        std::fs::write(&path, "# team keys\n\nalpha\n  beta  \n").unwrap();
-        let keys = ApiKeys::from_file(&path).unwrap();
+        /// Removes the key file when the test ends, passed or failed.
+        struct RemoveOnDrop(std::path::PathBuf);
+        impl Drop for RemoveOnDrop {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+        let file = RemoveOnDrop(std::env::temp_dir().join(format!("dreamshaper-keys-{}", std::process::id())));
+        let path = &file.0;
+        std::fs::write(path, "# team keys\n\nalpha\n  beta  \n").unwrap();
+        let keys = ApiKeys::from_file(path).unwrap();
         assert_eq!(keys.len(), 2);
         assert!(keys.accepts(b"alpha") && keys.accepts(b"beta") && !keys.accepts(b"# team keys"));
-        std::fs::write(&path, "# nothing\n").unwrap();
-        assert!(ApiKeys::from_file(&path).unwrap_err().contains("no key"));
-        std::fs::remove_file(&path).unwrap();
+        std::fs::write(path, "# nothing\n").unwrap();
+        assert!(ApiKeys::from_file(path).unwrap_err().contains("no key"));
     }
 }
