@@ -7,6 +7,7 @@
 //! `cuda`, `cudnn`, `flash-attn`, `metal` for GPUs. With `default-features = false` the library generates images
 //! without pulling in axum, tokio, plotters or clap.
 
+pub mod adapters;
 #[cfg(feature = "bench")]
 pub mod bench;
 pub mod conditioning;

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use dreamshaper::adapters::LoraSpec;
 use dreamshaper::bench::{self, BenchEvent, BenchOptions};
 use dreamshaper::loading::DEFAULT_MODEL;
 use dreamshaper::output::{a1111_parameters, output_paths, save_png};
@@ -92,9 +93,28 @@ struct ModelArgs {
     /// Never decode in bands (each layer over the whole image at once, however large).
     #[arg(long)]
     no_vae_tiling: bool,
+    /// A LoRA file (kohya/A1111 or diffusers/PEFT) merged into the model, with its weight (default 1). Repeatable;
+    /// the updates of several LoRAs add up.
+    #[arg(long = "lora", value_name = "PATH[:WEIGHT]")]
+    loras: Vec<String>,
 }
 
 impl ModelArgs {
+    /// The pipeline options these flags say (residency aside).
+    fn pipeline_options(&self, residency: Residency) -> anyhow::Result<PipelineOptions> {
+        let (device, dtype) = device_and_dtype(self)?;
+        let loras = self.loras.iter().map(|l| LoraSpec::parse(l)).collect::<dreamshaper::Result<_>>()?;
+        Ok(PipelineOptions {
+            device,
+            dtype,
+            vae: self.vae.clone(),
+            config: self.config.clone(),
+            residency,
+            vae_tiling: self.vae_tiling(),
+            loras,
+        })
+    }
+
     fn vae_tiling(&self) -> VaeTiling {
         match (self.vae_tiling, self.no_vae_tiling) {
             (true, _) => VaeTiling::Always,
@@ -308,19 +328,8 @@ fn model_name(model: &str) -> String {
 
 fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let request = build_request(&args)?;
-    let (device, dtype) = device_and_dtype(&args.model)?;
     let show = !args.quiet && std::io::stderr().is_terminal();
-    let pipeline = Pipeline::load(
-        &args.model.model,
-        PipelineOptions {
-            device,
-            dtype,
-            vae: args.model.vae.clone(),
-            config: args.model.config.clone(),
-            residency: Residency::Sequential,
-            vae_tiling: args.model.vae_tiling(),
-        },
-    )?;
+    let pipeline = Pipeline::load(&args.model.model, args.model.pipeline_options(Residency::Sequential)?)?;
     pipeline.validate(&request)?;
     if args.explain_prompt {
         print!("{}", pipeline.explain_prompt(&request)?);
@@ -376,7 +385,6 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         (None, Some(path)) => ApiKeys::from_file(path).map_err(anyhow::Error::msg)?,
         (None, None) => ApiKeys::none(),
     };
-    let (device, dtype) = device_and_dtype(&args.model)?;
     let config = ServerConfig {
         addr: args.addr,
         api_keys,
@@ -387,10 +395,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         shutdown_grace: server::DEFAULT_SHUTDOWN_GRACE,
         handle_signals: true,
     };
-    let (model, vae, model_config) = (args.model.model.clone(), args.model.vae.clone(), args.model.config.clone());
-    let vae_tiling = args.model.vae_tiling();
-    let options =
-        PipelineOptions { device, dtype, vae, config: model_config, residency: Residency::Resident, vae_tiling };
+    let model = args.model.model.clone();
+    let options = args.model.pipeline_options(Residency::Resident)?;
     let load = move || Pipeline::load(&model, options);
     Ok(Server::start(config, load)?.wait()?)
 }
@@ -417,23 +423,14 @@ fn bench_schedulers(args: BenchArgs) -> anyhow::Result<()> {
     options.model_name = model_name(&args.model.model);
     bench::prepare_output_dir(&args.out)?;
 
-    let (device, dtype) = device_and_dtype(&args.model)?;
-    let pipeline_options = |residency| PipelineOptions {
-        device: device.clone(),
-        dtype,
-        vae: args.model.vae.clone(),
-        config: args.model.config.clone(),
-        residency,
-        vae_tiling: args.model.vae_tiling(),
-    };
     // Check the plan against the model's configs (cheap) before loading its weights.
-    bench::prepare(&Pipeline::load(&args.model.model, pipeline_options(Residency::Sequential))?, &options)?;
+    bench::prepare(&Pipeline::load(&args.model.model, args.model.pipeline_options(Residency::Sequential)?)?, &options)?;
     let show = !args.quiet && std::io::stderr().is_terminal();
     let bar = if show { ProgressBar::new_spinner() } else { ProgressBar::hidden() };
     bar.set_message("loading the model");
     bar.tick();
     // Resident: the UNet and VAE are loaded once, not once per run.
-    let pipeline = Pipeline::load(&args.model.model, pipeline_options(Residency::Resident))?;
+    let pipeline = Pipeline::load(&args.model.model, args.model.pipeline_options(Residency::Resident)?)?;
 
     let (mut bar_is_steps, mut running) = (false, false);
     let mut on_event = |event: &BenchEvent| {

@@ -1,9 +1,12 @@
 //! The SDXL text-to-image pipeline: loads a model's configs up front and its components when they are needed,
 //! and runs request → prompt conditioning → denoising loop → VAE decode → images.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 
+use crate::adapters::{LoraFile, LoraSpec};
 use crate::conditioning::{ConditioningSchedule, PromptInputs, TextEncoders};
 use crate::loading::{Component, ModelConfigs, ModelSource};
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
@@ -43,6 +46,8 @@ pub struct PipelineOptions {
     pub residency: Residency,
     /// Whether the VAE decodes in bands of rows (by default when the image is larger than the VAE's `sample_size`).
     pub vae_tiling: VaeTiling,
+    /// LoRAs merged into the UNet and text encoders (see [`Pipeline::set_loras`]).
+    pub loras: Vec<LoraSpec>,
 }
 
 impl Default for PipelineOptions {
@@ -54,6 +59,7 @@ impl Default for PipelineOptions {
             config: None,
             residency: Residency::Sequential,
             vae_tiling: VaeTiling::Auto,
+            loras: Vec::new(),
         }
     }
 }
@@ -91,8 +97,11 @@ impl Pipeline {
     /// Reads a model's configs (a diffusers folder, a hub id or a single `.safetensors` checkpoint) and, with
     /// [`Residency::Resident`], its weights.
     pub fn load(model: &str, options: PipelineOptions) -> Result<Self> {
-        let source = ModelSource::open(model, options.config.as_deref(), options.vae.as_deref())?;
+        let mut source = ModelSource::open(model, options.config.as_deref(), options.vae.as_deref())?;
         let configs = source.configs()?;
+        if !options.loras.is_empty() {
+            source.set_loras(&open_loras(&options.loras)?, &configs.unet)?;
+        }
         let mut pipeline = Self {
             source,
             configs,
@@ -110,6 +119,17 @@ impl Pipeline {
             };
         }
         Ok(pipeline)
+    }
+
+    /// Merges `loras` (each with its weight; several add up) into the UNet and text encoders, replacing the LoRAs set
+    /// before; an empty list restores the model's own weights. A resident pipeline reloads the components they touch.
+    pub fn set_loras(&mut self, loras: &[LoraSpec]) -> Result<()> {
+        self.source.set_loras(&open_loras(loras)?, &self.configs.unet)?;
+        if self.residency == Residency::Resident {
+            self.resident.text = Some(self.load_text_encoders()?);
+            self.resident.unet = Some(self.load_unet()?);
+        }
+        Ok(())
     }
 
     /// Stored tensors of a single-file checkpoint that no component uses (EMA copies, the VAE encoder, …).
@@ -303,6 +323,18 @@ impl Pipeline {
         let images = self.decode(&latents, progress)?;
         Ok(Generation { images, seed, latents, warnings })
     }
+}
+
+/// Reads each LoRA file once (a file named twice adds its weights, as A1111 does with a repeated tag).
+fn open_loras(loras: &[LoraSpec]) -> Result<Vec<(Arc<LoraFile>, f64)>> {
+    let mut opened: Vec<(Arc<LoraFile>, f64)> = Vec::new();
+    for spec in loras {
+        match opened.iter_mut().find(|(file, _)| file.path == spec.path) {
+            Some((_, weight)) => *weight += spec.weight,
+            None => opened.push((Arc::new(LoraFile::open(&spec.path)?), spec.weight)),
+        }
+    }
+    Ok(opened)
 }
 
 /// The resident component, or one loaded now into `slot` (so it is freed when the caller's stage ends).

@@ -77,6 +77,11 @@ impl Transform {
 }
 
 impl Remapped {
+    /// The diffusers names of the tensors it serves.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.map.keys().map(String::as_str)
+    }
+
     pub fn into_var_builder(self, dtype: DType, device: &Device) -> VarBuilder<'static> {
         VarBuilder::from_backend(Box::new(self), dtype, device.clone())
     }

@@ -3,14 +3,18 @@
 //! The pipeline asks for components by name and never sees the layout.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{DType, Device};
+use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use super::repo::{read_json, ModelRepo};
-use super::single_file::{is_single_file, Part, SingleFile};
+use super::single_file::{is_single_file, Part, Remapped, SingleFile};
 use super::weights::Weights;
+use crate::adapters::module_names::ModuleIndex;
+use crate::adapters::{LoraBackend, LoraFile, ResolvedUpdates, Target};
 use crate::models::clip::ClipTextConfig;
 use crate::models::unet::UNetConfig;
 use crate::models::vae::VaeConfig;
@@ -44,6 +48,16 @@ impl Component {
             Component::TextEncoder2 => "text_encoder_2",
             Component::Unet => "unet",
             Component::Vae => "vae",
+        }
+    }
+
+    /// The LoRA target of a component LoRAs patch.
+    fn lora_target(self) -> Option<Target> {
+        match self {
+            Component::TextEncoder => Some(Target::TextEncoder),
+            Component::TextEncoder2 => Some(Target::TextEncoder2),
+            Component::Unet => Some(Target::Unet),
+            Component::Vae => None,
         }
     }
 
@@ -97,6 +111,8 @@ pub struct ModelSource {
     /// Configs and tokenizers for a single file (`--config`).
     config_repo: Option<ModelRepo>,
     vae: Option<VaeSource>,
+    /// LoRA updates merged into the UNet and text encoders as they are loaded.
+    adapters: Vec<(Target, ResolvedUpdates)>,
 }
 
 /// A component's config file of `repo`, checked by `validate`: errors name the file and the key.
@@ -155,7 +171,7 @@ impl ModelSource {
                 ));
             }
         }
-        Ok(Self { weights, config_repo, vae })
+        Ok(Self { weights, config_repo, vae, adapters: Vec::new() })
     }
 
     /// The repository configs are read from, if any.
@@ -249,26 +265,37 @@ impl ModelSource {
 
     /// A component's weights, converted to `dtype` on `device` as they are taken.
     pub fn var_builder(&self, component: Component, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
-        let prefer_fp16 = dtype == DType::F16;
+        let (backend, _) = self.weight_source(component, dtype == DType::F16)?;
+        let backend = match self.adapters.iter().find(|(t, _)| Some(*t) == component.lora_target()) {
+            Some((_, updates)) if !updates.is_empty() => Box::new(LoraBackend::new(backend, updates.clone())),
+            _ => backend,
+        };
+        Ok(VarBuilder::from_backend(backend, dtype, device.clone()))
+    }
+
+    /// A component's stored weights (under their diffusers names) and those names.
+    fn weight_source(&self, component: Component, prefer_fp16: bool) -> Result<(Box<dyn SimpleBackend>, Vec<String>)> {
+        fn boxed(weights: Weights) -> (Box<dyn SimpleBackend>, Vec<String>) {
+            let names = weights.names().map(String::from).collect();
+            (Box::new(weights), names)
+        }
+        fn boxed_remapped(remapped: Remapped) -> (Box<dyn SimpleBackend>, Vec<String>) {
+            let names = remapped.names().map(String::from).collect();
+            (Box::new(remapped), names)
+        }
         if component == Component::Vae {
             match &self.vae {
                 Some(VaeSource::Repo(repo)) => {
-                    let files = repo.weights("", "diffusion_pytorch_model", prefer_fp16)?;
-                    return Ok(Weights::open(&files)?.into_var_builder(dtype, device));
+                    return Ok(boxed(Weights::open(&repo.weights("", "diffusion_pytorch_model", prefer_fp16)?)?))
                 }
-                Some(VaeSource::Original(file)) => {
-                    return Ok(file.component(Part::Vae)?.into_var_builder(dtype, device))
-                }
-                Some(VaeSource::Diffusers(path)) => {
-                    return Ok(Weights::open(std::slice::from_ref(path))?.into_var_builder(dtype, device))
-                }
+                Some(VaeSource::Original(file)) => return Ok(boxed_remapped(file.component(Part::Vae)?)),
+                Some(VaeSource::Diffusers(path)) => return Ok(boxed(Weights::open(std::slice::from_ref(path))?)),
                 None => {}
             }
         }
         match &self.weights {
             Weightset::Diffusers(repo) => {
-                let files = repo.weights(component.name(), component.weights_stem(), prefer_fp16)?;
-                Ok(Weights::open(&files)?.into_var_builder(dtype, device))
+                Ok(boxed(Weights::open(&repo.weights(component.name(), component.weights_stem(), prefer_fp16)?)?))
             }
             Weightset::SingleFile(file) => {
                 let part = match component {
@@ -277,9 +304,27 @@ impl ModelSource {
                     Component::Unet => Part::Unet,
                     Component::Vae => Part::Vae,
                 };
-                Ok(file.component(part)?.into_var_builder(dtype, device))
+                Ok(boxed_remapped(file.component(part)?))
             }
         }
+    }
+
+    /// Merges `loras` (each with its weight) into the UNet and text encoders from their next load on. Every update
+    /// must patch a module of this model (an error names the key and the file otherwise).
+    pub fn set_loras(&mut self, loras: &[(Arc<LoraFile>, f64)], unet: &UNetConfig) -> Result<()> {
+        let mut adapters = Vec::new();
+        for component in [Component::Unet, Component::TextEncoder, Component::TextEncoder2] {
+            let target = component.lora_target().expect("patched components");
+            if !loras.iter().any(|(file, _)| file.updates.iter().any(|u| u.target == target)) {
+                continue;
+            }
+            let (_, names) = self.weight_source(component, false)?;
+            let index =
+                ModuleIndex::new(names.iter().map(String::as_str), (component == Component::Unet).then_some(unet));
+            adapters.push((target, ResolvedUpdates::resolve(loras, target, &index)?));
+        }
+        self.adapters = adapters;
+        Ok(())
     }
 
     /// A hint added to loading errors when the configs were read off a single file's keys.

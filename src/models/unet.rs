@@ -22,7 +22,7 @@ pub enum PerBlock<T> {
 
 impl<T: Clone> PerBlock<T> {
     /// The value of `block` (validated configs have one value or one per block).
-    fn get(&self, block: usize) -> T {
+    pub fn get(&self, block: usize) -> T {
         match self {
             PerBlock::One(v) => v.clone(),
             PerBlock::Each(v) => v[block.min(v.len().saturating_sub(1))].clone(),
