@@ -80,11 +80,12 @@ impl LoraFile {
         }
         let tensors = candle_core::safetensors::load(path, &Device::Cpu)
             .map_err(|e| Error::model(path, format!("not a readable safetensors file: {e}")))?;
-        Self::from_tensors(path, tensors.into_iter().collect())
+        let configs = PeftConfigs::from_metadata(path)?;
+        Self::from_tensors(path, tensors.into_iter().collect(), &configs)
     }
 
     /// Reads the updates of a file's tensors (`path` is for messages).
-    pub fn from_tensors(path: &Path, tensors: BTreeMap<String, Tensor>) -> Result<Self> {
+    pub fn from_tensors(path: &Path, tensors: BTreeMap<String, Tensor>, configs: &PeftConfigs) -> Result<Self> {
         refuse_other_formats(path, tensors.keys())?;
         let kohya = tensors
             .keys()
@@ -92,7 +93,7 @@ impl LoraFile {
         let (naming, updates) = if kohya {
             (Naming::Kohya, kohya_updates(path, &tensors)?)
         } else {
-            (Naming::Diffusers, diffusers_updates(path, &tensors)?)
+            (Naming::Diffusers, diffusers_updates(path, &tensors, configs)?)
         };
         if updates.is_empty() {
             return Err(Error::model(
@@ -195,7 +196,7 @@ fn kohya_updates(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<Vec<
     Ok(updates)
 }
 
-fn diffusers_updates(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<Vec<LowRank>> {
+fn diffusers_updates(path: &Path, tensors: &BTreeMap<String, Tensor>, configs: &PeftConfigs) -> Result<Vec<LowRank>> {
     let mut pairs: BTreeMap<String, Pair> = BTreeMap::new();
     for (key, t) in tensors {
         let name = key.strip_prefix("base_model.model.").unwrap_or(key);
@@ -215,6 +216,7 @@ fn diffusers_updates(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<
     }
     let mut updates = Vec::with_capacity(pairs.len());
     for (module, pair) in pairs {
+        let has_alpha = pair.alpha.is_some();
         let (target, rest) = if let Some(rest) = module.strip_prefix("unet.") {
             (Target::Unet, rest)
         } else if let Some(rest) = module.strip_prefix("text_encoder_2.") {
@@ -228,9 +230,83 @@ fn diffusers_updates(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<
             ));
         };
         let rest = rest.to_string();
-        updates.push(finish(path, module, target, rest, pair)?);
+        let mut update = finish(path, module, target, rest, pair)?;
+        if !has_alpha {
+            update.scale = configs.scale(target, &update.module, update.down.dims()[0]);
+        }
+        updates.push(update);
     }
     Ok(updates)
+}
+
+/// The PEFT `LoraConfig` of each part that diffusers writes into a file's metadata (`lora_adapter_metadata`): the
+/// scale of a module's update is `lora_alpha / r` (`/ √r` with rsLoRA), `alpha_pattern` overriding the alpha of the
+/// modules it names. Without metadata PEFT's default applies (alpha = r: scale 1).
+#[derive(Debug, Clone, Default)]
+pub struct PeftConfigs {
+    by_part: BTreeMap<String, serde_json::Map<String, serde_json::Value>>,
+}
+
+impl PeftConfigs {
+    /// Reads the `lora_adapter_metadata` entry of a safetensors file's header, if it has one.
+    pub fn from_metadata(path: &Path) -> Result<Self> {
+        use std::io::Read;
+        let bad = |m: String| Error::model(path, m);
+        let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let mut len = [0u8; 8];
+        file.read_exact(&mut len).map_err(|e| Error::io(path, e))?;
+        let len = u64::from_le_bytes(len);
+        if len > 100_000_000 {
+            return Err(bad(format!("safetensors header of {len} bytes: not a safetensors file")));
+        }
+        let mut header = vec![0u8; len as usize];
+        file.read_exact(&mut header).map_err(|e| Error::io(path, e))?;
+        let header: serde_json::Value =
+            serde_json::from_slice(&header).map_err(|e| bad(format!("safetensors header is not JSON: {e}")))?;
+        let Some(text) = header["__metadata__"]["lora_adapter_metadata"].as_str() else {
+            return Ok(Self::default());
+        };
+        let flat: serde_json::Map<String, serde_json::Value> = serde_json::from_str(text)
+            .map_err(|e| bad(format!("metadata `lora_adapter_metadata` is not a JSON object: {e}")))?;
+        let mut by_part: BTreeMap<String, serde_json::Map<String, serde_json::Value>> = BTreeMap::new();
+        for (key, value) in flat {
+            if let Some((part, field)) = key.split_once('.') {
+                by_part.entry(part.to_string()).or_default().insert(field.to_string(), value);
+            }
+        }
+        for (part, config) in &by_part {
+            if config.get("use_dora").and_then(|v| v.as_bool()) == Some(true) {
+                return Err(bad(format!("is a DoRA file (`{part}.use_dora`); only plain LoRA files are supported")));
+            }
+        }
+        Ok(Self { by_part })
+    }
+
+    /// The scale of `module`'s update (rank `rank`) in `target`.
+    fn scale(&self, target: Target, module: &str, rank: usize) -> f64 {
+        let part = match target {
+            Target::Unet => "unet",
+            Target::TextEncoder => "text_encoder",
+            Target::TextEncoder2 => "text_encoder_2",
+        };
+        let Some(config) = self.by_part.get(part) else { return 1.0 };
+        // PEFT matches a pattern against the end of the module's name.
+        let pattern_alpha = config.get("alpha_pattern").and_then(|p| p.as_object()).and_then(|patterns| {
+            patterns
+                .iter()
+                .filter(|(pattern, _)| module == pattern.as_str() || module.ends_with(&format!(".{pattern}")))
+                .max_by_key(|(pattern, _)| pattern.len())
+                .and_then(|(_, alpha)| alpha.as_f64())
+        });
+        let Some(alpha) = pattern_alpha.or_else(|| config.get("lora_alpha").and_then(|a| a.as_f64())) else {
+            return 1.0;
+        };
+        if config.get("use_rslora").and_then(|v| v.as_bool()) == Some(true) {
+            alpha / (rank as f64).sqrt()
+        } else {
+            alpha / rank as f64
+        }
+    }
 }
 
 /// `<module>.lora_A[.<adapter>].weight` → (module, "down"), `lora_B` / `lora.up` / `lora_linear_layer.up` → "up".
@@ -292,10 +368,10 @@ mod tests {
             ("lora_unet_a.dora_scale", "DoRA"),
             ("lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight", "SD 1.x"),
         ] {
-            let e = LoraFile::from_tensors(path, one(key)).unwrap_err().to_string();
+            let e = LoraFile::from_tensors(path, one(key), &PeftConfigs::default()).unwrap_err().to_string();
             assert!(e.contains(word) && e.contains("x.safetensors"), "{e}");
         }
-        let e = LoraFile::from_tensors(path, BTreeMap::new()).unwrap_err().to_string();
+        let e = LoraFile::from_tensors(path, BTreeMap::new(), &PeftConfigs::default()).unwrap_err().to_string();
         assert!(e.contains("no LoRA tensors"), "{e}");
     }
 
@@ -309,7 +385,7 @@ mod tests {
             ("lora_te2_c.lora_down.weight".to_string(), t(&[4, 8])),
             ("lora_te2_c.lora_up.weight".to_string(), t(&[6, 4])),
         ]);
-        let file = LoraFile::from_tensors(path, tensors).unwrap();
+        let file = LoraFile::from_tensors(path, tensors, &PeftConfigs::default()).unwrap();
         assert_eq!(file.naming, Naming::Kohya);
         let scales: Vec<(Target, &str, f64)> =
             file.updates.iter().map(|u| (u.target, u.module.as_str(), u.scale)).collect();

@@ -1,0 +1,106 @@
+//! LoRA files of every supported layout give diffusers' images (tests/fixtures/lora_refs.*, made by
+//! scripts/make_lora_refs.py with `load_lora_weights` + `set_adapters`): each format alone, two at once with their
+//! own weights, a negative weight; files of other kinds are refused by name; a resident pipeline switches LoRAs
+//! and returns to the exact base weights.
+
+mod common;
+
+use common::{mean_abs_pixel_diff, root, tiny_model};
+use dreamshaper::adapters::LoraSpec;
+use dreamshaper::{Control, GenerateRequest, Pipeline, PipelineOptions, PromptSyntax, Residency};
+use serde_json::Value;
+
+fn refs() -> (std::collections::HashMap<String, candle_core::Tensor>, Value) {
+    let dir = root().join("tests/fixtures");
+    let tensors = candle_core::safetensors::load(dir.join("lora_refs.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let json = serde_json::from_str(&std::fs::read_to_string(dir.join("lora_refs.json")).unwrap()).unwrap();
+    (tensors, json)
+}
+
+fn specs(case: &Value) -> Vec<LoraSpec> {
+    case["loras"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| LoraSpec { path: root().join(l["file"].as_str().unwrap()), weight: l["weight"].as_f64().unwrap() })
+        .collect()
+}
+
+fn request(case: &Value) -> GenerateRequest {
+    let call = &case["diffusers_call"];
+    let mut r = GenerateRequest::new(call["prompt"].as_str().unwrap());
+    r.negative_prompt = call["negative_prompt"].as_str().unwrap_or("").to_string();
+    r.scheduler = "Euler".into();
+    r.num_inference_steps = call["num_inference_steps"].as_u64().unwrap() as u32;
+    r.guidance_scale = call["guidance_scale"].as_f64().unwrap();
+    r.seed = 42;
+    r.img_width = call["width"].as_u64().unwrap() as u32;
+    r.img_height = call["height"].as_u64().unwrap() as u32;
+    r.prompt_syntax = PromptSyntax::None;
+    r
+}
+
+fn image_bytes(pipeline: &Pipeline, request: &GenerateRequest) -> Vec<u8> {
+    let generation = pipeline.generate(request, &mut |_| Control::Continue).unwrap();
+    generation.images.iter().flat_map(|i| i.as_raw().iter().copied()).collect()
+}
+
+#[test]
+fn every_lora_layout_gives_diffusers_image() {
+    let (tensors, json) = refs();
+    let mut checked = 0;
+    for case in json["cases"].as_array().unwrap() {
+        if !case["embeddings"].as_array().unwrap().is_empty() || case["loras"].as_array().unwrap().is_empty() {
+            continue;
+        }
+        let name = case["name"].as_str().unwrap();
+        let options = PipelineOptions { loras: specs(case), ..Default::default() };
+        let pipeline = Pipeline::load(tiny_model().to_str().unwrap(), options).unwrap();
+        let ours = image_bytes(&pipeline, &request(case));
+        let theirs = tensors[case["images"].as_str().unwrap()].flatten_all().unwrap().to_vec1::<u8>().unwrap();
+        let diff = mean_abs_pixel_diff(&ours, &theirs);
+        let moved = case["mean_abs_diff_from_base"].as_f64().unwrap();
+        eprintln!("{name}: {diff:.4}/255 from diffusers' (the LoRA moves the image {moved:.1}/255)");
+        assert!(moved >= 10.0, "{name}: the fixture's LoRA must move the image");
+        assert!(diff <= 0.5, "{name}: {diff}/255 from diffusers' image");
+        checked += 1;
+    }
+    assert!(checked >= 6, "each layout, two at once and a negative weight");
+}
+
+#[test]
+fn other_kinds_of_files_are_refused_by_name() {
+    let dir = root().join("models/tiny-sdxl-loras");
+    for (file, words) in
+        [("sd15.safetensors", vec!["sd15.safetensors"]), ("loha.safetensors", vec!["LoHa", "loha.safetensors"])]
+    {
+        let options =
+            PipelineOptions { loras: vec![LoraSpec { path: dir.join(file), weight: 1.0 }], ..Default::default() };
+        let e = Pipeline::load(tiny_model().to_str().unwrap(), options).err().unwrap().to_string();
+        assert!(words.iter().all(|w| e.contains(w)), "{file}: {e}");
+    }
+    let missing = LoraSpec { path: dir.join("nope.safetensors"), weight: 1.0 };
+    let e =
+        Pipeline::load(tiny_model().to_str().unwrap(), PipelineOptions { loras: vec![missing], ..Default::default() })
+            .err()
+            .unwrap()
+            .to_string();
+    assert!(e.contains("nope.safetensors"), "{e}");
+}
+
+#[test]
+fn a_resident_pipeline_switches_loras_and_restores_the_base_weights_exactly() {
+    let (tensors, json) = refs();
+    let case = |name: &str| json["cases"].as_array().unwrap().iter().find(|c| c["name"] == name).unwrap().clone();
+    let options = PipelineOptions { residency: Residency::Resident, ..Default::default() };
+    let mut pipeline = Pipeline::load(tiny_model().to_str().unwrap(), options).unwrap();
+    let base_case = case("base");
+    let base = image_bytes(&pipeline, &request(&base_case));
+    let lora_case = case("kohya_sgm");
+    pipeline.set_loras(&specs(&lora_case)).unwrap();
+    let with_lora = image_bytes(&pipeline, &request(&lora_case));
+    let theirs = tensors[lora_case["images"].as_str().unwrap()].flatten_all().unwrap().to_vec1::<u8>().unwrap();
+    assert!(mean_abs_pixel_diff(&with_lora, &theirs) <= 0.5);
+    pipeline.set_loras(&[]).unwrap();
+    assert_eq!(image_bytes(&pipeline, &request(&base_case)), base, "bit-identical to the image before the LoRA");
+}
