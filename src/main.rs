@@ -97,6 +97,10 @@ struct ModelArgs {
     /// the updates of several LoRAs add up.
     #[arg(long = "lora", value_name = "PATH[:WEIGHT]")]
     loras: Vec<String>,
+    /// Where LoRAs named by `<lora:NAME:WEIGHT>` prompt tags and a request's `loras` field are found
+    /// (`DIR/NAME.safetensors`; names cannot leave this folder).
+    #[arg(long)]
+    lora_dir: Option<PathBuf>,
 }
 
 impl ModelArgs {
@@ -112,6 +116,7 @@ impl ModelArgs {
             residency,
             vae_tiling: self.vae_tiling(),
             loras,
+            lora_dir: self.lora_dir.clone(),
         })
     }
 
@@ -329,7 +334,7 @@ fn model_name(model: &str) -> String {
 fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let request = build_request(&args)?;
     let show = !args.quiet && std::io::stderr().is_terminal();
-    let pipeline = Pipeline::load(&args.model.model, args.model.pipeline_options(Residency::Sequential)?)?;
+    let mut pipeline = Pipeline::load(&args.model.model, args.model.pipeline_options(Residency::Sequential)?)?;
     pipeline.validate(&request)?;
     if args.explain_prompt {
         print!("{}", pipeline.explain_prompt(&request)?);
@@ -362,13 +367,13 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         }
         Control::Continue
     };
-    let generation = pipeline.generate(&request, &mut on_progress)?;
+    let generation = pipeline.generate_with_loras(&request, &mut on_progress)?;
     bar.finish_and_clear();
     for warning in &generation.warnings {
         eprintln!("warning: {warning}");
     }
 
-    let parameters = a1111_parameters(&request, generation.seed, &model_name(&args.model.model));
+    let parameters = a1111_parameters(&request, generation.seed, &model_name(&args.model.model), &generation.loras);
     let paths = output_paths(&output, generation.images.len());
     for (image, path) in generation.images.iter().zip(&paths) {
         save_png(image, path, &parameters)?;

@@ -10,7 +10,9 @@ use crate::prompt::{Emphasis, PromptSyntax};
 use crate::{Error, GenerateRequest, Result};
 
 /// A1111's infotext: prompt, `Negative prompt: …` (when there is one), then the settings line.
-pub fn a1111_parameters(request: &GenerateRequest, seed: u64, model: &str) -> String {
+/// `loras`: the LoRAs merged (name, weight, short hash), recorded as A1111 records them (`Lora hashes`), so civitai
+/// recognises them; their `<lora:…>` tags stay in the prompt text.
+pub fn a1111_parameters(request: &GenerateRequest, seed: u64, model: &str, loras: &[(String, f64, String)]) -> String {
     let mut text = request.prompt.clone();
     if !request.negative_prompt.is_empty() {
         text.push_str("\nNegative prompt: ");
@@ -30,6 +32,10 @@ pub fn a1111_parameters(request: &GenerateRequest, seed: u64, model: &str) -> St
     let bracketed = [&request.prompt, &request.negative_prompt].iter().any(|p| p.contains('(') || p.contains('['));
     if request.prompt_syntax == PromptSyntax::A1111 && request.emphasis != Emphasis::Original && bracketed {
         text.push_str(&format!(", Emphasis: {}", request.emphasis.a1111_name()));
+    }
+    if !loras.is_empty() {
+        let hashes: Vec<String> = loras.iter().map(|(name, _, hash)| format!("{name}: {hash}")).collect();
+        text.push_str(&format!(", Lora hashes: \"{}\"", hashes.join(", ")));
     }
     text
 }
@@ -81,13 +87,13 @@ mod tests {
         let mut r = GenerateRequest::new("a cat");
         r.negative_prompt = "blurry".into();
         r.scheduler = "Euler a".into();
-        let t = a1111_parameters(&r, 42, "tiny");
+        let t = a1111_parameters(&r, 42, "tiny", &[]);
         assert_eq!(
             t,
             "a cat\nNegative prompt: blurry\nSteps: 30, Sampler: Euler a, CFG scale: 7.5, Seed: 42, Size: 1024x1024, Model: tiny"
         );
         r.prompt = "a (cat:1.2)".into();
         r.emphasis = Emphasis::NoNorm;
-        assert!(a1111_parameters(&r, 42, "tiny").ends_with("Model: tiny, Emphasis: No norm"));
+        assert!(a1111_parameters(&r, 42, "tiny", &[]).ends_with("Model: tiny, Emphasis: No norm"));
     }
 }

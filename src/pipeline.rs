@@ -1,11 +1,13 @@
 //! The SDXL text-to-image pipeline: loads a model's configs up front and its components when they are needed,
 //! and runs request → prompt conditioning → denoising loop → VAE decode → images.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 
+use crate::adapters::requested::{short_hash, specs_in_dir, take_prompt_tags};
 use crate::adapters::{LoraFile, LoraSpec};
 use crate::conditioning::{ConditioningSchedule, PromptInputs, TextEncoders};
 use crate::loading::{Component, ModelConfigs, ModelSource};
@@ -18,7 +20,7 @@ use crate::models::vae_bands::{decode_in_bands, BandPlan};
 use crate::rng::TorchRng;
 use crate::sampling::{self, Control, Progress, ProgressFn};
 use crate::schedulers::{self, Scheduler};
-use crate::{Error, GenerateRequest, Result};
+use crate::{Error, GenerateRequest, PromptSyntax, Result};
 
 /// Whether components stay in memory between generations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -46,8 +48,10 @@ pub struct PipelineOptions {
     pub residency: Residency,
     /// Whether the VAE decodes in bands of rows (by default when the image is larger than the VAE's `sample_size`).
     pub vae_tiling: VaeTiling,
-    /// LoRAs merged into the UNet and text encoders (see [`Pipeline::set_loras`]).
+    /// LoRAs merged into the UNet and text encoders for every request (see [`Pipeline::set_loras`]).
     pub loras: Vec<LoraSpec>,
+    /// Where the LoRAs that requests name (`loras` field, `<lora:NAME:W>` prompt tags) are looked up.
+    pub lora_dir: Option<PathBuf>,
 }
 
 impl Default for PipelineOptions {
@@ -60,6 +64,7 @@ impl Default for PipelineOptions {
             residency: Residency::Sequential,
             vae_tiling: VaeTiling::Auto,
             loras: Vec::new(),
+            lora_dir: None,
         }
     }
 }
@@ -73,6 +78,8 @@ pub struct Generation {
     pub latents: Tensor,
     /// What the user should know about how the prompts were read (e.g. truncation with `prompt_syntax: none`).
     pub warnings: Vec<String>,
+    /// The LoRAs merged for it: (name, weight, A1111's short hash of the file).
+    pub loras: Vec<(String, f64, String)>,
 }
 
 /// Loaded components, kept when [`Residency::Resident`].
@@ -91,17 +98,20 @@ pub struct Pipeline {
     vae_tiling: VaeTiling,
     residency: Residency,
     resident: Resident,
+    /// The pipeline's own LoRAs (merged for every request), and where requests' LoRAs are found.
+    base_loras: Vec<LoraSpec>,
+    lora_dir: Option<PathBuf>,
+    /// The LoRAs merged now (as set), and their (name, weight, short hash) for the images' parameters.
+    merged_loras: Vec<LoraSpec>,
+    active_loras: Vec<(String, f64, String)>,
 }
 
 impl Pipeline {
     /// Reads a model's configs (a diffusers folder, a hub id or a single `.safetensors` checkpoint) and, with
     /// [`Residency::Resident`], its weights.
     pub fn load(model: &str, options: PipelineOptions) -> Result<Self> {
-        let mut source = ModelSource::open(model, options.config.as_deref(), options.vae.as_deref())?;
+        let source = ModelSource::open(model, options.config.as_deref(), options.vae.as_deref())?;
         let configs = source.configs()?;
-        if !options.loras.is_empty() {
-            source.set_loras(&open_loras(&options.loras)?, &configs.unet)?;
-        }
         let mut pipeline = Self {
             source,
             configs,
@@ -110,7 +120,14 @@ impl Pipeline {
             vae_tiling: options.vae_tiling,
             residency: options.residency,
             resident: Resident::default(),
+            base_loras: options.loras.clone(),
+            lora_dir: options.lora_dir.clone(),
+            merged_loras: Vec::new(),
+            active_loras: Vec::new(),
         };
+        if !options.loras.is_empty() {
+            pipeline.set_loras(&options.loras)?;
+        }
         if pipeline.residency == Residency::Resident {
             pipeline.resident = Resident {
                 text: Some(pipeline.load_text_encoders()?),
@@ -124,12 +141,54 @@ impl Pipeline {
     /// Merges `loras` (each with its weight; several add up) into the UNet and text encoders, replacing the LoRAs set
     /// before; an empty list restores the model's own weights. A resident pipeline reloads the components they touch.
     pub fn set_loras(&mut self, loras: &[LoraSpec]) -> Result<()> {
-        self.source.set_loras(&open_loras(loras)?, &self.configs.unet)?;
-        if self.residency == Residency::Resident {
+        let files = open_loras(loras)?;
+        self.source.set_loras(&files, &self.configs.unet)?;
+        self.active_loras = files
+            .iter()
+            .map(|(file, weight)| {
+                let name = file.path.file_stem().map_or_else(String::new, |s| s.to_string_lossy().into_owned());
+                Ok((name, *weight, short_hash(&file.path)?))
+            })
+            .collect::<Result<_>>()?;
+        self.merged_loras = loras.to_vec();
+        // A resident pipeline's loaded components are replaced (the base weights stay in their files: an empty
+        // list loads them exactly as before).
+        if self.residency == Residency::Resident && self.resident.unet.is_some() {
             self.resident.text = Some(self.load_text_encoders()?);
             self.resident.unet = Some(self.load_unet()?);
         }
         Ok(())
+    }
+
+    /// The request as it is generated (with A1111 prompt syntax, `<lora:…>` tags removed from its prompt) and the
+    /// LoRAs it needs: the pipeline's own, then those of its `loras` field and its prompt's tags, found in the LoRA
+    /// directory.
+    pub fn request_loras(&self, request: &GenerateRequest) -> Result<(GenerateRequest, Vec<LoraSpec>)> {
+        let mut request = request.clone();
+        let mut named = request.loras.clone();
+        if request.prompt_syntax == PromptSyntax::A1111 {
+            let (prompt, tags) = take_prompt_tags(&request.prompt)?;
+            request.prompt = prompt;
+            named.extend(tags);
+        }
+        let mut loras = self.base_loras.clone();
+        loras.extend(specs_in_dir(self.lora_dir.as_deref(), &named)?);
+        Ok((request, loras))
+    }
+
+    /// One request with the LoRAs it names (see [`Self::request_loras`]) merged; consecutive requests with the same
+    /// LoRAs and weights reuse the merged weights.
+    pub fn generate_with_loras(&mut self, request: &GenerateRequest, progress: &mut ProgressFn) -> Result<Generation> {
+        let (request, loras) = self.request_loras(request)?;
+        if loras != self.merged_loras {
+            self.set_loras(&loras)?;
+        }
+        self.generate(&request, progress)
+    }
+
+    /// The LoRAs merged now: (name, weight, A1111's short hash of the file).
+    pub fn active_loras(&self) -> &[(String, f64, String)] {
+        &self.active_loras
     }
 
     /// Stored tensors of a single-file checkpoint that no component uses (EMA copies, the VAE encoder, …).
@@ -237,10 +296,18 @@ impl Pipeline {
 
     /// How the request's prompts are read, in words (`--explain-prompt`); needs only the tokenizers.
     pub fn explain_prompt(&self, request: &GenerateRequest) -> Result<String> {
+        let (request, loras) = self.request_loras(request)?;
         let (tokenizer, tokenizer_2) = self.source.tokenizers()?;
         // A1111's prompt-editing steps count the scheduler's model evaluations.
-        let evaluations = self.scheduler(request)?.timesteps().len();
-        crate::prompt::explain::explain(request, evaluations, [&tokenizer, &tokenizer_2])
+        let evaluations = self.scheduler(&request)?.timesteps().len();
+        let mut text = crate::prompt::explain::explain(&request, evaluations, [&tokenizer, &tokenizer_2])?;
+        if !loras.is_empty() {
+            text.push_str("LoRAs (merged into the UNet and both text encoders):\n");
+            for lora in &loras {
+                text.push_str(&format!("  {} (weight {})\n", lora.path.display(), lora.weight));
+            }
+        }
+        Ok(text)
     }
 
     /// The denoising loop for a request, from the seed's initial noise to the denoised latents.
@@ -321,7 +388,7 @@ impl Pipeline {
         let warnings = conditioning.warnings.clone();
         drop(conditioning);
         let images = self.decode(&latents, progress)?;
-        Ok(Generation { images, seed, latents, warnings })
+        Ok(Generation { images, seed, latents, warnings, loras: self.active_loras.clone() })
     }
 }
 

@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::adapters::LoraRequest;
 use crate::prompt::{Emphasis, PromptSyntax};
 use crate::{Error, Result};
 
@@ -41,6 +42,10 @@ pub struct GenerateRequest {
     /// With A1111 syntax, how weights apply: `"original"` (default, A1111's) or `"no-norm"`.
     #[serde(default)]
     pub emphasis: Emphasis,
+    /// LoRAs to merge for this request, by name in the LoRA directory (`{"name": "…", "weight": 0.8}`); with A1111
+    /// prompt syntax `<lora:NAME:WEIGHT>` tags in the prompt add to them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loras: Vec<LoraRequest>,
 }
 
 fn default_samples() -> u32 {
@@ -78,6 +83,7 @@ impl GenerateRequest {
             base64: false,
             prompt_syntax: PromptSyntax::default(),
             emphasis: Emphasis::default(),
+            loras: Vec::new(),
         }
     }
 

@@ -104,3 +104,50 @@ fn a_resident_pipeline_switches_loras_and_restores_the_base_weights_exactly() {
     pipeline.set_loras(&[]).unwrap();
     assert_eq!(image_bytes(&pipeline, &request(&base_case)), base, "bit-identical to the image before the LoRA");
 }
+
+/// `<lora:NAME:W>` in the prompt (A1111 syntax) and the request's `loras` field, both found in the LoRA directory,
+/// give diffusers' image of the two LoRAs; the images' parameters record them as A1111 does.
+#[test]
+fn prompt_tags_and_the_request_field_load_from_the_lora_directory() {
+    let (tensors, json) = refs();
+    let case = json["cases"].as_array().unwrap().iter().find(|c| c["name"] == "kohya_sgm_0.6_peft_0.8").unwrap();
+    let options = PipelineOptions { lora_dir: Some(root().join("models/tiny-sdxl-loras")), ..Default::default() };
+    let mut pipeline = Pipeline::load(tiny_model().to_str().unwrap(), options).unwrap();
+    let mut request = request(case);
+    request.prompt_syntax = PromptSyntax::A1111;
+    request.prompt = format!("{} <lora:kohya_sgm:0.6>", request.prompt);
+    request.loras = vec![dreamshaper::adapters::LoraRequest { name: "peft".into(), weight: 0.8 }];
+    let explained = pipeline.explain_prompt(&request).unwrap();
+    assert!(
+        explained.contains("kohya_sgm.safetensors (weight 0.6)") && explained.contains("peft.safetensors (weight 0.8)")
+    );
+    let generation = pipeline.generate_with_loras(&request, &mut |_| Control::Continue).unwrap();
+    let ours: Vec<u8> = generation.images[0].as_raw().to_vec();
+    let theirs = tensors[case["images"].as_str().unwrap()].flatten_all().unwrap().to_vec1::<u8>().unwrap();
+    let diff = mean_abs_pixel_diff(&ours, &theirs);
+    assert!(diff <= 0.5, "{diff}/255 from diffusers' image");
+    // A1111's short hashes (SHA-256 of the file after its header), computed with Python's hashlib.
+    let hashes: Vec<(&str, &str)> = generation.loras.iter().map(|(n, _, h)| (n.as_str(), h.as_str())).collect();
+    assert_eq!(hashes, vec![("peft", "bdc98dab0c8f"), ("kohya_sgm", "ba2b431c28a8")]);
+    let text = dreamshaper::output::a1111_parameters(&request, generation.seed, "tiny", &generation.loras);
+    assert!(text.starts_with("a photo of a Grumpy cat, 8k! <lora:kohya_sgm:0.6>"), "{text}");
+    assert!(text.ends_with("Lora hashes: \"peft: bdc98dab0c8f, kohya_sgm: ba2b431c28a8\""), "{text}");
+}
+
+#[test]
+fn request_names_cannot_leave_the_lora_directory() {
+    let options = PipelineOptions { lora_dir: Some(root().join("models/tiny-sdxl-loras")), ..Default::default() };
+    let pipeline = Pipeline::load(tiny_model().to_str().unwrap(), options).unwrap();
+    for name in ["../tiny-sdxl-loras/peft", "/etc/passwd", "embeddings/../../tiny-sdxl/unet/diffusion_pytorch_model"] {
+        let mut request = GenerateRequest::new("x");
+        request.loras = vec![dreamshaper::adapters::LoraRequest { name: name.into(), weight: 1.0 }];
+        match pipeline.request_loras(&request) {
+            Err(dreamshaper::Error::InvalidRequest { field: "loras", .. }) => {}
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+    let mut request = GenerateRequest::new("x <lora:nope>");
+    request.loras.clear();
+    let e = pipeline.request_loras(&request).unwrap_err().to_string();
+    assert!(e.contains("nope") && e.contains("kohya_sgm") && e.contains("peft"), "{e}");
+}

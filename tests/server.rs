@@ -209,7 +209,7 @@ impl Engine for StandIn {
         progress(&dreamshaper::Progress::Stage("denoising"));
         let images = vec![image::RgbImage::from_pixel(8, 8, image::Rgb([200, 30, 30])); request.samples as usize];
         let latents = Tensor::zeros(1, DType::F32, &Device::Cpu)?;
-        Ok(Generation { images, seed: request.resolve_seed(), latents, warnings: Vec::new() })
+        Ok(Generation { images, seed: request.resolve_seed(), latents, warnings: Vec::new(), loras: Vec::new() })
     }
 }
 

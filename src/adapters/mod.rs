@@ -8,6 +8,8 @@
 pub mod lora_file;
 pub mod merge;
 pub mod module_names;
+pub mod requested;
 
 pub use lora_file::{LoraFile, LoraSpec, LowRank, Target};
 pub use merge::{LoraBackend, ResolvedUpdates};
+pub use requested::LoraRequest;

@@ -448,7 +448,8 @@ pub fn run(pipeline: &Pipeline, options: &BenchOptions, on_event: &mut BenchEven
             Some((_, reference_result)) if plan.repeats_reference(planned) => {
                 let result = RunResult { reference: false, image: planned.image.clone(), ..reference_result.clone() };
                 let image = report.images[0].clone();
-                save_png(&image, &options.out.join(&planned.image), &parameters(&request, planned, seed, options))?;
+                let text = parameters(&request, planned, seed, options, pipeline.active_loras());
+                save_png(&image, &options.out.join(&planned.image), &text)?;
                 (result, image)
             }
             _ => {
@@ -457,7 +458,7 @@ pub fn run(pipeline: &Pipeline, options: &BenchOptions, on_event: &mut BenchEven
                 save_png(
                     &output.image,
                     &options.out.join(&planned.image),
-                    &parameters(&request, planned, seed, options),
+                    &parameters(&request, planned, seed, options, pipeline.active_loras()),
                 )?;
                 let (reference_latents, reference_image) = match &reference {
                     Some((latents, _)) => (latents, &report.images[0]),
@@ -496,11 +497,17 @@ pub fn run(pipeline: &Pipeline, options: &BenchOptions, on_event: &mut BenchEven
     Ok(report)
 }
 
-fn parameters(request: &GenerateRequest, run: &PlannedRun, seed: u64, options: &BenchOptions) -> String {
+fn parameters(
+    request: &GenerateRequest,
+    run: &PlannedRun,
+    seed: u64,
+    options: &BenchOptions,
+    loras: &[(String, f64, String)],
+) -> String {
     let mut request = request.clone();
     request.scheduler = run.scheduler.clone();
     request.num_inference_steps = run.steps as u32;
-    a1111_parameters(&request, seed, &options.model_name)
+    a1111_parameters(&request, seed, &options.model_name, loras)
 }
 
 /// One denoising loop and decode, timed.

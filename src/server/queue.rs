@@ -25,7 +25,7 @@ pub trait Engine {
 
 impl Engine for Pipeline {
     fn generate(&mut self, request: &GenerateRequest, progress: &mut ProgressFn) -> Result<Generation> {
-        Pipeline::generate(self, request, progress)
+        Pipeline::generate_with_loras(self, request, progress)
     }
 }
 
@@ -327,7 +327,13 @@ mod tests {
                 }
             }
             let latents = Tensor::zeros(1, DType::F32, &Device::Cpu)?;
-            Ok(Generation { images: vec![RgbImage::new(8, 8)], seed: 1, latents, warnings: Vec::new() })
+            Ok(Generation {
+                images: vec![RgbImage::new(8, 8)],
+                seed: 1,
+                latents,
+                warnings: Vec::new(),
+                loras: Vec::new(),
+            })
         }
     }
 
