@@ -844,3 +844,33 @@ fn shutdown_is_not_held_up_by_a_stalled_client() {
     eprintln!("shutdown with a stalled client took {took:?}");
     drop((stalled, idle));
 }
+
+/// `loras` in the request body (and `<lora:…>` tags) are found in `--lora-dir`: the image changes with the LoRA and
+/// is the same as the CLI's for the same request; a name that tries to leave the directory, or names no LoRA, is a
+/// 400 naming the field.
+#[test]
+fn request_loras_come_from_the_lora_directory_only() {
+    let loras = common::root().join("models/tiny-sdxl-loras");
+    let server = serve(&["--relaxed-ranges", "--lora-dir", loras.to_str().unwrap()]);
+    let addr = server.addr;
+    let base = post_json(addr, &small("a photo of a cat", 64, 2));
+    assert_eq!(base.status, 200, "{}", base.text());
+    let mut with_lora = small("a photo of a cat", 64, 2);
+    with_lora["loras"] = json!([{"name": "kohya_sgm", "weight": 0.8}]);
+    let first = post_json(addr, &with_lora);
+    assert_eq!(first.status, 200, "{}", first.text());
+    assert_ne!(first.body, base.body, "the LoRA changes the image");
+    let mut tagged = small("a photo of a cat <lora:kohya_sgm:0.8>", 64, 2);
+    tagged["loras"] = json!([]);
+    let second = post_json(addr, &tagged);
+    assert_eq!(second.status, 200, "{}", second.text());
+    assert_eq!(second.body, first.body, "a prompt tag is the same LoRA as the field");
+    assert_eq!(post_json(addr, &small("a photo of a cat", 64, 2)).body, base.body, "back to the base weights");
+    for name in ["../tiny-sdxl/unet/diffusion_pytorch_model", "/etc/passwd", "missing"] {
+        let mut bad = small("x", 64, 2);
+        bad["loras"] = json!([{"name": name}]);
+        let r = post_json(addr, &bad);
+        assert_eq!(r.status, 400, "{name}: {}", r.text());
+        assert!(r.error().contains("loras"), "{name}: {}", r.error());
+    }
+}

@@ -51,20 +51,21 @@ pub fn take_prompt_tags(prompt: &str) -> Result<(String, Vec<LoraRequest>)> {
             ));
         }
         let items: Vec<&str> = args.split(':').collect();
-        let weight = match items.as_slice() {
-            [_] => 1.0,
-            [_, w] => {
-                w.trim().parse::<f64>().ok().filter(|w| w.is_finite()).ok_or_else(|| {
+        let weight =
+            match items.as_slice() {
+                [_] => 1.0,
+                [_, w] => w.trim().parse::<f64>().ok().filter(|w| w.is_finite()).ok_or_else(|| {
                     Error::invalid("prompt", format!("<lora:{args}>: the weight {w:?} is not a number"))
-                })?
-            }
-            _ => return Err(Error::invalid(
-                "prompt",
-                format!(
+                })?,
+                _ => {
+                    return Err(Error::invalid(
+                        "prompt",
+                        format!(
                     "<lora:{args}>: only a name and one weight are supported (no separate text-encoder/UNet weights)"
                 ),
-            )),
-        };
+                    ))
+                }
+            };
         found.push(LoraRequest { name: items[0].trim().to_string(), weight });
         rest = &after[kind_len + 1 + end + 1..];
     }
