@@ -8,6 +8,8 @@
 //! - `vae-decode`: decoding one `size`² image's latents (`vae-decode-bands`: in bands, as large images are);
 //! - `scheduler-step`: the scheduler update alone on `size`² latents, for several schedulers (no model);
 //! - `gemm`: f32 against bf16 matrix products on the UNet's shapes (no model needed);
+//! - `lora-merge`: loading the UNet with and without a LoRA (`--lora FILE`, e.g. from `benches/make_full_lora.py`):
+//!   the difference is the merge;
 //! - `startup`: `Pipeline::load` + a 1-step generation, reporting the time from process start to the first
 //!   denoising step (text encoders loaded, run and freed, UNet loaded).
 //!
@@ -17,6 +19,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
+use dreamshaper::adapters::LoraSpec;
 use dreamshaper::models::unet::AddedConditioning;
 use dreamshaper::rng::TorchRng;
 use dreamshaper::sampling::{Control, Progress};
@@ -36,20 +39,30 @@ struct Args {
     iters: usize,
     warmup: usize,
     dtype: DType,
+    /// A LoRA file for `lora-merge`.
+    lora: Option<PathBuf>,
 }
 
 fn parse_args() -> Result<Args, String> {
     let default_model = std::env::var_os("HOME")
         .map(|h| PathBuf::from(h).join(".cache/dreamshaper/bench/sdxl-random-f32"))
         .unwrap_or_default();
-    let mut args =
-        Args { case: String::new(), model: default_model, size: 512, iters: 3, warmup: 1, dtype: DType::F32 };
+    let mut args = Args {
+        case: String::new(),
+        model: default_model,
+        size: 512,
+        iters: 3,
+        warmup: 1,
+        dtype: DType::F32,
+        lora: None,
+    };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or(format!("{flag} needs a value"));
         match flag.as_str() {
             "--case" => args.case = value()?,
             "--model" => args.model = PathBuf::from(value()?),
+            "--lora" => args.lora = Some(PathBuf::from(value()?)),
             "--size" => args.size = value()?.parse().map_err(|e| format!("--size: {e}"))?,
             "--iters" => args.iters = value()?.parse().map_err(|e| format!("--iters: {e}"))?,
             "--warmup" => args.warmup = value()?.parse().map_err(|e| format!("--warmup: {e}"))?,
@@ -68,7 +81,8 @@ fn parse_args() -> Result<Args, String> {
     }
     if args.case.is_empty() {
         return Err(
-            "--case is required (unet-cfg, text-encoders, vae-decode, vae-decode-bands, scheduler-step, startup, gemm)"
+            "--case is required (unet-cfg, text-encoders, vae-decode, vae-decode-bands, scheduler-step, startup, gemm, \
+             lora-merge)"
                 .into(),
         );
     }
@@ -140,6 +154,28 @@ fn run(args: &Args, process_start: Instant) -> Result<(), Box<dyn std::error::Er
     let model = args.model.to_string_lossy().to_string();
     let device = Device::Cpu;
     match args.case.as_str() {
+        "lora-merge" => {
+            let lora = args.lora.clone().ok_or("--case lora-merge needs --lora FILE (benches/make_full_lora.py)")?;
+            let plain = Pipeline::load(&model, options(args))?;
+            let without = time(args.warmup, args.iters, || drop(plain.load_unet().expect("UNet")));
+            let started = Instant::now();
+            let spec = LoraSpec { path: lora.clone(), weight: 1.0 };
+            let with = Pipeline::load(&model, PipelineOptions { loras: vec![spec], ..options(args) })?;
+            let read_s = started.elapsed().as_secs_f64();
+            let seconds = time(args.warmup, args.iters, || drop(with.load_unet().expect("UNet with the LoRA")));
+            let median = |v: &[f64]| {
+                let mut v = v.to_vec();
+                v.sort_by(f64::total_cmp);
+                v[v.len() / 2]
+            };
+            let extra = json!({
+                "lora": lora.display().to_string(),
+                "lora_read_and_resolve_s": read_s,
+                "unet_load_without_lora_median_s": median(&without),
+                "merge_median_s": median(&seconds) - median(&without),
+            });
+            report("lora-merge", args, seconds, extra);
+        }
         "unet-cfg" => {
             let pipeline = Pipeline::load(&model, options(args))?;
             let load = Instant::now();
