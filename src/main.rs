@@ -101,6 +101,10 @@ struct ModelArgs {
     /// (`DIR/NAME.safetensors`; names cannot leave this folder).
     #[arg(long)]
     lora_dir: Option<PathBuf>,
+    /// Textual-inversion embeddings (SDXL `.safetensors` with `clip_l` and `clip_g`): a prompt word equal to a file's
+    /// stem is read as its vectors in both text encoders.
+    #[arg(long)]
+    embeddings_dir: Option<PathBuf>,
 }
 
 impl ModelArgs {
@@ -117,6 +121,7 @@ impl ModelArgs {
             vae_tiling: self.vae_tiling(),
             loras,
             lora_dir: self.lora_dir.clone(),
+            embeddings_dir: self.embeddings_dir.clone(),
         })
     }
 

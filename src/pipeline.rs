@@ -7,6 +7,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 
+use crate::adapters::embeddings::TextualInversion;
 use crate::adapters::requested::{short_hash, specs_in_dir, take_prompt_tags};
 use crate::adapters::{LoraFile, LoraSpec};
 use crate::conditioning::{ConditioningSchedule, PromptInputs, TextEncoders};
@@ -20,6 +21,7 @@ use crate::models::vae_bands::{decode_in_bands, BandPlan};
 use crate::rng::TorchRng;
 use crate::sampling::{self, Control, Progress, ProgressFn};
 use crate::schedulers::{self, Scheduler};
+use crate::tokenizer::ClipTokenizer;
 use crate::{Error, GenerateRequest, PromptSyntax, Result};
 
 /// Whether components stay in memory between generations.
@@ -52,6 +54,9 @@ pub struct PipelineOptions {
     pub loras: Vec<LoraSpec>,
     /// Where the LoRAs that requests name (`loras` field, `<lora:NAME:W>` prompt tags) are looked up.
     pub lora_dir: Option<PathBuf>,
+    /// Textual-inversion embeddings (SDXL `clip_l` + `clip_g` files): a prompt word equal to a file's stem is read
+    /// as its vectors, in both text encoders.
+    pub embeddings_dir: Option<PathBuf>,
 }
 
 impl Default for PipelineOptions {
@@ -65,6 +70,7 @@ impl Default for PipelineOptions {
             vae_tiling: VaeTiling::Auto,
             loras: Vec::new(),
             lora_dir: None,
+            embeddings_dir: None,
         }
     }
 }
@@ -104,6 +110,8 @@ pub struct Pipeline {
     /// The LoRAs merged now (as set), and their (name, weight, short hash) for the images' parameters.
     merged_loras: Vec<LoraSpec>,
     active_loras: Vec<(String, f64, String)>,
+    /// Textual-inversion embeddings added to both tokenizers and text encoders.
+    embeddings: Vec<TextualInversion>,
 }
 
 impl Pipeline {
@@ -124,6 +132,10 @@ impl Pipeline {
             lora_dir: options.lora_dir.clone(),
             merged_loras: Vec::new(),
             active_loras: Vec::new(),
+            embeddings: match &options.embeddings_dir {
+                Some(dir) => load_embeddings(dir)?,
+                None => Vec::new(),
+            },
         };
         if !options.loras.is_empty() {
             pipeline.set_loras(&options.loras)?;
@@ -229,13 +241,43 @@ impl Pipeline {
             };
             ClipTextModel::new(vb, cfg, with_projection, layout).map_err(|e| self.component_error(component, e))
         };
-        let (tokenizer, tokenizer_2) = self.source.tokenizers()?;
-        Ok(TextEncoders {
-            tokenizer,
-            tokenizer_2,
-            text_encoder: load(Component::TextEncoder, &self.configs.text_encoder, false)?,
-            text_encoder_2: load(Component::TextEncoder2, &self.configs.text_encoder_2, true)?,
-        })
+        let (tokenizer, tokenizer_2) = self.tokenizers()?;
+        let mut text_encoder = load(Component::TextEncoder, &self.configs.text_encoder, false)?;
+        let mut text_encoder_2 = load(Component::TextEncoder2, &self.configs.text_encoder_2, true)?;
+        for embedding in &self.embeddings {
+            text_encoder.append_token_embeddings(&embedding.clip_l)?;
+            text_encoder_2.append_token_embeddings(&embedding.clip_g)?;
+        }
+        Ok(TextEncoders { tokenizer, tokenizer_2, text_encoder, text_encoder_2 })
+    }
+
+    /// Both tokenizers, with the textual-inversion embeddings' tokens added (ids after the vocabulary, in the order
+    /// the text encoders' tables get their vectors).
+    fn tokenizers(&self) -> Result<(ClipTokenizer, ClipTokenizer)> {
+        let (mut tokenizer, mut tokenizer_2) = self.source.tokenizers()?;
+        for embedding in &self.embeddings {
+            let tokens = embedding.tokens();
+            for (tok, table) in [
+                (&mut tokenizer, self.configs.text_encoder.vocab_size),
+                (&mut tokenizer_2, self.configs.text_encoder_2.vocab_size),
+            ] {
+                let first = table
+                    + self
+                        .embeddings
+                        .iter()
+                        .take_while(|e| e.name != embedding.name)
+                        .map(|e| e.vectors())
+                        .sum::<usize>();
+                let ids = tok.add_embedding_tokens(&tokens)?;
+                if ids.first().copied() != Some(first as u32) || tok.vocab_size() != first + tokens.len() {
+                    return Err(Error::Tokenizer(format!(
+                        "embedding `{}`: its tokens got ids {ids:?}, but the text encoder's table gives them {first}…",
+                        embedding.name
+                    )));
+                }
+            }
+        }
+        Ok((tokenizer, tokenizer_2))
     }
 
     pub fn load_unet(&self) -> Result<UNet2DConditionModel> {
@@ -297,10 +339,21 @@ impl Pipeline {
     /// How the request's prompts are read, in words (`--explain-prompt`); needs only the tokenizers.
     pub fn explain_prompt(&self, request: &GenerateRequest) -> Result<String> {
         let (request, loras) = self.request_loras(request)?;
-        let (tokenizer, tokenizer_2) = self.source.tokenizers()?;
+        let (tokenizer, tokenizer_2) = self.tokenizers()?;
         // A1111's prompt-editing steps count the scheduler's model evaluations.
         let evaluations = self.scheduler(&request)?.timesteps().len();
         let mut text = crate::prompt::explain::explain(&request, evaluations, [&tokenizer, &tokenizer_2])?;
+        let used: Vec<&TextualInversion> = self
+            .embeddings
+            .iter()
+            .filter(|e| request.prompt.contains(&e.name) || request.negative_prompt.contains(&e.name))
+            .collect();
+        if !used.is_empty() {
+            text.push_str("Textual inversion embeddings used:\n");
+            for e in used {
+                text.push_str(&format!("  {} ({} vectors)\n", e.name, e.vectors()));
+            }
+        }
         if !loras.is_empty() {
             text.push_str("LoRAs (merged into the UNet and both text encoders):\n");
             for lora in &loras {
@@ -390,6 +443,11 @@ impl Pipeline {
         let images = self.decode(&latents, progress)?;
         Ok(Generation { images, seed, latents, warnings, loras: self.active_loras.clone() })
     }
+}
+
+/// The embeddings of `dir`; two with the same name cannot be.
+fn load_embeddings(dir: &std::path::Path) -> Result<Vec<TextualInversion>> {
+    crate::adapters::embeddings::load_dir(dir)
 }
 
 /// Reads each LoRA file once (a file named twice adds its weights, as A1111 does with a repeated tag).

@@ -48,6 +48,9 @@ pub struct ClipTokenizer {
     eos_id: u32,
     pad_id: u32,
     max_length: usize,
+    /// Textual-inversion words and the text each stands for (`name` → `name name_1 …`), as diffusers'
+    /// `maybe_convert_prompt` expands them before tokenizing.
+    expansions: Vec<(String, String)>,
 }
 
 impl std::fmt::Debug for ClipTokenizer {
@@ -429,14 +432,46 @@ impl ClipTokenizer {
             .add_special_tokens(added)
             .map_err(|e| Error::model(config_file, format!("cannot add the special tokens: {e}")))?;
 
-        Ok(Self { tokenizer, bos_id, eos_id, pad_id, max_length: special.max_length })
+        Ok(Self { tokenizer, bos_id, eos_id, pad_id, max_length: special.max_length, expansions: Vec::new() })
     }
 
     /// Token ids of `text` without BOS/EOS, untruncated.
     pub fn encode_tokens(&self, text: &str) -> Result<Vec<u32>> {
-        let encoding =
-            self.tokenizer.encode(text, false).map_err(|e| Error::Tokenizer(format!("tokenizing the prompt: {e}")))?;
+        let mut text = std::borrow::Cow::Borrowed(text);
+        for (word, expansion) in &self.expansions {
+            if text.contains(word.as_str()) {
+                text = std::borrow::Cow::Owned(text.replace(word.as_str(), expansion));
+            }
+        }
+        let encoding = self
+            .tokenizer
+            .encode(text.as_ref(), false)
+            .map_err(|e| Error::Tokenizer(format!("tokenizing the prompt: {e}")))?;
         Ok(encoding.get_ids().to_vec())
+    }
+
+    /// Adds a textual-inversion embedding's tokens (`tokens[0]` is the word a prompt uses) after the vocabulary, as
+    /// transformers' `add_tokens` does, and returns their ids.
+    pub fn add_embedding_tokens(&mut self, tokens: &[String]) -> Result<Vec<u32>> {
+        let added: Vec<AddedToken> = tokens.iter().map(|t| AddedToken::from(t.clone(), false)).collect();
+        self.tokenizer.add_tokens(added).map_err(|e| Error::Tokenizer(format!("adding embedding tokens: {e}")))?;
+        let ids = tokens
+            .iter()
+            .map(|t| {
+                self.tokenizer
+                    .token_to_id(t)
+                    .ok_or_else(|| Error::Tokenizer(format!("the embedding token {t:?} could not be added")))
+            })
+            .collect::<Result<Vec<u32>>>()?;
+        if tokens.len() > 1 {
+            self.expansions.push((tokens[0].clone(), tokens.join(" ")));
+        }
+        Ok(ids)
+    }
+
+    /// The vocabulary size, added tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.tokenizer.get_vocab_size(true)
     }
 
     /// diffusers' call (`padding="max_length"`, `max_length=model_max_length`, `truncation=True`):

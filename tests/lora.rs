@@ -151,3 +151,37 @@ fn request_names_cannot_leave_the_lora_directory() {
     let e = pipeline.request_loras(&request).unwrap_err().to_string();
     assert!(e.contains("nope") && e.contains("kohya_sgm") && e.contains("peft"), "{e}");
 }
+
+/// Textual inversion: `tinycat` (2 vectors, `clip_l` + `clip_g`) in the prompt and in the negative prompt gives
+/// diffusers' image with `load_textual_inversion` into both encoders; without the embedding the image differs.
+#[test]
+fn textual_inversion_embeddings_give_diffusers_images() {
+    let (tensors, json) = refs();
+    let options = PipelineOptions {
+        embeddings_dir: Some(root().join("models/tiny-sdxl-loras/embeddings")),
+        ..Default::default()
+    };
+    let pipeline = Pipeline::load(tiny_model().to_str().unwrap(), options).unwrap();
+    for name in ["ti_prompt", "ti_negative"] {
+        let case = json["cases"].as_array().unwrap().iter().find(|c| c["name"] == name).unwrap();
+        for syntax in [PromptSyntax::None, PromptSyntax::A1111] {
+            let mut request = request(case);
+            request.prompt_syntax = syntax;
+            let ours = image_bytes(&pipeline, &request);
+            let theirs = tensors[case["images"].as_str().unwrap()].flatten_all().unwrap().to_vec1::<u8>().unwrap();
+            let diff = mean_abs_pixel_diff(&ours, &theirs);
+            let moved = case["mean_abs_diff_from_no_embedding"].as_f64().unwrap();
+            eprintln!(
+                "{name} ({syntax:?}): {diff:.4}/255 from diffusers' (the embedding moves the image {moved:.1}/255)"
+            );
+            assert!(moved >= 10.0 && diff <= 0.5, "{name}: {diff}/255");
+        }
+    }
+    let case = json["cases"].as_array().unwrap().iter().find(|c| c["name"] == "ti_prompt").unwrap();
+    let explained = pipeline.explain_prompt(&request(case)).unwrap();
+    assert!(explained.contains("tinycat (2 vectors)"), "{explained}");
+    let weighted = GenerateRequest { prompt: "a photo of (tinycat:1.2), 8k!".into(), ..request(case) };
+    let weighted = GenerateRequest { prompt_syntax: PromptSyntax::A1111, ..weighted };
+    let a = image_bytes(&pipeline, &weighted);
+    assert_ne!(a, image_bytes(&pipeline, &GenerateRequest { prompt_syntax: PromptSyntax::A1111, ..request(case) }));
+}

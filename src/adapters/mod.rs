@@ -5,6 +5,7 @@
 //! Reading a file ([`lora_file`]) is apart from naming ([`module_names`]: which module of the loaded model a stored
 //! key patches) and from the merge ([`merge`]: the weight source that adds the updates).
 
+pub mod embeddings;
 pub mod lora_file;
 pub mod merge;
 pub mod module_names;

@@ -211,6 +211,18 @@ impl ClipTextModel {
         })
     }
 
+    /// Appends rows to the token-embedding table (textual inversion: the new tokens' vectors); returns the id of the
+    /// first new row.
+    pub fn append_token_embeddings(&mut self, rows: &Tensor) -> Result<usize> {
+        let table = self.token_embedding.embeddings();
+        let first = table.dim(0)?;
+        let rows = rows.to_dtype(table.dtype())?.to_device(table.device())?;
+        let table = Tensor::cat(&[table, &rows], 0)?;
+        let width = table.dim(1)?;
+        self.token_embedding = Embedding::new(table, width);
+        Ok(first)
+    }
+
     fn causal_mask(n: usize, dtype: DType, device: &Device) -> Result<Tensor> {
         let mask: Vec<f32> =
             (0..n).flat_map(|i| (0..n).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
