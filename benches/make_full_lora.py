@@ -22,12 +22,14 @@ from safetensors.torch import save_file
 
 
 def unet_shapes(model: Path) -> dict[str, list[int]]:
-    """Tensor name -> shape, from the UNet file's safetensors header."""
-    path = model / "unet" / "diffusion_pytorch_model.safetensors"
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+    """Tensor name -> shape, from the UNet weight files' safetensors headers (one file or shards)."""
+    shapes = {}
+    for path in sorted((model / "unet").glob("diffusion_pytorch_model*.safetensors")):
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        shapes.update({k: v["shape"] for k, v in header.items() if k != "__metadata__"})
+    return shapes
 
 
 def sgm_prefix(module: str, layers: int = 2) -> str:
