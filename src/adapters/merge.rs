@@ -10,6 +10,7 @@ use candle_nn::var_builder::SimpleBackend;
 
 use super::lora_file::{LoraFile, LowRank, Target};
 use super::module_names::ModuleIndex;
+use crate::kernels::gemm::{matmul, View};
 use crate::{Error, Result};
 
 /// The updates of one component, by the name of the weight tensor they patch, each with its LoRA's weight.
@@ -69,6 +70,33 @@ fn delta(update: &LowRank, shape: &[usize], device: &Device) -> candle_core::Res
     (product * update.scale)?.reshape(shape)?.to_device(device)
 }
 
+/// On the CPU: one copy of the weight, then each update accumulated into it by one matrix product
+/// (`W += (w·scale·up) · down`): no intermediate (out × in) tensors, whose fresh pages would cost more than the
+/// arithmetic.
+fn merged_on_cpu(weight: &Tensor, updates: &[(Arc<LowRank>, f64)]) -> candle_core::Result<Tensor> {
+    let shape = weight.dims().to_vec();
+    let rows = shape[0];
+    let mut data: Vec<f32> = weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let cols = data.len() / rows.max(1);
+    for (update, lora_weight) in updates {
+        let rank = update.down.dim(0)?;
+        let down: Vec<f32> = update.down.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let up: Vec<f32> =
+            (update.up.to_dtype(DType::F32)? * (update.scale * lora_weight))?.flatten_all()?.to_vec1()?;
+        if down.len() != rank * cols || up.len() != rows * rank {
+            candle_core::bail!(
+                "LoRA module `{}`: its update ({:?} × {:?}) does not fit the weight {shape:?}",
+                update.key,
+                update.up.dims(),
+                update.down.dims()
+            );
+        }
+        let (up, down) = (View::row_major(&up, rank), View::row_major(&down, cols));
+        matmul(&mut data, cols, up, down, (rows, cols, rank), true, rayon::current_num_threads());
+    }
+    Tensor::from_vec(data, shape, weight.device())
+}
+
 /// A component's weights with its LoRA updates merged in.
 pub struct LoraBackend {
     inner: Box<dyn SimpleBackend>,
@@ -84,6 +112,9 @@ impl LoraBackend {
         let Some(updates) = self.updates.by_tensor.get(name) else {
             return weight.to_dtype(dtype);
         };
+        if weight.device().is_cpu() {
+            return merged_on_cpu(&weight, updates)?.to_dtype(dtype);
+        }
         let mut merged = weight.to_dtype(DType::F32)?;
         for (update, lora_weight) in updates {
             let d = delta(update, merged.dims(), merged.device())?;
