@@ -200,3 +200,38 @@ fn literal_syntax_warns_how_much_was_cut() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(png_parameters(&png).2.ends_with(", Emphasis: No norm"));
 }
+
+/// `--lora PATH:WEIGHT` and `<lora:NAME:W>` through `--lora-dir` give the same image; the PNG keeps the tag in the
+/// prompt and records the LoRA's hash; a bad LoRA is a one-line error naming the file.
+#[test]
+fn loras_from_flags_and_prompt_tags() {
+    let dir = temp_dir("lora");
+    let loras = common::root().join("models/tiny-sdxl-loras");
+    let (a, b) = (dir.join("flag.png"), dir.join("tag.png"));
+    let mut args = small(&a);
+    let lora = format!("{}:0.6", loras.join("kohya_sgm.safetensors").display());
+    args.extend(["--prompt", "a photo of a Grumpy cat", "--seed", "7", "--lora", &lora].map(String::from));
+    let o = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut args = small(&b);
+    let dir_arg = loras.display().to_string();
+    args.extend(
+        ["--prompt", "a photo of a Grumpy cat<lora:kohya_sgm:0.6>", "--seed", "7", "--lora-dir", &dir_arg]
+            .map(String::from),
+    );
+    let o = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let pixels = |p: &Path| image::open(p).unwrap().to_rgb8().into_raw();
+    assert_eq!(pixels(&a), pixels(&b), "the flag and the tag are the same LoRA");
+    let (_, _, text) = png_parameters(&b);
+    assert!(text.starts_with("a photo of a Grumpy cat<lora:kohya_sgm:0.6>\n"), "{text}");
+    assert!(text.ends_with("Lora hashes: \"kohya_sgm: ba2b431c28a8\""), "{text}");
+
+    let bad = loras.join("loha.safetensors").display().to_string();
+    let mut args = small(&dir.join("bad.png"));
+    args.extend(["--prompt", "x", "--lora", &bad].map(String::from));
+    let o = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("LoHa") && e.contains("loha.safetensors") && e.trim().lines().count() == 1, "{e}");
+}

@@ -185,3 +185,26 @@ fn textual_inversion_embeddings_give_diffusers_images() {
     let a = image_bytes(&pipeline, &weighted);
     assert_ne!(a, image_bytes(&pipeline, &GenerateRequest { prompt_syntax: PromptSyntax::A1111, ..request(case) }));
 }
+
+/// A LoRA with A1111 syntax: emphasis weights and a prompt longer than one 75-token chunk (the text-encoder part of
+/// the LoRA applies to every chunk): the image is the LoRA's, not the base model's, and reproducible.
+#[test]
+fn loras_work_with_a1111_weights_and_long_prompts() {
+    let long = "(a highly detailed:1.3) portrait of an old sea captain with a weathered face, deep wrinkles and a thick \
+                white beard, wearing a [navy blue] wool coat with shiny brass buttons, standing on the deck of a wooden \
+                ship during a violent storm at night, lightning in the sky, huge waves, dramatic rim lighting, 35mm \
+                photograph, f/1.8, bokeh, trending on ArtStation, octane render, 8k uhd, masterpiece, best quality";
+    let mut request = GenerateRequest::new(long);
+    (request.scheduler, request.num_inference_steps, request.img_width, request.img_height, request.seed) =
+        ("Euler".into(), 3, 64, 64, 5);
+    let base = Pipeline::load(tiny_model().to_str().unwrap(), PipelineOptions::default()).unwrap();
+    let explained = base.explain_prompt(&request).unwrap();
+    assert!(explained.contains("chunk 2") || explained.contains("2 chunks"), "{explained}");
+    let spec = LoraSpec { path: root().join("models/tiny-sdxl-loras/kohya_sgm.safetensors"), weight: 0.8 };
+    let with =
+        Pipeline::load(tiny_model().to_str().unwrap(), PipelineOptions { loras: vec![spec], ..Default::default() })
+            .unwrap();
+    let (a, b) = (image_bytes(&base, &request), image_bytes(&with, &request));
+    assert!(mean_abs_pixel_diff(&a, &b) > 5.0, "the LoRA changes the image");
+    assert_eq!(b, image_bytes(&with, &request));
+}
