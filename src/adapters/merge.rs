@@ -11,6 +11,8 @@ use candle_nn::var_builder::SimpleBackend;
 use super::lora_file::{LoraFile, LowRank, Target};
 use super::module_names::ModuleIndex;
 use crate::kernels::gemm::{matmul, View};
+use crate::kernels::with_f32_data;
+use crate::loading::weights::advise_huge_pages;
 use crate::{Error, Result};
 
 /// The updates of one component, by the name of the weight tensor they patch, each with its LoRA's weight.
@@ -74,9 +76,17 @@ fn delta(update: &LowRank, shape: &[usize], device: &Device) -> candle_core::Res
 /// (`W += (w·scale·up) · down`): no intermediate (out × in) tensors, whose fresh pages would cost more than the
 /// arithmetic.
 fn merged_on_cpu(weight: &Tensor, updates: &[(Arc<LowRank>, f64)]) -> candle_core::Result<Tensor> {
+    use rayon::prelude::*;
     let shape = weight.dims().to_vec();
     let rows = shape[0];
-    let mut data: Vec<f32> = weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    // The copy fills fresh pages: ask for huge pages and fill them from both threads.
+    let mut data = with_f32_data(weight, |source| {
+        let mut data = vec![0f32; source.len()];
+        advise_huge_pages(bytemuck::cast_slice_mut(&mut data));
+        const CHUNK: usize = 1 << 20;
+        data.par_chunks_mut(CHUNK).zip(source.par_chunks(CHUNK)).for_each(|(d, s)| d.copy_from_slice(s));
+        data
+    })?;
     let cols = data.len() / rows.max(1);
     for (update, lora_weight) in updates {
         let rank = update.down.dim(0)?;

@@ -239,7 +239,7 @@ fn read_at(file: &std::fs::File, mut buffer: &mut [u8], mut offset: u64) -> std:
 
 /// Asks for transparent huge pages under a large weight buffer (fewer page faults while it is filled).
 #[cfg(target_os = "linux")]
-fn advise_huge_pages(buffer: &mut [u8]) {
+pub(crate) fn advise_huge_pages(buffer: &mut [u8]) {
     const HUGE: usize = 2 << 20;
     let (start, end) = (buffer.as_ptr() as usize, buffer.as_ptr() as usize + buffer.len());
     let (first, last) = (start.div_ceil(HUGE) * HUGE, end / HUGE * HUGE);
@@ -250,7 +250,7 @@ fn advise_huge_pages(buffer: &mut [u8]) {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn advise_huge_pages(_buffer: &mut [u8]) {}
+pub(crate) fn advise_huge_pages(_buffer: &mut [u8]) {}
 
 /// Tells the kernel this process no longer needs the whole pages of `data`, a slice of a read-only file mapping.
 /// Later reads (if any) fault the pages back in from the file, so this never changes what is read.
