@@ -163,6 +163,20 @@ fn finish(path: &Path, key: String, target: Target, module: String, pair: Pair) 
     Ok(LowRank { key, target, module, down, up, scale })
 }
 
+/// Module-name prefixes of each SDXL part, as kohya and diffusers files spell them.
+const KOHYA_PARTS: [(&str, Target); 3] =
+    [("lora_unet_", Target::Unet), ("lora_te1_", Target::TextEncoder), ("lora_te2_", Target::TextEncoder2)];
+const DIFFUSERS_PARTS: [(&str, Target); 3] =
+    [("unet.", Target::Unet), ("text_encoder_2.", Target::TextEncoder2), ("text_encoder.", Target::TextEncoder)];
+
+/// The part a module patches and its name within that part.
+fn split_target<'a>(path: &Path, module: &'a str, parts: &[(&str, Target)]) -> Result<(Target, &'a str)> {
+    parts.iter().find_map(|(prefix, target)| module.strip_prefix(prefix).map(|rest| (*target, rest))).ok_or_else(|| {
+        let names: Vec<&str> = parts.iter().map(|(p, _)| *p).collect();
+        Error::model(path, format!("key `{module}` names no SDXL part ({})", names.join(", ")))
+    })
+}
+
 fn kohya_updates(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<Vec<LowRank>> {
     let mut pairs: BTreeMap<&str, Pair> = BTreeMap::new();
     for (key, t) in tensors {
@@ -179,18 +193,7 @@ fn kohya_updates(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<Vec<
     }
     let mut updates = Vec::with_capacity(pairs.len());
     for (module, pair) in pairs {
-        let (target, rest) = if let Some(rest) = module.strip_prefix("lora_unet_") {
-            (Target::Unet, rest)
-        } else if let Some(rest) = module.strip_prefix("lora_te1_") {
-            (Target::TextEncoder, rest)
-        } else if let Some(rest) = module.strip_prefix("lora_te2_") {
-            (Target::TextEncoder2, rest)
-        } else {
-            return Err(Error::model(
-                path,
-                format!("key `{module}` names no SDXL part (lora_unet_, lora_te1_, lora_te2_)"),
-            ));
-        };
+        let (target, rest) = split_target(path, module, &KOHYA_PARTS)?;
         updates.push(finish(path, module.to_string(), target, rest.to_string(), pair)?);
     }
     Ok(updates)
@@ -217,18 +220,7 @@ fn diffusers_updates(path: &Path, tensors: &BTreeMap<String, Tensor>, configs: &
     let mut updates = Vec::with_capacity(pairs.len());
     for (module, pair) in pairs {
         let has_alpha = pair.alpha.is_some();
-        let (target, rest) = if let Some(rest) = module.strip_prefix("unet.") {
-            (Target::Unet, rest)
-        } else if let Some(rest) = module.strip_prefix("text_encoder_2.") {
-            (Target::TextEncoder2, rest)
-        } else if let Some(rest) = module.strip_prefix("text_encoder.") {
-            (Target::TextEncoder, rest)
-        } else {
-            return Err(Error::model(
-                path,
-                format!("key `{module}` names no SDXL part (unet, text_encoder, text_encoder_2)"),
-            ));
-        };
+        let (target, rest) = split_target(path, &module, &DIFFUSERS_PARTS)?;
         let rest = rest.to_string();
         let mut update = finish(path, module, target, rest, pair)?;
         if !has_alpha {

@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 
+use crate::loading::single_file::SGM_RESNET_LAYERS;
 use crate::models::unet::UNetConfig;
 
 /// The modules (weight tensors) of one loaded component, by every name a LoRA file may give them.
@@ -108,25 +109,14 @@ fn to_sgm(module: &str, prefixes: &[Prefix]) -> Option<String> {
     let (d, s, resnet) =
         prefixes.iter().filter(|(d, _, _)| with_dot.starts_with(d.as_str())).max_by_key(|(d, _, _)| d.len())?;
     let inner = &with_dot[d.len()..];
-    let inner = if *resnet {
-        let (first, rest) = inner.split_once('.').unwrap_or((inner, ""));
-        let renamed = match first {
-            "norm1" => "in_layers.0",
-            "conv1" => "in_layers.2",
-            "time_emb_proj" => "emb_layers.1",
-            "norm2" => "out_layers.0",
-            "conv2" => "out_layers.3",
-            "conv_shortcut" => "skip_connection",
-            other => other,
-        };
-        if rest.is_empty() {
-            renamed.to_string()
-        } else {
-            format!("{renamed}.{rest}")
-        }
-    } else {
-        inner.to_string()
-    };
+    let renamed = resnet
+        .then(|| {
+            SGM_RESNET_LAYERS
+                .iter()
+                .find_map(|(sgm, diffusers)| inner.strip_prefix(diffusers).map(|r| format!("{sgm}{r}")))
+        })
+        .flatten();
+    let inner = renamed.unwrap_or_else(|| inner.to_string());
     Some(format!("{s}{inner}").trim_end_matches('.').to_string())
 }
 

@@ -634,16 +634,18 @@ fn longest_prefix<'a>(
     blocks.iter().filter(|(p, _)| key.starts_with(p.as_str())).max_by_key(|(p, _)| p.len())
 }
 
+/// A UNet ResNet block's layers: SGM name → diffusers name (each followed by `.`).
+pub(crate) const SGM_RESNET_LAYERS: [(&str, &str); 6] = [
+    ("in_layers.0.", "norm1."),
+    ("in_layers.2.", "conv1."),
+    ("emb_layers.1.", "time_emb_proj."),
+    ("out_layers.0.", "norm2."),
+    ("out_layers.3.", "conv2."),
+    ("skip_connection.", "conv_shortcut."),
+];
+
 fn rename_resnet(inner: &str) -> String {
-    const RENAMES: [(&str, &str); 6] = [
-        ("in_layers.0.", "norm1."),
-        ("in_layers.2.", "conv1."),
-        ("emb_layers.1.", "time_emb_proj."),
-        ("out_layers.0.", "norm2."),
-        ("out_layers.3.", "conv2."),
-        ("skip_connection.", "conv_shortcut."),
-    ];
-    for (from, to) in RENAMES {
+    for (from, to) in SGM_RESNET_LAYERS {
         if let Some(rest) = inner.strip_prefix(from) {
             return format!("{to}{rest}");
         }
