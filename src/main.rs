@@ -167,6 +167,11 @@ struct GenerateArgs {
     /// With A1111 syntax, how weights apply: original (A1111's default) or no-norm.
     #[arg(long, value_enum)]
     emphasis: Option<EmphasisArg>,
+    /// A scheduler config key on top of the model's `scheduler_config.json`, as diffusers'
+    /// `Class.from_config(config, **options)` takes it (`timestep_spacing=trailing`, `use_karras_sigmas=true`);
+    /// VALUE is read as JSON when it parses, else as a string. Repeatable.
+    #[arg(long = "scheduler-option", value_name = "KEY=VALUE")]
+    scheduler_options: Vec<String>,
     /// Print how the prompts are read (texts per step, weighted fragments, 77-token chunks). Without an explicit
     /// --output, stop there; with one, generate too.
     #[arg(long)]
@@ -328,6 +333,13 @@ fn build_request(args: &GenerateArgs) -> anyhow::Result<GenerateRequest> {
             EmphasisArg::Original => Emphasis::Original,
             EmphasisArg::NoNorm => Emphasis::NoNorm,
         };
+    }
+    for option in &args.scheduler_options {
+        let Some((key, value)) = option.split_once('=') else {
+            anyhow::bail!("--scheduler-option {option:?}: expected KEY=VALUE (e.g. timestep_spacing=trailing)");
+        };
+        let value = serde_json::from_str(value).unwrap_or_else(|_| serde_json::Value::String(value.to_string()));
+        request.scheduler_options.insert(key.trim().to_string(), value);
     }
     Ok(request)
 }

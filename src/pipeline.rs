@@ -301,7 +301,9 @@ impl Pipeline {
     /// The request's scheduler, built from the model's scheduler config: checks the name, the step count and the
     /// config's values.
     pub fn scheduler(&self, request: &GenerateRequest) -> Result<Box<dyn Scheduler>> {
-        schedulers::create(&request.scheduler, &self.configs.scheduler, request.num_inference_steps as usize)
+        let kind = schedulers::lookup(&request.scheduler)?;
+        let config = kind.configure(&self.configs.scheduler, &request.scheduler_options)?;
+        kind.build(&config, request.num_inference_steps as usize)
     }
 
     /// Prompt conditioning for a request (text encoders loaded for the call unless resident), read with the

@@ -46,6 +46,10 @@ pub struct GenerateRequest {
     /// prompt syntax `<lora:NAME:WEIGHT>` tags in the prompt add to them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub loras: Vec<LoraRequest>,
+    /// Scheduler config keys on top of the model's `scheduler_config.json`, as diffusers'
+    /// `Class.from_config(config, **options)` takes them (`{"timestep_spacing": "trailing"}`).
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub scheduler_options: serde_json::Map<String, serde_json::Value>,
 }
 
 fn default_samples() -> u32 {
@@ -84,6 +88,7 @@ impl GenerateRequest {
             prompt_syntax: PromptSyntax::default(),
             emphasis: Emphasis::default(),
             loras: Vec::new(),
+            scheduler_options: serde_json::Map::new(),
         }
     }
 

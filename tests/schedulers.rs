@@ -274,3 +274,37 @@ fn unsupported_config_values_are_refused_at_build_time_naming_the_key() {
             .unwrap_or_else(|e| panic!("{name}: {key} = {value} refused: {e}"));
     }
 }
+
+/// Scheduler options (`--scheduler-option`, the request's `scheduler_options`) go on top of the model's config as
+/// diffusers' `from_config(config, **options)`: Lightning's recipe (Euler, trailing spacing) equals the trailing
+/// reference cases; a key the class does not read is an error naming the key and the scheduler.
+#[test]
+fn options_go_on_top_of_the_model_config() {
+    let fixture = fixture();
+    let base = SchedulerConfig::from_json(&fixture["base_config"].to_string()).unwrap();
+    let options = |pairs: &[(&str, Value)]| pairs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+    let euler = schedulers::lookup("Euler").unwrap();
+    let trailing = euler.configure(&base, &options(&[("timestep_spacing", Value::from("trailing"))])).unwrap();
+    for steps in [2, 7, 20] {
+        let reference = fixture["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "Euler" && c["variation"] == "trailing" && c["steps"] == steps)
+            .unwrap();
+        let s = euler.build(&trailing, steps as usize).unwrap();
+        assert!(relative(s.timesteps(), &floats(&reference["timesteps"])) <= TABLE_TOLERANCE);
+        assert!(relative(s.sigmas().unwrap(), &floats(&reference["sigmas"])) <= TABLE_TOLERANCE);
+    }
+    // DPM Multi with use_karras_sigmas is "DPM++ 2M Karras".
+    let multi = schedulers::lookup("DPM Multi").unwrap();
+    let karras = multi.configure(&base, &options(&[("use_karras_sigmas", Value::from(true))])).unwrap();
+    let named = schedulers::create("DPM++ 2M Karras", &base, 20).unwrap();
+    assert_eq!(multi.build(&karras, 20).unwrap().timesteps(), named.timesteps());
+    // Keys the class does not read.
+    for (name, key) in [("Euler a", "use_karras_sigmas"), ("DDIM", "solver_order"), ("UniPC", "no_such_key")] {
+        let e = schedulers::lookup(name).unwrap().configure(&base, &options(&[(key, Value::from(true))])).unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains(key) && text.contains(name) && text.contains("scheduler_options"), "{text}");
+    }
+}

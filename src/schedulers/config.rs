@@ -18,7 +18,14 @@ impl SchedulerConfig {
     }
 
     pub fn from_json(text: &str) -> std::result::Result<Self, String> {
-        match serde_json::from_str(text) {
+        let parsed = serde_json::from_str(text).or_else(|e| {
+            // Python's json writes `-Infinity` for float('-inf') (diffusers' default `lambda_min_clipped`): read
+            // such values as null, i.e. the class default.
+            let cleaned =
+                text.replace(": -Infinity", ": null").replace(": Infinity", ": null").replace(": NaN", ": null");
+            serde_json::from_str(&cleaned).map_err(|_| e)
+        });
+        match parsed {
             Ok(serde_json::Value::Object(values)) => Ok(Self { values }),
             Ok(_) => Err("a scheduler config must be a JSON object".into()),
             Err(e) => Err(format!("invalid JSON: {e}")),
@@ -114,5 +121,18 @@ impl SchedulerConfig {
             let accepted = format!("{} to {}", range.start(), range.end());
             Err(Error::UnsupportedSchedulerConfig { scheduler, key, value: value.to_string(), accepted })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn python_infinities_read_as_the_class_default() {
+        let config = SchedulerConfig::from_json(r#"{"lambda_min_clipped": -Infinity, "solver_order": 2}"#).unwrap();
+        assert_eq!(config.f64_or("lambda_min_clipped", -1.0), -1.0);
+        assert_eq!(config.usize_or("solver_order", 0), 2);
+        assert!(SchedulerConfig::from_json("{nope").is_err());
     }
 }

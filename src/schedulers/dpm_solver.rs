@@ -12,6 +12,51 @@ use super::{Scheduler, SchedulerConfig, Timetable};
 use crate::rng::TorchRng;
 use crate::Result;
 
+/// The config keys `DPMSolverMultistepScheduler` reads besides the shared schedule keys.
+pub const MULTISTEP_KEYS: &[&str] = &[
+    "solver_order",
+    "thresholding",
+    "dynamic_thresholding_ratio",
+    "sample_max_value",
+    "algorithm_type",
+    "solver_type",
+    "lower_order_final",
+    "euler_at_final",
+    "use_karras_sigmas",
+    "use_exponential_sigmas",
+    "use_beta_sigmas",
+    "use_lu_lambdas",
+    "use_flow_sigmas",
+    "flow_shift",
+    "final_sigmas_type",
+    "lambda_min_clipped",
+    "variance_type",
+    "rescale_betas_zero_snr",
+    "use_dynamic_shifting",
+    "time_shift_type",
+];
+
+/// The config keys `DPMSolverSinglestepScheduler` reads besides the shared schedule keys (it has no `timestep_spacing`).
+pub const SINGLESTEP_KEYS: &[&str] = &[
+    "solver_order",
+    "thresholding",
+    "dynamic_thresholding_ratio",
+    "sample_max_value",
+    "algorithm_type",
+    "solver_type",
+    "lower_order_final",
+    "use_karras_sigmas",
+    "use_exponential_sigmas",
+    "use_beta_sigmas",
+    "use_flow_sigmas",
+    "flow_shift",
+    "final_sigmas_type",
+    "lambda_min_clipped",
+    "variance_type",
+    "use_dynamic_shifting",
+    "time_shift_type",
+];
+
 /// DPM-Solver++'s first-order step from σ[index] to σ[index + 1] on the x₀ prediction `m0` (with `noise`, the
 /// SDE variant).
 fn first_order(sigmas: &[f32], index: usize, m0: &Tensor, sample: &Tensor, noise: Option<&Tensor>) -> Result<Tensor> {
@@ -75,6 +120,7 @@ impl DpmSolverMultistep {
         let class = Class { name: "DPM-Solver", default_spacing: Spacing::Linspace, predictions: ALL_PREDICTIONS };
         config.refuse_enabled(class.name, UNSUPPORTED)?;
         config.refuse_enabled(class.name, &[RESCALE])?;
+        config.refuse_set(class.name, &["variance_type", "lambda_min_clipped"])?;
         // diffusers maps DEIS's `deis` to dpmsolver++.
         let algorithms = [("dpmsolver++", false), ("deis", false), ("sde-dpmsolver++", true)];
         let sde = config.choice(class.name, "algorithm_type", "dpmsolver++", &algorithms)?;
@@ -162,6 +208,7 @@ impl DpmSolverSinglestep {
     pub fn boxed(config: &SchedulerConfig, steps: usize) -> Result<Box<dyn Scheduler>> {
         let class = Class { name: "DPM Single", default_spacing: Spacing::Linspace, predictions: ALL_PREDICTIONS };
         config.refuse_enabled(class.name, UNSUPPORTED)?;
+        config.refuse_set(class.name, &["variance_type", "lambda_min_clipped"])?;
         config.choice(class.name, "algorithm_type", "dpmsolver++", &[("dpmsolver++", ()), ("deis", ())])?;
         let order = config.usize_in(class.name, "solver_order", 2, 1..=2)?;
         // The singlestep solver always spaces its timesteps with linspace.

@@ -14,6 +14,9 @@ use super::{Scheduler, SchedulerConfig, Timetable};
 use crate::rng::TorchRng;
 use crate::Result;
 
+/// The config keys its diffusers class reads besides the shared schedule keys ([`super::schedule::SCHEDULE_KEYS`]).
+pub const KEYS: &[&str] = &["use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"];
+
 pub struct Kdpm2 {
     table: Timetable,
     /// σ per step plus the final 0.

@@ -16,6 +16,9 @@ const CLASS: Class = Class { name: "PNDM", default_spacing: Spacing::Leading, pr
 /// Model outputs kept for the linear multistep combination.
 const ORDER: usize = 4;
 
+/// The config keys its diffusers class reads besides the shared schedule keys ([`super::schedule::SCHEDULE_KEYS`]).
+pub const KEYS: &[&str] = &["skip_prk_steps", "set_alpha_to_one"];
+
 pub struct Pndm {
     schedule: NoiseSchedule,
     /// One entry per model evaluation: the Runge–Kutta evaluations (if any), then the linear multistep ones.

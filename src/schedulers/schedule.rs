@@ -54,6 +54,18 @@ pub const ALL_PREDICTIONS: &[Prediction] = &[Prediction::Epsilon, Prediction::Sa
 /// ε and v (the classes without x₀ prediction).
 pub const EPSILON_OR_V: &[Prediction] = &[Prediction::Epsilon, Prediction::VPrediction];
 
+/// The config keys every class reads alike (`SINGLESTEP_KEYS` aside, which has no `timestep_spacing`).
+pub const SCHEDULE_KEYS: &[&str] = &[
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "trained_betas",
+    "prediction_type",
+    "timestep_spacing",
+    "steps_offset",
+];
+
 /// Options of some diffusers classes that this crate does not implement; each class refuses those of its own
 /// `__init__` keys (a key a class does not read is ignored, as diffusers ignores it).
 pub const KARRAS: &str = "use_karras_sigmas";
