@@ -11,15 +11,8 @@ use crate::Result;
 const CLASS: Class = Class { name: "DDIM", default_spacing: Spacing::Leading, predictions: ALL_PREDICTIONS };
 
 /// The config keys its diffusers class reads besides the shared schedule keys ([`super::schedule::SCHEDULE_KEYS`]).
-pub const KEYS: &[&str] = &[
-    "clip_sample",
-    "set_alpha_to_one",
-    "thresholding",
-    "dynamic_thresholding_ratio",
-    "clip_sample_range",
-    "sample_max_value",
-    "rescale_betas_zero_snr",
-];
+pub const KEYS: &str = "clip_sample set_alpha_to_one thresholding dynamic_thresholding_ratio clip_sample_range \
+                        sample_max_value rescale_betas_zero_snr";
 
 pub struct Ddim {
     schedule: NoiseSchedule,

@@ -19,15 +19,8 @@ enum FixedVariance {
 }
 
 /// The config keys its diffusers class reads besides the shared schedule keys ([`super::schedule::SCHEDULE_KEYS`]).
-pub const KEYS: &[&str] = &[
-    "variance_type",
-    "clip_sample",
-    "thresholding",
-    "dynamic_thresholding_ratio",
-    "clip_sample_range",
-    "sample_max_value",
-    "rescale_betas_zero_snr",
-];
+pub const KEYS: &str = "variance_type clip_sample thresholding dynamic_thresholding_ratio clip_sample_range \
+                        sample_max_value rescale_betas_zero_snr";
 
 pub struct Ddpm {
     schedule: NoiseSchedule,

@@ -12,23 +12,9 @@ use crate::Result;
 
 const CLASS: Class = Class { name: "DEIS", default_spacing: Spacing::Linspace, predictions: ALL_PREDICTIONS };
 
-/// The config keys its diffusers class reads besides the shared schedule keys ([`super::schedule::SCHEDULE_KEYS`]).
-pub const KEYS: &[&str] = &[
-    "solver_order",
-    "thresholding",
-    "dynamic_thresholding_ratio",
-    "sample_max_value",
-    "algorithm_type",
-    "solver_type",
-    "lower_order_final",
-    "use_karras_sigmas",
-    "use_exponential_sigmas",
-    "use_beta_sigmas",
-    "use_flow_sigmas",
-    "flow_shift",
-    "use_dynamic_shifting",
-    "time_shift_type",
-];
+/// The config keys its diffusers class reads besides the shared schedule
+/// keys ([`super::schedule::SCHEDULE_KEYS`]) and the multistep keys ([`super::multistep::KEYS`]).
+pub const KEYS: &str = "algorithm_type";
 
 pub struct Deis {
     /// Its history holds ε predictions.

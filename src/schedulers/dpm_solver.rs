@@ -12,50 +12,14 @@ use super::{Scheduler, SchedulerConfig, Timetable};
 use crate::rng::TorchRng;
 use crate::Result;
 
-/// The config keys `DPMSolverMultistepScheduler` reads besides the shared schedule keys.
-pub const MULTISTEP_KEYS: &[&str] = &[
-    "solver_order",
-    "thresholding",
-    "dynamic_thresholding_ratio",
-    "sample_max_value",
-    "algorithm_type",
-    "solver_type",
-    "lower_order_final",
-    "euler_at_final",
-    "use_karras_sigmas",
-    "use_exponential_sigmas",
-    "use_beta_sigmas",
-    "use_lu_lambdas",
-    "use_flow_sigmas",
-    "flow_shift",
-    "final_sigmas_type",
-    "lambda_min_clipped",
-    "variance_type",
-    "rescale_betas_zero_snr",
-    "use_dynamic_shifting",
-    "time_shift_type",
-];
+/// The config keys `DPMSolverMultistepScheduler` reads besides the shared schedule
+/// keys and the multistep keys ([`super::multistep::KEYS`]).
+pub const MULTISTEP_KEYS: &str = "algorithm_type euler_at_final use_lu_lambdas final_sigmas_type lambda_min_clipped \
+                                  variance_type rescale_betas_zero_snr";
 
-/// The config keys `DPMSolverSinglestepScheduler` reads besides the shared schedule keys (it has no `timestep_spacing`).
-pub const SINGLESTEP_KEYS: &[&str] = &[
-    "solver_order",
-    "thresholding",
-    "dynamic_thresholding_ratio",
-    "sample_max_value",
-    "algorithm_type",
-    "solver_type",
-    "lower_order_final",
-    "use_karras_sigmas",
-    "use_exponential_sigmas",
-    "use_beta_sigmas",
-    "use_flow_sigmas",
-    "flow_shift",
-    "final_sigmas_type",
-    "lambda_min_clipped",
-    "variance_type",
-    "use_dynamic_shifting",
-    "time_shift_type",
-];
+/// The config keys `DPMSolverSinglestepScheduler` reads besides the shared schedule
+/// keys (it has no `timestep_spacing`) and the multistep keys ([`super::multistep::KEYS`]).
+pub const SINGLESTEP_KEYS: &str = "algorithm_type final_sigmas_type lambda_min_clipped variance_type";
 
 /// DPM-Solver++'s first-order step from σ[index] to σ[index + 1] on the x₀ prediction `m0` (with `noise`, the
 /// SDE variant).

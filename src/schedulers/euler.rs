@@ -13,20 +13,11 @@ use crate::rng::TorchRng;
 use crate::Result;
 
 /// The config keys `EulerDiscreteScheduler` reads besides the shared schedule keys.
-pub const KEYS: &[&str] = &[
-    "interpolation_type",
-    "use_karras_sigmas",
-    "use_exponential_sigmas",
-    "use_beta_sigmas",
-    "sigma_min",
-    "sigma_max",
-    "timestep_type",
-    "rescale_betas_zero_snr",
-    "final_sigmas_type",
-];
+pub const KEYS: &str = "interpolation_type use_karras_sigmas use_exponential_sigmas use_beta_sigmas sigma_min \
+                        sigma_max timestep_type rescale_betas_zero_snr final_sigmas_type";
 
 /// The config keys `EulerAncestralDiscreteScheduler` reads besides the shared schedule keys.
-pub const ANCESTRAL_KEYS: &[&str] = &["rescale_betas_zero_snr"];
+pub const ANCESTRAL_KEYS: &str = "rescale_betas_zero_snr";
 
 pub struct Euler {
     table: Timetable,

@@ -13,8 +13,7 @@ use crate::Result;
 const CLASS: Class = Class { name: "Heun", default_spacing: Spacing::Linspace, predictions: ALL_PREDICTIONS };
 
 /// The config keys its diffusers class reads besides the shared schedule keys ([`super::schedule::SCHEDULE_KEYS`]).
-pub const KEYS: &[&str] =
-    &["use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "clip_sample", "clip_sample_range"];
+pub const KEYS: &str = "use_karras_sigmas use_exponential_sigmas use_beta_sigmas clip_sample clip_sample_range";
 
 pub struct Heun {
     table: Timetable,

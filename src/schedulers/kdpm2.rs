@@ -15,7 +15,7 @@ use crate::rng::TorchRng;
 use crate::Result;
 
 /// The config keys its diffusers class reads besides the shared schedule keys ([`super::schedule::SCHEDULE_KEYS`]).
-pub const KEYS: &[&str] = &["use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"];
+pub const KEYS: &str = "use_karras_sigmas use_exponential_sigmas use_beta_sigmas";
 
 pub struct Kdpm2 {
     table: Timetable,

@@ -16,7 +16,7 @@ const CLASS: Class = Class { name: "LMS", default_spacing: Spacing::Linspace, pr
 const ORDER: usize = 4;
 
 /// The config keys its diffusers class reads besides the shared schedule keys ([`super::schedule::SCHEDULE_KEYS`]).
-pub const KEYS: &[&str] = &["use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"];
+pub const KEYS: &str = "use_karras_sigmas use_exponential_sigmas use_beta_sigmas";
 
 pub struct Lms {
     table: Timetable,

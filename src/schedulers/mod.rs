@@ -118,7 +118,8 @@ struct Entry {
     name: &'static str,
     aliases: &'static [&'static str],
     build: Constructor,
-    /// The config keys its diffusers class reads besides the shared schedule keys (what options may set).
+    /// The config keys its diffusers class reads besides the shared schedule keys (what options may set), as
+    /// space-separated groups.
     keys: &'static [&'static str],
 }
 
@@ -127,66 +128,76 @@ const REGISTRY: &[Entry] = &[
         name: "UniPC",
         aliases: &["UniPCMultistepScheduler", "unipc", "uni_pc"],
         build: unipc::UniPc::boxed,
-        keys: unipc::KEYS,
+        keys: &[multistep::KEYS, unipc::KEYS],
     },
     Entry {
         name: "DPM Multi",
         aliases: &["DPMSolverMultistepScheduler", "dpm_multi", "dpmpp_2m"],
         build: dpm_solver::DpmSolverMultistep::boxed,
-        keys: dpm_solver::MULTISTEP_KEYS,
+        keys: &[multistep::KEYS, dpm_solver::MULTISTEP_KEYS],
     },
     Entry {
         name: "DPM++ 2M Karras",
         aliases: &["dpmpp_2m_karras", "DPM++ 2M Karras"],
         build: dpm_solver::DpmSolverMultistep::karras,
-        keys: dpm_solver::MULTISTEP_KEYS,
+        keys: &[multistep::KEYS, dpm_solver::MULTISTEP_KEYS],
     },
     Entry {
         name: "DPM++ 2M SDE Karras",
         aliases: &["dpmpp_2m_sde_karras"],
         build: dpm_solver::DpmSolverMultistep::sde_karras,
-        keys: dpm_solver::MULTISTEP_KEYS,
+        keys: &[multistep::KEYS, dpm_solver::MULTISTEP_KEYS],
     },
     Entry {
         name: "DPM Single",
         aliases: &["DPMSolverSinglestepScheduler", "dpm_single", "dpmpp_2s"],
         build: dpm_solver::DpmSolverSinglestep::boxed,
-        keys: dpm_solver::SINGLESTEP_KEYS,
+        keys: &[multistep::KEYS, dpm_solver::SINGLESTEP_KEYS],
     },
-    Entry { name: "DDPM", aliases: &["DDPMScheduler", "ddpm"], build: ddpm::Ddpm::boxed, keys: ddpm::KEYS },
-    Entry { name: "DEIS", aliases: &["DEISMultistepScheduler", "deis"], build: deis::Deis::boxed, keys: deis::KEYS },
-    Entry { name: "DDIM", aliases: &["DDIMScheduler", "ddim"], build: ddim::Ddim::boxed, keys: ddim::KEYS },
+    Entry { name: "DDPM", aliases: &["DDPMScheduler", "ddpm"], build: ddpm::Ddpm::boxed, keys: &[ddpm::KEYS] },
+    Entry {
+        name: "DEIS",
+        aliases: &["DEISMultistepScheduler", "deis"],
+        build: deis::Deis::boxed,
+        keys: &[multistep::KEYS, deis::KEYS],
+    },
+    Entry { name: "DDIM", aliases: &["DDIMScheduler", "ddim"], build: ddim::Ddim::boxed, keys: &[ddim::KEYS] },
     Entry {
         name: "Euler a",
         aliases: &["EulerAncestralDiscreteScheduler", "euler_a", "k_euler_a", "euler_ancestral"],
         build: euler::Euler::ancestral,
-        keys: euler::ANCESTRAL_KEYS,
+        keys: &[euler::ANCESTRAL_KEYS],
     },
     Entry {
         name: "Heun",
         aliases: &["HeunDiscreteScheduler", "heun", "k_heun"],
         build: heun::Heun::boxed,
-        keys: heun::KEYS,
+        keys: &[heun::KEYS],
     },
-    Entry { name: "LMS", aliases: &["LMSDiscreteScheduler", "lms", "k_lms"], build: lms::Lms::boxed, keys: lms::KEYS },
+    Entry {
+        name: "LMS",
+        aliases: &["LMSDiscreteScheduler", "lms", "k_lms"],
+        build: lms::Lms::boxed,
+        keys: &[lms::KEYS],
+    },
     Entry {
         name: "DPM2 Karras",
         aliases: &["KDPM2DiscreteScheduler", "dpm2_karras", "k_dpm_2_karras"],
         build: kdpm2::Kdpm2::karras,
-        keys: kdpm2::KEYS,
+        keys: &[kdpm2::KEYS],
     },
     Entry {
         name: "DPM2 a Karras",
         aliases: &["KDPM2AncestralDiscreteScheduler", "dpm2_a_karras", "k_dpm_2_a_karras", "dpm2_ancestral_karras"],
         build: kdpm2::Kdpm2::ancestral_karras,
-        keys: kdpm2::KEYS,
+        keys: &[kdpm2::KEYS],
     },
-    Entry { name: "PNDM", aliases: &["PNDMScheduler", "pndm", "plms"], build: pndm::Pndm::boxed, keys: pndm::KEYS },
+    Entry { name: "PNDM", aliases: &["PNDMScheduler", "pndm", "plms"], build: pndm::Pndm::boxed, keys: &[pndm::KEYS] },
     Entry {
         name: "Euler",
         aliases: &["EulerDiscreteScheduler", "euler", "k_euler"],
         build: euler::Euler::boxed,
-        keys: euler::KEYS,
+        keys: &[euler::KEYS],
     },
 ];
 
@@ -210,7 +221,8 @@ impl Kind {
     ) -> Result<SchedulerConfig> {
         let mut config = config.clone();
         for (key, value) in options {
-            if !self.0.keys.contains(&key.as_str()) && !schedule::SCHEDULE_KEYS.contains(&key.as_str()) {
+            let reads = |k: &str| self.0.keys.iter().any(|group| group.split_whitespace().any(|g| g == k));
+            if !reads(key) && !schedule::SCHEDULE_KEYS.contains(&key.as_str()) {
                 return Err(Error::invalid(
                     "scheduler_options",
                     format!(

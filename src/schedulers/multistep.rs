@@ -15,6 +15,11 @@ use crate::Result;
 pub const UNSUPPORTED: &[&str] =
     &[THRESHOLDING, EXPONENTIAL, BETA, "use_lu_lambdas", "use_flow_sigmas", "use_dynamic_shifting"];
 
+/// The config keys every multistep class (UniPC, DPM-Solver, DEIS) reads besides the shared schedule keys.
+pub const KEYS: &str = "solver_order thresholding dynamic_thresholding_ratio sample_max_value solver_type \
+                        lower_order_final use_karras_sigmas use_exponential_sigmas use_beta_sigmas use_flow_sigmas \
+                        flow_shift use_dynamic_shifting time_shift_type";
+
 /// How a solver picks the noise level after its last step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinalSigma {

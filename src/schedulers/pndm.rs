@@ -17,7 +17,7 @@ const CLASS: Class = Class { name: "PNDM", default_spacing: Spacing::Leading, pr
 const ORDER: usize = 4;
 
 /// The config keys its diffusers class reads besides the shared schedule keys ([`super::schedule::SCHEDULE_KEYS`]).
-pub const KEYS: &[&str] = &["skip_prk_steps", "set_alpha_to_one"];
+pub const KEYS: &str = "skip_prk_steps set_alpha_to_one";
 
 pub struct Pndm {
     schedule: NoiseSchedule,

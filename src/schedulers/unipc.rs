@@ -12,30 +12,10 @@ use crate::{Error, Result};
 
 const CLASS: Class = Class { name: "UniPC", default_spacing: Spacing::Linspace, predictions: ALL_PREDICTIONS };
 
-/// The config keys its diffusers class reads besides the shared schedule keys ([`super::schedule::SCHEDULE_KEYS`]).
-pub const KEYS: &[&str] = &[
-    "solver_order",
-    "thresholding",
-    "dynamic_thresholding_ratio",
-    "sample_max_value",
-    "predict_x0",
-    "solver_type",
-    "lower_order_final",
-    "disable_corrector",
-    "solver_p",
-    "use_karras_sigmas",
-    "use_exponential_sigmas",
-    "use_beta_sigmas",
-    "use_flow_sigmas",
-    "flow_shift",
-    "final_sigmas_type",
-    "rescale_betas_zero_snr",
-    "use_dynamic_shifting",
-    "time_shift_type",
-    "sigma_min",
-    "sigma_max",
-    "shift_terminal",
-];
+/// The config keys its diffusers class reads besides the shared schedule
+/// keys ([`super::schedule::SCHEDULE_KEYS`]) and the multistep keys ([`super::multistep::KEYS`]).
+pub const KEYS: &str = "predict_x0 disable_corrector solver_p final_sigmas_type rescale_betas_zero_snr sigma_min \
+                        sigma_max shift_terminal";
 
 pub struct UniPc {
     /// Its history holds x₀ predictions.
