@@ -52,26 +52,9 @@ CONFIGS = {
     "bare": {"_class_name": BASE["_class_name"], **{k: BASE[k] for k in SCHEDULE_KEYS}},
 }
 
-# API name -> (diffusers class, from_config options), as scripts/make_tiny_model.py registers them.
-SCHEDULERS = {
-    "UniPC": ("UniPCMultistepScheduler", {}),
-    "DDIM": ("DDIMScheduler", {}),
-    "DPM Multi": ("DPMSolverMultistepScheduler", {}),
-    "DPM Single": ("DPMSolverSinglestepScheduler", {}),
-    "Euler a": ("EulerAncestralDiscreteScheduler", {}),
-    "Euler": ("EulerDiscreteScheduler", {}),
-    "Heun": ("HeunDiscreteScheduler", {}),
-    "DPM2 a Karras": ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": True}),
-    "DPM2 Karras": ("KDPM2DiscreteScheduler", {"use_karras_sigmas": True}),
-    "LMS": ("LMSDiscreteScheduler", {}),
-    "PNDM": ("PNDMScheduler", {}),
-    "DDPM": ("DDPMScheduler", {}),
-    "DEIS": ("DEISMultistepScheduler", {}),
-    "DPM++ 2M Karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    "DPM++ 2M SDE Karras": ("DPMSolverMultistepScheduler",
-                            {"use_karras_sigmas": True, "algorithm_type": "sde-dpmsolver++"}),
-}
-DEIS_ONLY_KEYS = ("algorithm_type", "solver_type")
+# API name -> (diffusers class, from_config options), and the DEIS-only keys the other classes drop: shared with
+# the scheduler references.
+from make_scheduler_refs import DEIS_ONLY_KEYS, SCHEDULERS  # noqa: E402
 
 PROMPT = "a photo of a Grumpy cat, 8k!"
 NEGATIVE = "blurry, low quality, watermark, text"
