@@ -203,9 +203,10 @@ struct ServeArgs {
     /// Larger request bodies are answered 413.
     #[arg(long, default_value_t = server::DEFAULT_MAX_BODY_BYTES)]
     max_body_bytes: usize,
-    /// For tests on small models: sizes from 64 and steps from 1 (everything else as hosted).
-    #[arg(long, hide = true)]
-    relaxed_ranges: bool,
+    /// For few-step models (Turbo, Lightning, LCM): steps 1–100, guidance 0–25 and sizes from 64 (everything else
+    /// as hosted). `--relaxed-ranges` is an alias.
+    #[arg(long, alias = "relaxed-ranges")]
+    open_ranges: bool,
 }
 
 #[derive(Args)]
@@ -412,7 +413,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         api_keys,
         max_queue: args.max_queue,
         max_body_bytes: args.max_body_bytes,
-        ranges: if args.relaxed_ranges { Ranges::Relaxed } else { Ranges::Hosted },
+        ranges: if args.open_ranges { Ranges::Open } else { Ranges::Hosted },
         model_name: args.model.model.clone(),
         shutdown_grace: server::DEFAULT_SHUTDOWN_GRACE,
         handle_signals: true,

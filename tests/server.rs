@@ -190,7 +190,7 @@ fn tiny_server(config: ServerConfig) -> Server {
     .unwrap()
 }
 
-/// A small, fast request for the relaxed ranges.
+/// A small, fast request for the open ranges.
 fn small(prompt: &str, size: u32, steps: u32) -> Value {
     json!({"prompt": prompt, "scheduler": "Euler", "num_inference_steps": steps, "img_width": size,
            "img_height": size, "seed": 1234})
@@ -243,7 +243,7 @@ fn hosted_ranges_valid_request_returns_a_jpeg_of_the_requested_size() {
 
 #[test]
 fn base64_form_and_several_samples() {
-    let server = tiny_server(config(Ranges::Relaxed, 2));
+    let server = tiny_server(config(Ranges::Open, 2));
     let addr = server.addr();
     let mut body = small("a lighthouse", 64, 2);
     body["base64"] = json!(true);
@@ -277,7 +277,7 @@ fn base64_form_and_several_samples() {
 
 #[test]
 fn random_seed_is_reported_and_reproducible() {
-    let server = tiny_server(config(Ranges::Relaxed, 2));
+    let server = tiny_server(config(Ranges::Open, 2));
     let mut body = small("a castle", 64, 3);
     body["seed"] = json!(-1);
     let first = post_json(server.addr(), &body);
@@ -295,7 +295,7 @@ fn random_seed_is_reported_and_reproducible() {
 
 #[test]
 fn api_keys_are_required_when_configured() {
-    let mut cfg = config(Ranges::Relaxed, 2);
+    let mut cfg = config(Ranges::Open, 2);
     cfg.api_keys = ApiKeys::new(["key-one", "key-two"]).unwrap();
     let server = tiny_server(cfg);
     let addr = server.addr();
@@ -443,7 +443,7 @@ fn bad_inputs_get_their_status_and_a_json_error_naming_the_field() {
 #[test]
 fn queue_overflow_every_client_is_answered() {
     const CLIENTS: usize = 8;
-    let server = tiny_server(config(Ranges::Relaxed, 1));
+    let server = tiny_server(config(Ranges::Open, 1));
     let addr = server.addr();
     let start = Instant::now();
     let barrier = std::sync::Arc::new(std::sync::Barrier::new(CLIENTS));
@@ -478,7 +478,7 @@ fn queue_overflow_every_client_is_answered() {
 
 #[test]
 fn disconnects_free_queue_places_and_stop_the_running_generation() {
-    let server = tiny_server(config(Ranges::Relaxed, 1));
+    let server = tiny_server(config(Ranges::Open, 1));
     let addr = server.addr();
     let json = [("content-type", "application/json")];
     // A: a long generation (hosted-valid; about a minute on two cores if it ran to the end).

@@ -96,8 +96,9 @@ pub enum Ranges {
     /// Exactly the hosted API's (the default, and the only choice offered by `--help`).
     #[default]
     Hosted,
-    /// The hosted ranges, except that sizes may go down to 64 and steps down to 1: for fast tests on small models.
-    Relaxed,
+    /// Open ranges for few-step models (`--open-ranges`): steps 1–100, guidance 0–25, sizes any multiple of 8 from 64
+    /// to 2048; every other field as hosted.
+    Open,
 }
 
 /// The ranges and a known scheduler name.
@@ -105,21 +106,24 @@ pub fn validate(request: &GenerateRequest, ranges: Ranges) -> Result<(), ApiErro
     let invalid = |e: Error| ApiError::bad_request(e.to_string());
     match ranges {
         Ranges::Hosted => request.validate_hosted().map_err(invalid)?,
-        Ranges::Relaxed => {
+        Ranges::Open => {
             for (field, v) in [("img_width", request.img_width), ("img_height", request.img_height)] {
                 if !(64..=2048).contains(&v) || v % 8 != 0 {
-                    let message = format!("must be a multiple of 8 between 64 and 2048 (relaxed ranges), got {v}");
+                    let message = format!("must be a multiple of 8 between 64 and 2048 (open ranges), got {v}");
                     return Err(invalid(Error::invalid(field, message)));
                 }
             }
             if !(1..=100).contains(&request.num_inference_steps) {
-                let message =
-                    format!("must be between 1 and 100 (relaxed ranges), got {}", request.num_inference_steps);
+                let message = format!("must be between 1 and 100 (open ranges), got {}", request.num_inference_steps);
                 return Err(invalid(Error::invalid("num_inference_steps", message)));
+            }
+            if !(0.0..=25.0).contains(&request.guidance_scale) {
+                let message = format!("must be between 0 and 25 (open ranges), got {}", request.guidance_scale);
+                return Err(invalid(Error::invalid("guidance_scale", message)));
             }
             // Every other field: the hosted ranges.
             let mut rest = request.clone();
-            (rest.img_width, rest.img_height, rest.num_inference_steps) = (512, 512, 20);
+            (rest.img_width, rest.img_height, rest.num_inference_steps, rest.guidance_scale) = (512, 512, 20, 7.5);
             rest.validate_hosted().map_err(invalid)?;
         }
     }
@@ -187,20 +191,24 @@ mod tests {
     }
 
     #[test]
-    fn relaxed_ranges_only_relax_sizes_and_steps() {
+    fn open_ranges_only_open_sizes_steps_and_guidance() {
         let small =
             br#"{"prompt": "x", "scheduler": "Euler", "img_width": 64, "img_height": 72, "num_inference_steps": 2}"#;
         assert!(decode(small, Ranges::Hosted).is_err());
-        assert!(decode(small, Ranges::Relaxed).is_ok());
+        assert!(decode(small, Ranges::Open).is_ok());
+        let turbo = br#"{"prompt": "x", "scheduler": "Euler a", "num_inference_steps": 1, "guidance_scale": 0}"#;
+        assert!(decode(turbo, Ranges::Hosted).is_err());
+        assert!(decode(turbo, Ranges::Open).is_ok());
         for bad in [
             r#"{"prompt": "x", "scheduler": "Euler", "img_width": 60}"#,
             r#"{"prompt": "x", "scheduler": "Euler", "img_height": 4096}"#,
             r#"{"prompt": "x", "scheduler": "Euler", "num_inference_steps": 0}"#,
             r#"{"prompt": "x", "scheduler": "Euler", "samples": 5}"#,
-            r#"{"prompt": "x", "scheduler": "Euler", "guidance_scale": 0.5}"#,
+            r#"{"prompt": "x", "scheduler": "Euler", "guidance_scale": -0.5}"#,
+            r#"{"prompt": "x", "scheduler": "Euler", "guidance_scale": 26}"#,
             r#"{"prompt": "x", "scheduler": "nope"}"#,
         ] {
-            assert!(decode(bad.as_bytes(), Ranges::Relaxed).is_err(), "{bad}");
+            assert!(decode(bad.as_bytes(), Ranges::Open).is_err(), "{bad}");
         }
     }
 
