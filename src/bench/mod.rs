@@ -88,14 +88,75 @@ fn canonical(name: &str) -> String {
     schedulers::names().into_iter().find(|n| n.eq_ignore_ascii_case(name)).unwrap_or(name).to_string()
 }
 
+/// A scheduler and its config options from a `--schedulers` item: `NAME` or `NAME[KEY=VALUE,…]` (VALUE read as JSON
+/// when it parses, else as a string), e.g. `Euler[timestep_spacing=trailing]`. A key the scheduler's diffusers class
+/// does not read is an error naming it.
+pub fn scheduler_variant(label: &str) -> Result<(schedulers::Kind, serde_json::Map<String, serde_json::Value>)> {
+    let label = label.trim();
+    let (name, options) = match label.split_once('[') {
+        Some((name, rest)) => {
+            let inner = rest.strip_suffix(']').ok_or_else(|| {
+                Error::invalid(
+                    "schedulers",
+                    format!("{label:?}: options go between [ and ], as Euler[timestep_spacing=trailing]"),
+                )
+            })?;
+            (name.trim(), inner)
+        }
+        None => (label, ""),
+    };
+    let kind = schedulers::lookup(name)?;
+    let mut map = serde_json::Map::new();
+    for option in options.split(',').map(str::trim).filter(|o| !o.is_empty()) {
+        let (key, value) = option
+            .split_once('=')
+            .ok_or_else(|| Error::invalid("schedulers", format!("{label:?}: option {option:?} is not KEY=VALUE")))?;
+        let value =
+            serde_json::from_str(value.trim()).unwrap_or_else(|_| serde_json::Value::String(value.trim().into()));
+        map.insert(key.trim().to_string(), value);
+    }
+    kind.configure(&SchedulerConfig::default(), &map)?;
+    Ok((kind, map))
+}
+
+/// `request` set up for one run: its scheduler variant (see [`scheduler_variant`]) and step count.
+pub fn run_request(request: &GenerateRequest, label: &str, steps: usize) -> Result<GenerateRequest> {
+    let (kind, options) = scheduler_variant(label)?;
+    let mut request = request.clone();
+    request.scheduler = kind.name().to_string();
+    request.scheduler_options = options;
+    request.num_inference_steps =
+        u32::try_from(steps).map_err(|_| Error::invalid("num_inference_steps", "step count too large"))?;
+    Ok(request)
+}
+
+/// Splits a list on the commas outside `[…]`.
+fn split_items(list: &str) -> Vec<&str> {
+    let (mut items, mut depth, mut start) = (Vec::new(), 0usize, 0);
+    for (i, c) in list.char_indices() {
+        match c {
+            '[' => depth += 1,
+            ']' => depth = depth.saturating_sub(1),
+            ',' if depth == 0 => {
+                items.push(&list[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    items.push(&list[start..]);
+    items
+}
+
 /// Parses `--schedulers`: `all` (every registered scheduler) or a comma-separated list of names (case-insensitive;
-/// hosted-API, diffusers-class or A1111 names). Unknown names are an error listing the valid ones.
+/// hosted-API, diffusers-class or A1111 names), each optionally with config options as `NAME[KEY=VALUE,…]` (each
+/// variant its own run, label and line in the charts). Unknown names are an error listing the valid ones.
 pub fn parse_schedulers(list: &str) -> Result<Vec<String>> {
     if list.trim().eq_ignore_ascii_case("all") {
         return Ok(schedulers::names().into_iter().map(String::from).collect());
     }
     let mut out: Vec<String> = Vec::new();
-    for item in list.split(',') {
+    for item in split_items(list) {
         if item.trim().is_empty() {
             return Err(Error::invalid(
                 "schedulers",
@@ -103,8 +164,8 @@ pub fn parse_schedulers(list: &str) -> Result<Vec<String>> {
             ));
         }
         let item = item.trim();
-        schedulers::lookup(item)?;
-        let name = canonical(item);
+        let (_, options) = scheduler_variant(item)?;
+        let name = if options.is_empty() { canonical(item) } else { item.to_string() };
         if !out.iter().any(|n| n.eq_ignore_ascii_case(&name)) {
             out.push(name);
         }
@@ -229,7 +290,9 @@ impl Plan {
             return Err(Error::invalid("steps", "is empty: nothing to benchmark"));
         }
         let nfe = |name: &str, steps: usize| -> Result<usize> {
-            let scheduler = schedulers::create(name, config, steps).map_err(|e| match e {
+            let built = scheduler_variant(name)
+                .and_then(|(kind, options)| kind.build(&kind.configure(config, &options)?, steps));
+            let scheduler = built.map_err(|e| match e {
                 Error::UnknownScheduler { .. } => e,
                 Error::InvalidRequest { message, .. } => {
                     Error::invalid("steps", format!("{name} at {steps} steps: {message}"))
@@ -387,11 +450,8 @@ struct RunOutput {
 /// and the plan: everything that can go wrong before the first run.
 pub fn prepare(pipeline: &Pipeline, options: &BenchOptions) -> Result<(GenerateRequest, Plan)> {
     let plan = Plan::new(options, &pipeline.configs.scheduler)?;
-    let mut request = options.request.clone();
+    let mut request = run_request(&options.request, &plan.reference.scheduler, plan.reference.steps)?;
     request.samples = 1;
-    request.scheduler = plan.reference.scheduler.clone();
-    request.num_inference_steps = u32::try_from(plan.reference.steps)
-        .map_err(|_| Error::invalid("num_inference_steps", "reference step count too large"))?;
     pipeline.validate(&request)?;
     Ok((request, plan))
 }
@@ -504,6 +564,7 @@ fn parameters(
     options: &BenchOptions,
     loras: &[(String, f64, String)],
 ) -> String {
+    // The label names the variant (`Euler[timestep_spacing=trailing]`) where the scheduler name alone would not.
     let mut request = request.clone();
     request.scheduler = run.scheduler.clone();
     request.num_inference_steps = run.steps as u32;
@@ -520,9 +581,7 @@ fn execute(
     (done, total): (usize, usize),
     on_event: &mut BenchEventFn,
 ) -> Result<RunOutput> {
-    let mut request = request.clone();
-    request.scheduler = run.scheduler.clone();
-    request.num_inference_steps = run.steps as u32;
+    let request = run_request(request, &run.scheduler, run.steps)?;
     let mut progress = |p: &Progress| match p {
         Progress::Stage(name) => on_event(&BenchEvent::Stage(name)),
         Progress::Step { evaluation, .. } => on_event(&BenchEvent::Evaluations { done: done + evaluation, total }),
@@ -700,6 +759,28 @@ pub fn write_outputs(report: &BenchReport, dir: &Path) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn scheduler_variants_are_their_own_runs_with_their_options() {
+        let list = parse_schedulers(
+            "Euler, Euler[timestep_spacing=trailing], DPM Multi[use_karras_sigmas=true,solver_order=1]",
+        )
+        .unwrap();
+        assert_eq!(
+            list,
+            ["Euler", "Euler[timestep_spacing=trailing]", "DPM Multi[use_karras_sigmas=true,solver_order=1]"]
+        );
+        let base = GenerateRequest::new("x");
+        let r = run_request(&base, &list[2], 7).unwrap();
+        assert_eq!((r.scheduler.as_str(), r.num_inference_steps), ("DPM Multi", 7));
+        assert_eq!(r.scheduler_options["use_karras_sigmas"], serde_json::json!(true));
+        assert_eq!(r.scheduler_options["solver_order"], serde_json::json!(1));
+        for bad in ["Euler[no_such_key=1]", "Euler[timestep_spacing]", "Euler[timestep_spacing=trailing"] {
+            assert!(parse_schedulers(bad).is_err(), "{bad}");
+        }
+        assert_ne!(slug(&list[0]), slug(&list[1]));
+    }
+
     use super::*;
 
     #[test]
