@@ -133,7 +133,7 @@ impl Pipeline {
             merged_loras: Vec::new(),
             active_loras: Vec::new(),
             embeddings: match &options.embeddings_dir {
-                Some(dir) => load_embeddings(dir)?,
+                Some(dir) => crate::adapters::embeddings::load_dir(dir)?,
                 None => Vec::new(),
             },
         };
@@ -255,19 +255,15 @@ impl Pipeline {
     /// the text encoders' tables get their vectors).
     fn tokenizers(&self) -> Result<(ClipTokenizer, ClipTokenizer)> {
         let (mut tokenizer, mut tokenizer_2) = self.source.tokenizers()?;
+        // Rows the embeddings before this one took after each text encoder's vocabulary.
+        let mut added = 0;
         for embedding in &self.embeddings {
             let tokens = embedding.tokens();
             for (tok, table) in [
                 (&mut tokenizer, self.configs.text_encoder.vocab_size),
                 (&mut tokenizer_2, self.configs.text_encoder_2.vocab_size),
             ] {
-                let first = table
-                    + self
-                        .embeddings
-                        .iter()
-                        .take_while(|e| e.name != embedding.name)
-                        .map(|e| e.vectors())
-                        .sum::<usize>();
+                let first = table + added;
                 let ids = tok.add_embedding_tokens(&tokens)?;
                 if ids.first().copied() != Some(first as u32) || tok.vocab_size() != first + tokens.len() {
                     return Err(Error::Tokenizer(format!(
@@ -276,6 +272,7 @@ impl Pipeline {
                     )));
                 }
             }
+            added += tokens.len();
         }
         Ok((tokenizer, tokenizer_2))
     }
@@ -445,11 +442,6 @@ impl Pipeline {
         let images = self.decode(&latents, progress)?;
         Ok(Generation { images, seed, latents, warnings, loras: self.active_loras.clone() })
     }
-}
-
-/// The embeddings of `dir`; two with the same name cannot be.
-fn load_embeddings(dir: &std::path::Path) -> Result<Vec<TextualInversion>> {
-    crate::adapters::embeddings::load_dir(dir)
 }
 
 /// Reads each LoRA file once (a file named twice adds its weights, as A1111 does with a repeated tag).
