@@ -41,6 +41,14 @@ SCHEDULERS = {
         "DPMSolverMultistepScheduler",
         {"use_karras_sigmas": True, "algorithm_type": "sde-dpmsolver++"},
     ),
+    # Few-step and stochastic additions beyond the hosted API's names.
+    "LCM": ("LCMScheduler", {}),
+    "TCD": ("TCDScheduler", {}),
+    "DPM++ 2M SDE": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "DPM++ 3M SDE Karras": (
+        "DPMSolverMultistepScheduler",
+        {"use_karras_sigmas": True, "algorithm_type": "sde-dpmsolver++", "solver_order": 3},
+    ),
 }
 
 # The model config's `algorithm_type: deis` / `solver_type: logrho` only mean something to DEIS; for the other
@@ -64,10 +72,20 @@ VARIATIONS = {
     "prk": {"skip_prk_steps": False},
     "bare": {},
     "bare_clip_sample": {"clip_sample": True},
+    "eta_0": {},
+    "eta_1": {},
 }
 
+# Variations that pass `eta` to `step` (as the SDXL pipeline passes its `eta` argument) rather than change the config.
+STEP_ETA = {"eta_0": 0.0, "eta_1": 1.0}
+
 # Variations that only mean something to some classes (PNDM's Runge-Kutta warm-up); the others run for every name.
-VARIATION_ONLY_FOR = {"prk": ["PNDM"], "bare_clip_sample": ["DDIM", "DDPM", "Heun"]}
+VARIATION_ONLY_FOR = {
+    "prk": ["PNDM"],
+    "bare_clip_sample": ["DDIM", "DDPM", "Heun"],
+    "eta_0": ["TCD"],
+    "eta_1": ["TCD", "DDIM"],
+}
 
 STEPS = [1, 2, 7, 20, 35, 100]
 SHAPE = (1, 4, 4, 6)
@@ -123,7 +141,11 @@ def run(name, variation, steps):
             scaled.append(floats(inp))
         out = stand_in_model(inp, t)
         kwargs = {"generator": generator} if "generator" in s.step.__code__.co_varnames else {}
+        if variation in STEP_ETA:
+            kwargs["eta"] = STEP_ETA[variation]
         x = s.step(out, t, x, **kwargs).prev_sample
+    if variation in STEP_ETA:
+        case["eta"] = STEP_ETA[variation]
     case["scaled_inputs"] = scaled
     case["final_sample"] = floats(x)
     return case

@@ -81,6 +81,10 @@ fn registered_schedulers_match_diffusers() {
             continue;
         }
         let mut s = built.unwrap();
+        if let Some(eta) = case.get("eta") {
+            // The reference passed `eta` to `step`, as the pipeline passes the request's `eta`.
+            assert!(s.set_eta(eta.as_f64().unwrap()).unwrap(), "{what}: the scheduler must take eta");
+        }
 
         let timesteps = s.timesteps().to_vec();
         let err = relative(&timesteps, &floats(&case["timesteps"]));
@@ -119,7 +123,11 @@ fn registered_schedulers_match_diffusers() {
         "{checked} scheduler cases match diffusers, {refused} refused like diffusers ({} registered: {registered:?})",
         registered.len()
     );
-    assert!(checked >= registered.len() * 30, "every registered scheduler has 30 reference cases (5 variations)");
+    for name in &registered {
+        let cases = fixture["cases"].as_array().unwrap().iter().filter(|c| c["name"] == *name).count();
+        assert!(cases >= 30, "{name}: {cases} reference cases, want 5 variations × 6 step counts");
+    }
+    assert!(checked >= registered.len() * 25, "every registered scheduler is checked in 5 variations");
     let bare = fixture["cases"].as_array().unwrap().iter().filter(|c| c["variation"] == "bare").count();
     assert_eq!(bare, registered.len() * 6, "a bare-config case for every scheduler at every step count");
 }
@@ -157,16 +165,19 @@ const HOSTED_NAMES: [&str; 15] = [
     "DPM++ 2M SDE Karras",
 ];
 
+/// Names beyond the hosted API's: few-step and stochastic schedulers.
+const EXTRA_NAMES: [&str; 4] = ["LCM", "TCD", "DPM++ 2M SDE", "DPM++ 3M SDE Karras"];
+
 #[test]
 fn every_hosted_name_is_registered_with_its_evaluation_count() {
     let config = SchedulerConfig::from_json(&fixture()["base_config"].to_string()).unwrap();
     let mut registered = schedulers::names();
     registered.sort();
-    let mut hosted = HOSTED_NAMES.to_vec();
-    hosted.sort();
-    assert_eq!(registered, hosted);
+    let mut expected: Vec<&str> = HOSTED_NAMES.iter().chain(&EXTRA_NAMES).copied().collect();
+    expected.sort();
+    assert_eq!(registered, expected);
     for steps in [1, 2, 20, 35] {
-        for name in HOSTED_NAMES {
+        for name in HOSTED_NAMES.iter().chain(&EXTRA_NAMES).copied() {
             let s = schedulers::create(name, &config, steps).unwrap();
             assert_eq!(s.num_inference_steps(), steps, "{name}");
             let evaluations = match name {
@@ -195,9 +206,19 @@ fn stochastic_schedulers_follow_the_seed_and_deterministic_ones_ignore_it() {
         }
         x.flatten_all().unwrap().to_vec1::<f32>().unwrap()
     };
-    for name in HOSTED_NAMES {
+    for name in HOSTED_NAMES.iter().chain(&EXTRA_NAMES).copied() {
         let (a, b) = (run(name, 1), run(name, 2));
-        let stochastic = ["Euler a", "DPM2 a Karras", "DDPM", "DPM++ 2M SDE Karras"].contains(&name);
+        let stochastic = [
+            "Euler a",
+            "DPM2 a Karras",
+            "DDPM",
+            "DPM++ 2M SDE Karras",
+            "LCM",
+            "TCD",
+            "DPM++ 2M SDE",
+            "DPM++ 3M SDE Karras",
+        ]
+        .contains(&name);
         assert_eq!(a != b, stochastic, "{name}: does the result depend on the seed?");
         assert_eq!(a, run(name, 1), "{name}: same seed, same result");
     }
@@ -236,7 +257,10 @@ fn unsupported_config_values_are_refused_at_build_time_naming_the_key() {
         ("LMS", "beta_schedule", Value::from("sigmoid")),
         ("DDIM", "thresholding", Value::from(true)),
         ("DDPM", "variance_type", Value::from("learned")),
-        ("DPM Multi", "solver_order", Value::from(3)),
+        ("DPM Multi", "solver_order", Value::from(4)),
+        ("LCM", "thresholding", Value::from(true)),
+        ("TCD", "rescale_betas_zero_snr", Value::from(true)),
+        ("LCM", "original_inference_steps", Value::from(2000)),
         ("DPM Multi", "algorithm_type", Value::from("dpmsolver")),
         ("DPM++ 2M Karras", "final_sigmas_type", Value::from("denoise_to_zero")),
         ("DEIS", "use_flow_sigmas", Value::from(true)),
@@ -306,5 +330,23 @@ fn options_go_on_top_of_the_model_config() {
         let e = schedulers::lookup(name).unwrap().configure(&base, &options(&[(key, Value::from(true))])).unwrap_err();
         let text = e.to_string();
         assert!(text.contains(key) && text.contains(name) && text.contains("scheduler_options"), "{text}");
+    }
+}
+
+/// η (the request's `eta`, diffusers' `step(eta=…)`) is taken by DDIM and TCD only, within their ranges.
+#[test]
+fn eta_is_taken_by_ddim_and_tcd_within_their_ranges() {
+    let config = SchedulerConfig::from_json(&fixture()["base_config"].to_string()).unwrap();
+    let mut tcd = schedulers::create("TCD", &config, 4).unwrap();
+    assert!(tcd.set_eta(0.0).unwrap() && tcd.set_eta(1.0).unwrap());
+    for bad in [-0.1, 1.5, f64::NAN] {
+        let e = tcd.set_eta(bad).unwrap_err().to_string();
+        assert!(e.contains("eta") && e.contains("between 0 and 1"), "{e}");
+    }
+    let mut ddim = schedulers::create("DDIM", &config, 4).unwrap();
+    assert!(ddim.set_eta(0.5).unwrap());
+    assert!(ddim.set_eta(-1.0).unwrap_err().to_string().contains("eta"));
+    for name in ["Euler", "LCM", "DPM++ 2M SDE Karras"] {
+        assert!(!schedulers::create(name, &config, 4).unwrap().set_eta(0.5).unwrap(), "{name} takes no eta");
     }
 }

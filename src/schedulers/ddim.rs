@@ -1,4 +1,5 @@
-//! diffusers' `DDIMScheduler` with η = 0 (as the SDXL pipeline runs it): deterministic, one model call per step.
+//! diffusers' `DDIMScheduler`, one model call per step: deterministic with η = 0 (the SDXL pipeline's default);
+//! with η > 0 (the request's `eta`) it adds η·σ_t of fresh noise, DDPM-like at η = 1.
 
 use candle_core::Tensor;
 
@@ -6,7 +7,7 @@ use super::schedule::{Class, NoiseSchedule, Spacing, ALL_PREDICTIONS};
 use super::sigma::scale;
 use super::{Scheduler, SchedulerConfig, Timetable};
 use crate::rng::TorchRng;
-use crate::Result;
+use crate::{Error, Result};
 
 const CLASS: Class = Class { name: "DDIM", default_spacing: Spacing::Leading, predictions: ALL_PREDICTIONS };
 
@@ -22,6 +23,8 @@ pub struct Ddim {
     step_ratio: usize,
     /// x₀ is clamped to ±this (`clip_sample`, on by default in the class; `clip_sample_range`).
     clip_sample: Option<f32>,
+    /// η (`step(eta=…)`, a Python float).
+    eta: f64,
 }
 
 impl Ddim {
@@ -35,6 +38,7 @@ impl Ddim {
             final_alpha_cumprod,
             step_ratio: schedule.num_train_timesteps / steps,
             clip_sample: config.bool_or("clip_sample", true).then(|| config.f64_or("clip_sample_range", 1.0) as f32),
+            eta: 0.0,
             schedule,
         }))
     }
@@ -45,7 +49,15 @@ impl Scheduler for Ddim {
         &self.table
     }
 
-    fn update(&mut self, out: &Tensor, index: usize, sample: &Tensor, _rng: &mut TorchRng) -> Result<Tensor> {
+    fn set_eta(&mut self, eta: f64) -> Result<bool> {
+        if !(eta >= 0.0 && eta.is_finite()) {
+            return Err(Error::invalid("eta", format!("DDIM's eta must be 0 or more, got {eta}")));
+        }
+        self.eta = eta;
+        Ok(true)
+    }
+
+    fn update(&mut self, out: &Tensor, index: usize, sample: &Tensor, rng: &mut TorchRng) -> Result<Tensor> {
         let t = self.table.timesteps[index] as i64;
         let prev = t - self.step_ratio as i64;
         let alpha_t = self.schedule.alphas_cumprod[t as usize];
@@ -57,7 +69,15 @@ impl Scheduler for Ddim {
         if let Some(range) = self.clip_sample {
             x0 = x0.clamp(-range, range)?;
         }
-        let direction = scale(&eps, (1f32 - alpha_prev).sqrt())?;
-        Ok((scale(&x0, alpha_prev.sqrt())? + direction)?)
+        // σ_t = η·√((1 − ᾱ_prev)/(1 − ᾱ_t) · (1 − ᾱ_t/ᾱ_prev)) (`_get_variance`), float32 on 0-d tensors.
+        let variance = ((1f32 - alpha_prev) / (1f32 - alpha_t)) * (1f32 - alpha_t / alpha_prev);
+        let std_dev = self.eta as f32 * variance.sqrt();
+        let direction = scale(&eps, (1f32 - alpha_prev - std_dev * std_dev).sqrt())?;
+        let prev = (scale(&x0, alpha_prev.sqrt())? + direction)?;
+        if self.eta <= 0.0 {
+            return Ok(prev);
+        }
+        let noise = rng.randn_tensor(out.dims(), out.device())?;
+        Ok((prev + scale(&noise, std_dev)?)?)
     }
 }

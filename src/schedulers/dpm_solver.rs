@@ -1,6 +1,6 @@
-//! DPM-Solver++: diffusers' `DPMSolverMultistepScheduler` (first and second order, midpoint or Heun, and its SDE
-//! variant), registered as "DPM Multi", "DPM++ 2M Karras" and "DPM++ 2M SDE Karras" (the same class with Karras
-//! sigmas, and with `sde-dpmsolver++`); and `DPMSolverSinglestepScheduler` ("DPM Single"), which takes the same
+//! DPM-Solver++: diffusers' `DPMSolverMultistepScheduler` (first, second and third order, midpoint or Heun, and its
+//! SDE variant), registered as "DPM Multi", "DPM++ 2M Karras", "DPM++ 2M SDE", "DPM++ 2M SDE Karras" and
+//! "DPM++ 3M SDE Karras" (the same class with Karras sigmas, with `sde-dpmsolver++`, with `solver_order` 3); and `DPMSolverSinglestepScheduler` ("DPM Single"), which takes the same
 //! first-order step and its own second-order step from the start of each two-step block.
 
 use candle_core::Tensor;
@@ -88,7 +88,7 @@ impl DpmSolverMultistep {
         // diffusers maps DEIS's `deis` to dpmsolver++.
         let algorithms = [("dpmsolver++", false), ("deis", false), ("sde-dpmsolver++", true)];
         let sde = config.choice(class.name, "algorithm_type", "dpmsolver++", &algorithms)?;
-        let solver_order = config.usize_in(class.name, "solver_order", 2, 1..=2)?;
+        let solver_order = config.usize_in(class.name, "solver_order", 2, 1..=3)?;
         Ok(Box::new(Self {
             core: Multistep::new(config, &class, steps, FinalSigma::FromConfig, solver_order)?,
             sde,
@@ -103,11 +103,19 @@ impl DpmSolverMultistep {
         Self::boxed(&config.clone().with("use_karras_sigmas", true.into()), steps)
     }
 
+    /// DPM++ 2M SDE: the stochastic `sde-dpmsolver++`.
+    pub fn sde(config: &SchedulerConfig, steps: usize) -> Result<Box<dyn Scheduler>> {
+        Self::boxed(&config.clone().with("algorithm_type", "sde-dpmsolver++".into()), steps)
+    }
+
     /// DPM++ 2M SDE Karras: Karras sigmas and the stochastic `sde-dpmsolver++`.
     pub fn sde_karras(config: &SchedulerConfig, steps: usize) -> Result<Box<dyn Scheduler>> {
-        let config =
-            config.clone().with("use_karras_sigmas", true.into()).with("algorithm_type", "sde-dpmsolver++".into());
-        Self::boxed(&config, steps)
+        Self::sde(&config.clone().with("use_karras_sigmas", true.into()), steps)
+    }
+
+    /// DPM++ 3M SDE Karras: the SDE variant of the third-order solver on Karras sigmas.
+    pub fn sde_3m_karras(config: &SchedulerConfig, steps: usize) -> Result<Box<dyn Scheduler>> {
+        Self::sde_karras(&config.clone().with("solver_order", 3.into()), steps)
     }
 
     fn second_order(&self, sample: &Tensor, index: usize, noise: Option<&Tensor>) -> Result<Tensor> {
@@ -133,6 +141,40 @@ impl DpmSolverMultistep {
             }
         }
     }
+
+    /// DPM-Solver++(3) from the last three x₀ predictions (its ODE form, or the SDE form with `noise`).
+    fn third_order(&self, sample: &Tensor, index: usize, noise: Option<&Tensor>) -> Result<Tensor> {
+        let sigmas = &self.core.sigmas;
+        let (alpha_t, sigma_t) = alpha_sigma(sigmas[index + 1]);
+        let (_, sigma_s0) = alpha_sigma(sigmas[index]);
+        let (lambda_t, lambda_s0, lambda_s1) = lambdas(sigmas, index);
+        let lambda_s2 = lambda(sigmas[index - 2]);
+        let history = &self.core.history;
+        let (m0, m1, m2) = (history.back(0), history.back(1), history.back(2));
+        let (h, h_0, h_1) = (lambda_t - lambda_s0, lambda_s0 - lambda_s1, lambda_s1 - lambda_s2);
+        let (r0, r1) = (h_0 / h, h_1 / h);
+        let d1_0 = scale(&(m0 - m1)?, 1f32 / r0)?;
+        let d1_1 = scale(&(m1 - m2)?, 1f32 / r1)?;
+        let d1_diff = (&d1_0 - &d1_1)?;
+        let d1 = (&d1_0 + scale(&d1_diff, r0 / (r0 + r1))?)?;
+        let d2 = scale(&d1_diff, 1f32 / (r0 + r1))?;
+        Ok(match noise {
+            None => {
+                let e = (-h).exp() - 1f32;
+                (((scale(sample, sigma_t / sigma_s0)? - scale(m0, alpha_t * e)?)?
+                    + scale(&d1, alpha_t * (e / h + 1f32))?)?
+                    - scale(&d2, alpha_t * ((e + h) / (h * h) - 0.5f32))?)?
+            }
+            Some(noise) => {
+                let decay = (-2f32 * h).exp();
+                let two_h = 2f32 * h;
+                ((((scale(sample, sigma_t / sigma_s0 * (-h).exp())? + scale(m0, alpha_t * (1f32 - decay))?)?
+                    + scale(&d1, alpha_t * ((1f32 - decay) / (-2f32 * h) + 1f32))?)?
+                    + scale(&d2, alpha_t * ((1f32 - decay - two_h) / (two_h * two_h) - 0.5f32))?)?
+                    + scale(noise, sigma_t * (1f32 - decay).sqrt())?)?
+            }
+        })
+    }
 }
 
 impl Scheduler for DpmSolverMultistep {
@@ -145,13 +187,17 @@ impl Scheduler for DpmSolverMultistep {
         let last_step = index + 1 == n;
         let lower_order_final =
             last_step && (self.euler_at_final || (self.core.lower_order_final && n < 15) || self.final_sigma_zero);
+        let lower_order_second = index + 2 == n && self.core.lower_order_final && n < 15;
         self.core.history.push(self.core.x0(out, sample, index)?);
         // The SDE variant draws fresh noise at every step, whatever the order used.
         let noise = if self.sde { Some(rng.randn_tensor(out.dims(), out.device())?) } else { None };
-        let prev = if self.core.solver_order == 1 || self.core.history.warm_steps < 1 || lower_order_final {
+        let (order, warm) = (self.core.solver_order, self.core.history.warm_steps);
+        let prev = if order == 1 || warm < 1 || lower_order_final {
             first_order(&self.core.sigmas, index, self.core.history.back(0), sample, noise.as_ref())?
-        } else {
+        } else if order == 2 || warm < 2 || lower_order_second {
             self.second_order(sample, index, noise.as_ref())?
+        } else {
+            self.third_order(sample, index, noise.as_ref())?
         };
         self.core.history.step_done();
         Ok(prev)

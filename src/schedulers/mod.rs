@@ -17,11 +17,13 @@ mod dpm_solver;
 mod euler;
 mod heun;
 mod kdpm2;
+mod lcm;
 mod lms;
 mod multistep;
 mod pndm;
 pub mod schedule;
 pub mod sigma;
+mod tcd;
 mod unipc;
 
 use candle_core::{DType, Tensor};
@@ -69,6 +71,12 @@ pub trait Scheduler: Send {
     /// The update rule: the previous sample from the model output at evaluation `index`, both float32 (what
     /// diffusers computes in). Any noise is drawn from `rng`.
     fn update(&mut self, model_output: &Tensor, index: usize, sample: &Tensor, rng: &mut TorchRng) -> Result<Tensor>;
+
+    /// Sets η, the noise weight diffusers passes to `step(eta=…)`: DDIM's (default 0) and TCD's γ (default 0.3).
+    /// Returns `Ok(false)` for schedulers whose step takes no η, an error for a value out of the scheduler's range.
+    fn set_eta(&mut self, _eta: f64) -> Result<bool> {
+        Ok(false)
+    }
 
     /// Computes the previous sample from the model output at evaluation `index`, in the model output's dtype.
     fn step(&mut self, model_output: &Tensor, index: usize, sample: &Tensor, rng: &mut TorchRng) -> Result<Tensor> {
@@ -198,6 +206,20 @@ const REGISTRY: &[Entry] = &[
         aliases: &["EulerDiscreteScheduler", "euler", "k_euler"],
         build: euler::Euler::boxed,
         keys: &[euler::KEYS],
+    },
+    Entry { name: "LCM", aliases: &["LCMScheduler", "lcm"], build: lcm::Lcm::boxed, keys: &[lcm::KEYS] },
+    Entry { name: "TCD", aliases: &["TCDScheduler", "tcd"], build: tcd::Tcd::boxed, keys: &[tcd::KEYS] },
+    Entry {
+        name: "DPM++ 2M SDE",
+        aliases: &["dpmpp_2m_sde"],
+        build: dpm_solver::DpmSolverMultistep::sde,
+        keys: &[multistep::KEYS, dpm_solver::MULTISTEP_KEYS],
+    },
+    Entry {
+        name: "DPM++ 3M SDE Karras",
+        aliases: &["dpmpp_3m_sde_karras"],
+        build: dpm_solver::DpmSolverMultistep::sde_3m_karras,
+        keys: &[multistep::KEYS, dpm_solver::MULTISTEP_KEYS],
     },
 ];
 

@@ -105,6 +105,12 @@ impl NoiseSchedule {
         })
     }
 
+    /// `(√ᾱ_t, √(1 − ᾱ_t))` of training timestep `t` (float32): the variance-preserving sample's scalings.
+    pub fn alpha_sigma_at(&self, t: usize) -> (f32, f32) {
+        let a = self.alphas_cumprod[t];
+        (a.sqrt(), (1f32 - a).sqrt())
+    }
+
     /// `sqrt((1 − ᾱ) / ᾱ)` for every training timestep (float32, as diffusers computes it from the tensor).
     pub fn train_sigmas(&self) -> Vec<f32> {
         self.alphas_cumprod.iter().map(|&a| ((1f32 - a) / a).sqrt()).collect()
