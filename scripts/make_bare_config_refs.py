@@ -54,7 +54,7 @@ CONFIGS = {
 
 # API name -> (diffusers class, from_config options), and the DEIS-only keys the other classes drop: shared with
 # the scheduler references.
-from make_scheduler_refs import DEIS_ONLY_KEYS, SCHEDULERS  # noqa: E402
+from make_scheduler_refs import DEIS_ONLY_KEYS, PIPELINE_ETA, SCHEDULERS  # noqa: E402
 
 PROMPT = "a photo of a Grumpy cat, 8k!"
 NEGATIVE = "blurry, low quality, watermark, text"
@@ -127,11 +127,16 @@ def self_sensitivity(pipe, model_scheduler, r) -> float:
             prompt=r["prompt"], negative_prompt=r["negative_prompt"] or None, num_images_per_prompt=r["samples"],
             num_inference_steps=r["num_inference_steps"], guidance_scale=r["guidance_scale"], width=r["img_width"],
             height=r["img_height"], latents=latents * (1 + perturbation * noise), generator=generator,
-            output_type="np",
+            output_type="np", **pipeline_eta(r),
         ).images
         return (images * 255).round()
 
     return round(float(abs(run(PERTURBATION) - run(0.0)).mean()), 4)
+
+
+def pipeline_eta(r) -> dict:
+    """The `eta` argument the engine's default amounts to for this request's scheduler (none: the pipeline's 0.0)."""
+    return {"eta": PIPELINE_ETA[r["scheduler"]]} if r["scheduler"] in PIPELINE_ETA else {}
 
 
 def load_pipeline(config: dict, workdir: Path) -> StableDiffusionXLPipeline:
@@ -182,6 +187,7 @@ def main():
                     output_type="np",
                     callback_on_step_end=grab,
                     callback_on_step_end_tensor_inputs=["latents"],
+                    **pipeline_eta(r),
                 ).images
                 u8 = (images * 255).round().astype("uint8")
                 assert u8.std() > 5, (name, float(u8.std()))

@@ -76,6 +76,10 @@ VARIATIONS = {
     "eta_1": {},
 }
 
+# The η a request without `eta` runs with, where it is not the SDXL pipeline's default 0.0: TCD keeps its own step
+# default γ = 0.3 (as its model cards use it). The references pass it to the pipeline explicitly.
+PIPELINE_ETA = {"TCD": 0.3}
+
 # Variations that pass `eta` to `step` (as the SDXL pipeline passes its `eta` argument) rather than change the config.
 STEP_ETA = {"eta_0": 0.0, "eta_1": 1.0}
 

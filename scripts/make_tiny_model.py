@@ -42,6 +42,8 @@ from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionM
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from make_scheduler_refs import PIPELINE_ETA
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Cases and registries (edit here)
 # ---------------------------------------------------------------------------------------------------------------------
@@ -97,7 +99,14 @@ SCHEDULERS = {
     "LMS": {"class": "LMSDiscreteScheduler", "options": {}},
     "PNDM": {"class": "PNDMScheduler", "options": {}},
     "DDPM": {"class": "DDPMScheduler", "options": {}},
+    "LCM": {"class": "LCMScheduler", "options": {}},
+    "TCD": {"class": "TCDScheduler", "options": {}},
+    "DPM++ 2M SDE": {"class": "DPMSolverMultistepScheduler", "options": {"algorithm_type": "sde-dpmsolver++"}},
+    "DPM++ 3M SDE Karras": {"class": "DPMSolverMultistepScheduler",
+                            "options": {"use_karras_sigmas": True, "algorithm_type": "sde-dpmsolver++",
+                                        "solver_order": 3}},
 }
+
 
 # Model variants written under models/<name>/. Every variant shares the same weights; `scheduler_overrides` changes
 # scheduler/scheduler_config.json (e.g. {"prediction_type": "v_prediction"} for a v-prediction variant).
@@ -198,6 +207,41 @@ E2E_CASES = [
      "scheduler_config_overrides": {"prediction_type": "v_prediction"},
      "request": {"prompt": PROMPT_CAT, "negative_prompt": "", "samples": 2, "scheduler": "DPM++ 2M Karras",
                  "num_inference_steps": 8, "guidance_scale": 7.5, "seed": 17, "img_width": 96, "img_height": 64}},
+    # Few-step schedulers and recipes: LCM / TCD (γ default and overridden), the SDE multistep solvers, DDIM's η,
+    # SDXL-Turbo's (Euler a, trailing, guidance 0, 1-4 steps) and SDXL-Lightning's (Euler, trailing, guidance <= 1).
+    {"name": "lcm_w64h64_noguidance", "model": "tiny-sdxl",
+     "request": {"prompt": PROMPT_CAT, "negative_prompt": "", "samples": 2, "scheduler": "LCM",
+                 "num_inference_steps": 4, "guidance_scale": 1.0, "seed": 21, "img_width": 64, "img_height": 64}},
+    {"name": "lcm_w96h64_neg_8steps", "model": "tiny-sdxl",
+     "request": {"prompt": PROMPT_CAT, "negative_prompt": NEGATIVE, "samples": 1, "scheduler": "LCM",
+                 "num_inference_steps": 8, "guidance_scale": 1.5, "seed": 22, "img_width": 96, "img_height": 64}},
+    {"name": "tcd_w64h64_default_gamma", "model": "tiny-sdxl",
+     "request": {"prompt": PROMPT_CAT, "negative_prompt": "", "samples": 2, "scheduler": "TCD",
+                 "num_inference_steps": 4, "guidance_scale": 0.0, "seed": 23, "img_width": 64, "img_height": 64}},
+    {"name": "tcd_w64h96_neg_eta", "model": "tiny-sdxl",
+     "request": {"prompt": PROMPT_CAT, "negative_prompt": NEGATIVE, "samples": 1, "scheduler": "TCD", "eta": 0.7,
+                 "num_inference_steps": 6, "guidance_scale": 2.0, "seed": 24, "img_width": 64, "img_height": 96}},
+    {"name": "ddim_eta_w64h64_neg", "model": "tiny-sdxl",
+     "request": {"prompt": PROMPT_CAT, "negative_prompt": NEGATIVE, "samples": 2, "scheduler": "DDIM", "eta": 0.5,
+                 "num_inference_steps": 8, "guidance_scale": 7.5, "seed": 25, "img_width": 64, "img_height": 64}},
+    {"name": "dpmpp_2m_sde_w64h64_neg", "model": "tiny-sdxl",
+     "request": {"prompt": PROMPT_CAT, "negative_prompt": NEGATIVE, "samples": 2, "scheduler": "DPM++ 2M SDE",
+                 "num_inference_steps": 8, "guidance_scale": 7.5, "seed": 26, "img_width": 64, "img_height": 64}},
+    {"name": "dpmpp_3m_sde_karras_w96h64", "model": "tiny-sdxl",
+     "request": {"prompt": PROMPT_CAT, "negative_prompt": "", "samples": 1, "scheduler": "DPM++ 3M SDE Karras",
+                 "num_inference_steps": 10, "guidance_scale": 5.0, "seed": 27, "img_width": 96, "img_height": 64}},
+    {"name": "turbo_1step_w64h64", "model": "tiny-sdxl",
+     "request": {"prompt": PROMPT_CAT, "negative_prompt": "", "samples": 1, "scheduler": "Euler a",
+                 "scheduler_options": {"timestep_spacing": "trailing"},
+                 "num_inference_steps": 1, "guidance_scale": 0.0, "seed": 28, "img_width": 64, "img_height": 64}},
+    {"name": "turbo_4steps_w64h64", "model": "tiny-sdxl",
+     "request": {"prompt": PROMPT_CAT, "negative_prompt": "", "samples": 2, "scheduler": "Euler a",
+                 "scheduler_options": {"timestep_spacing": "trailing"},
+                 "num_inference_steps": 4, "guidance_scale": 0.0, "seed": 29, "img_width": 64, "img_height": 64}},
+    {"name": "lightning_4steps_w96h64", "model": "tiny-sdxl",
+     "request": {"prompt": PROMPT_CAT, "negative_prompt": NEGATIVE, "samples": 1, "scheduler": "Euler",
+                 "scheduler_options": {"timestep_spacing": "trailing"},
+                 "num_inference_steps": 4, "guidance_scale": 1.0, "seed": 30, "img_width": 96, "img_height": 64}},
     {"name": "unipc_vpred_w64h128_neg", "model": "tiny-sdxl",
      "scheduler_config_overrides": {"prediction_type": "v_prediction", "timestep_spacing": "trailing"},
      "request": {"prompt": PROMPT_CAT, "negative_prompt": NEGATIVE, "samples": 1, "scheduler": "UniPC",
@@ -719,7 +763,9 @@ def compute_references(pipe: StableDiffusionXLPipeline, refs: Refs) -> dict:
         assert case.get("model", "tiny-sdxl") == pipe._fixture_model_name, "one pipeline per model variant"
         r = case["request"]
         default_scheduler = pipe.scheduler
-        pipe.scheduler = make_scheduler(pipe, r["scheduler"], case.get("scheduler_config_overrides"))
+        # A request's scheduler_options go on top of the model's config, like the model's own overrides.
+        overrides = {**case.get("scheduler_config_overrides", {}), **r.get("scheduler_options", {})}
+        pipe.scheduler = make_scheduler(pipe, r["scheduler"], overrides)
         final = {}
 
         def grab(p, i, t, kw):
@@ -740,6 +786,8 @@ def compute_references(pipe: StableDiffusionXLPipeline, refs: Refs) -> dict:
             callback_on_step_end=grab,
             callback_on_step_end_tensor_inputs=["latents"],
         )
+        if "eta" in r or r["scheduler"] in PIPELINE_ETA:
+            kwargs["eta"] = r.get("eta", PIPELINE_ETA.get(r["scheduler"]))
         images = pipe(**kwargs).images  # float32 numpy (N, H, W, 3) in [0, 1]
         scheduler_info = {
             "class": type(pipe.scheduler).__name__,
@@ -783,7 +831,7 @@ def compute_references(pipe: StableDiffusionXLPipeline, refs: Refs) -> dict:
         torch.randn(noise.shape, generator=generator)
         kw2 = dict(kwargs, output_type="latent", callback_on_step_end=None, latents=noise.clone(), generator=generator)
         kw2.pop("callback_on_step_end_tensor_inputs")
-        pipe.scheduler = make_scheduler(pipe, r["scheduler"], case.get("scheduler_config_overrides"))
+        pipe.scheduler = make_scheduler(pipe, r["scheduler"], overrides)
         lat = pipe(**kw2).images
         pipe.scheduler = default_scheduler
         assert torch.equal(lat, final["latents"]), (name, "init noise / final latents mismatch")

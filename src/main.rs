@@ -172,6 +172,10 @@ struct GenerateArgs {
     /// VALUE is read as JSON when it parses, else as a string. Repeatable.
     #[arg(long = "scheduler-option", value_name = "KEY=VALUE")]
     scheduler_options: Vec<String>,
+    /// η, the noise weight of DDIM (default 0: deterministic) and TCD (its γ, default 0.3); other schedulers
+    /// refuse it.
+    #[arg(long)]
+    eta: Option<f64>,
     /// Print how the prompts are read (texts per step, weighted fragments, 77-token chunks). Without an explicit
     /// --output, stop there; with one, generate too.
     #[arg(long)]
@@ -323,6 +327,7 @@ fn build_request(args: &GenerateArgs) -> anyhow::Result<GenerateRequest> {
     request.seed = args.seed.unwrap_or(request.seed);
     request.img_width = args.img_width.unwrap_or(request.img_width);
     request.img_height = args.img_height.unwrap_or(request.img_height);
+    request.eta = args.eta.or(request.eta);
     if let Some(v) = args.prompt_syntax {
         request.prompt_syntax = match v {
             SyntaxArg::A1111 => PromptSyntax::A1111,

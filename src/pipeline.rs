@@ -298,9 +298,26 @@ impl Pipeline {
     /// The request's scheduler, built from the model's scheduler config: checks the name, the step count and the
     /// config's values.
     pub fn scheduler(&self, request: &GenerateRequest) -> Result<Box<dyn Scheduler>> {
+        self.scheduler_for_seed(request, None)
+    }
+
+    /// [`Self::scheduler`] for a run with `seed`: a scheduler that seeds its own noise from its config
+    /// (`noise_sampler_seed`, DPM++ SDE's Brownian tree) gets the run's seed unless the request's options set one.
+    pub fn scheduler_for_seed(&self, request: &GenerateRequest, seed: Option<u64>) -> Result<Box<dyn Scheduler>> {
         let kind = schedulers::lookup(&request.scheduler)?;
-        let config = kind.configure(&self.configs.scheduler, &request.scheduler_options)?;
-        kind.build(&config, request.num_inference_steps as usize)
+        let mut options = request.scheduler_options.clone();
+        if let Some(seed) = seed.filter(|_| kind.reads(schedulers::NOISE_SAMPLER_SEED)) {
+            options.entry(schedulers::NOISE_SAMPLER_SEED).or_insert(seed.into());
+        }
+        let config = kind.configure(&self.configs.scheduler, &options)?;
+        let mut scheduler = kind.build(&config, request.num_inference_steps as usize)?;
+        if let Some(eta) = request.eta {
+            if !scheduler.set_eta(eta)? {
+                let message = format!("{} takes no eta (DDIM and TCD do)", kind.name());
+                return Err(Error::invalid("eta", message));
+            }
+        }
+        Ok(scheduler)
     }
 
     /// Prompt conditioning for a request (text encoders loaded for the call unless resident), read with the
@@ -370,7 +387,7 @@ impl Pipeline {
         seed: u64,
         progress: &mut ProgressFn,
     ) -> Result<Tensor> {
-        self.denoise_with(request, conditioning, self.scheduler(request)?.as_mut(), seed, progress)
+        self.denoise_with(request, conditioning, self.scheduler_for_seed(request, Some(seed))?.as_mut(), seed, progress)
     }
 
     /// [`Self::denoise`] with the request's scheduler already built (see [`Self::scheduler`]).
@@ -433,8 +450,8 @@ impl Pipeline {
     /// One request, end to end (its scheduler built once).
     pub fn generate(&self, request: &GenerateRequest, progress: &mut ProgressFn) -> Result<Generation> {
         request.validate_for_model(self.vae_scale_factor() as u32)?;
-        let mut scheduler = self.scheduler(request)?;
         let seed = request.resolve_seed();
+        let mut scheduler = self.scheduler_for_seed(request, Some(seed))?;
         let conditioning = self.condition_for(request, scheduler.timesteps().len(), progress)?;
         let latents = self.denoise_with(request, &conditioning, scheduler.as_mut(), seed, progress)?;
         let warnings = conditioning.warnings.clone();

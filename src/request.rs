@@ -50,6 +50,10 @@ pub struct GenerateRequest {
     /// `Class.from_config(config, **options)` takes them (`{"timestep_spacing": "trailing"}`).
     #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
     pub scheduler_options: serde_json::Map<String, serde_json::Value>,
+    /// η, the noise weight of the schedulers that take one (diffusers' `eta`): DDIM (default 0, deterministic) and
+    /// TCD (its γ, default 0.3). Refused for other schedulers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta: Option<f64>,
 }
 
 fn default_samples() -> u32 {
@@ -89,6 +93,7 @@ impl GenerateRequest {
             emphasis: Emphasis::default(),
             loras: Vec::new(),
             scheduler_options: serde_json::Map::new(),
+            eta: None,
         }
     }
 

@@ -119,6 +119,10 @@ fn widen(values: &[f32]) -> Vec<f64> {
     values.iter().map(|&v| v as f64).collect()
 }
 
+/// The config key of the seed a scheduler draws its own noise from (`DPMSolverSDEScheduler`'s Brownian tree); the
+/// pipeline sets it to the run's seed unless the request's options do.
+pub const NOISE_SAMPLER_SEED: &str = "noise_sampler_seed";
+
 type Constructor = fn(&SchedulerConfig, usize) -> Result<Box<dyn Scheduler>>;
 
 /// One entry per scheduler: the hosted API's name, other accepted names, and how to build it.
@@ -234,6 +238,12 @@ impl Kind {
         self.0.name
     }
 
+    /// Whether its diffusers class reads config key `key` (a shared schedule key or one of its own).
+    pub fn reads(self, key: &str) -> bool {
+        schedule::SCHEDULE_KEYS.contains(&key)
+            || self.0.keys.iter().any(|group| group.split_whitespace().any(|k| k == key))
+    }
+
     /// The model's config with `options` on top, as `Class.from_config(config, **options)` takes them; a key the
     /// class does not read is an error naming it and the scheduler (the values are checked when it is built).
     pub fn configure(
@@ -243,8 +253,7 @@ impl Kind {
     ) -> Result<SchedulerConfig> {
         let mut config = config.clone();
         for (key, value) in options {
-            let reads = |k: &str| self.0.keys.iter().any(|group| group.split_whitespace().any(|g| g == k));
-            if !reads(key) && !schedule::SCHEDULE_KEYS.contains(&key.as_str()) {
+            if !self.reads(key) {
                 return Err(Error::invalid(
                     "scheduler_options",
                     format!(
