@@ -377,7 +377,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
                     bar.tick();
                 }
             }
-            Progress::Step { step, steps, evaluation, evaluations } => {
+            Progress::Step { step, steps, evaluation, evaluations, .. } => {
                 let template = "{bar:30} step {msg} [{elapsed_precise}<{eta_precise}, {per_sec}]";
                 count_on(&bar, &mut bar_is_steps, template, *evaluation, *evaluations);
                 let evals = if evaluations != steps {

@@ -407,13 +407,15 @@ impl Pipeline {
         let mut rng = TorchRng::new(seed);
         let latents =
             sampling::initial_latents(&mut rng, shape, scheduler.init_noise_sigma(), &self.device, DType::F32)?;
+        // For the progress callback's x₀ (previews): the model's own schedule, whatever the scheduler.
+        let estimator = sampling::DenoisedEstimator::new(&self.configs.scheduler)?;
         stage(progress, "denoising")?;
         let latents = sampling::denoise(
             unet,
             scheduler,
             conditioning,
             latents,
-            sampling::Guidance { scale: request.guidance_scale, height, width },
+            sampling::Guidance { scale: request.guidance_scale, height, width, estimator: &estimator },
             &mut rng,
             progress,
         )?;

@@ -7,17 +7,73 @@ use candle_core::{DType, Device, Tensor};
 use crate::conditioning::{ConditioningSchedule, StepConditioning};
 use crate::models::unet::{AddedConditioning, UNet2DConditionModel};
 use crate::rng::TorchRng;
-use crate::schedulers::Scheduler;
+use crate::schedulers::schedule::{interp, Class, NoiseSchedule, Prediction, Spacing, ALL_PREDICTIONS};
+use crate::schedulers::sigma::alpha_sigma;
+use crate::schedulers::{Scheduler, SchedulerConfig};
 use crate::{Error, Result};
 
 /// Where a generation is; passed to the progress callback.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Progress {
+#[derive(Debug, Clone)]
+pub enum Progress<'a> {
     /// A stage starts (`"loading text encoders"`, `"encoding prompt"`, `"loading unet"`, `"decoding"` …).
     Stage(&'static str),
     /// Model evaluation `evaluation` of `evaluations` finished; `step` of `steps` inference steps is under way or
-    /// done (Heun-like schedulers evaluate the model twice for most steps).
-    Step { step: usize, steps: usize, evaluation: usize, evaluations: usize },
+    /// done (Heun-like schedulers evaluate the model twice for most steps). `latents`: the loop's state, lent
+    /// (`None` where a caller reports steps without latents).
+    Step { step: usize, steps: usize, evaluation: usize, evaluations: usize, latents: Option<StepLatents<'a>> },
+}
+
+/// The denoising loop's state after one model evaluation, lent to the progress callback: nothing is copied unless
+/// the callback asks ([`StepLatents::denoised`] computes x₀ on demand).
+#[derive(Clone, Copy)]
+pub struct StepLatents<'a> {
+    /// The sample after the scheduler's step: what the next evaluation starts from.
+    pub latents: &'a Tensor,
+    /// What the model was given (one guidance half) and what it predicted (guided), at `timestep`.
+    model_input: &'a Tensor,
+    model_output: &'a Tensor,
+    timestep: f64,
+    estimator: &'a DenoisedEstimator,
+}
+
+impl std::fmt::Debug for StepLatents<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StepLatents").field("shape", &self.latents.dims()).field("timestep", &self.timestep).finish()
+    }
+}
+
+impl StepLatents<'_> {
+    /// The x₀ (denoised latents) this evaluation's model output implies: what the image is heading to, as a
+    /// preview shows it. Computed on each call (a few element-wise operations on the latents).
+    pub fn denoised(&self) -> Result<Tensor> {
+        self.estimator.denoised(self.model_output, self.model_input, self.timestep)
+    }
+}
+
+/// x₀ from a model output, for any scheduler: every scheduler hands the model a variance-preserving input
+/// x = α_t·x₀ + σ_t·ε at timestep t (σ-space schedulers scale theirs by 1/√(σ² + 1) for exactly that), so x₀ follows
+/// from the training schedule's α_t, σ_t at t (interpolated for fractional timesteps, as the Euler family's σ(t)) and
+/// the model's prediction type.
+#[derive(Debug, Clone)]
+pub struct DenoisedEstimator {
+    train_sigmas: Vec<f32>,
+    prediction: Prediction,
+}
+
+impl DenoisedEstimator {
+    /// From the model's scheduler config (its betas and prediction type).
+    pub fn new(config: &SchedulerConfig) -> Result<Self> {
+        let class = Class { name: "previews", default_spacing: Spacing::Leading, predictions: ALL_PREDICTIONS };
+        let schedule = NoiseSchedule::new(config, &class)?;
+        Ok(Self { train_sigmas: schedule.train_sigmas(), prediction: schedule.prediction })
+    }
+
+    /// x₀ implied by `model_output` for `model_input` at `timestep`.
+    pub fn denoised(&self, model_output: &Tensor, model_input: &Tensor, timestep: f64) -> Result<Tensor> {
+        let (alpha, sigma) = alpha_sigma(interp(timestep, &self.train_sigmas) as f32);
+        let input = model_input.to_dtype(model_output.dtype())?;
+        self.prediction.x0_at_alpha(model_output, &input, alpha, sigma)
+    }
 }
 
 /// What the progress callback answers.
@@ -29,7 +85,7 @@ pub enum Control {
 }
 
 /// The callback type used throughout the pipeline.
-pub type ProgressFn<'a> = dyn FnMut(&Progress) -> Control + 'a;
+pub type ProgressFn<'a> = dyn for<'p> FnMut(&Progress<'p>) -> Control + 'a;
 
 /// `torch.randn((samples, channels, h, w), generator)` × the scheduler's initial sigma, in `dtype`.
 pub fn initial_latents(
@@ -51,12 +107,14 @@ pub fn time_ids(height: usize, width: usize, batch: usize, device: &Device) -> R
 
 /// The per-request numbers the loop needs besides the conditioning.
 #[derive(Debug, Clone, Copy)]
-pub struct Guidance {
+pub struct Guidance<'a> {
     /// Classifier-free guidance scale (used when the conditioning is guided).
     pub scale: f64,
     /// Image size in pixels, for SDXL's size conditioning.
     pub height: usize,
     pub width: usize,
+    /// How the progress callback's [`StepLatents::denoised`] computes x₀.
+    pub estimator: &'a DenoisedEstimator,
 }
 
 /// Runs the scheduler's timesteps from `latents` and returns the denoised latents. Model evaluation `index` uses
@@ -70,7 +128,7 @@ pub fn denoise(
     rng: &mut TorchRng,
     progress: &mut ProgressFn,
 ) -> Result<Tensor> {
-    let Guidance { scale: guidance_scale, height, width } = guidance;
+    let Guidance { scale: guidance_scale, height, width, estimator } = guidance;
     let device = latents.device().clone();
     let batch = latents.dim(0)? * if conditioning.guided { 2 } else { 1 };
     let time_ids = time_ids(height, width, batch, &device)?.to_dtype(unet.dtype())?;
@@ -92,7 +150,16 @@ pub fn denoise(
         latents = scheduler.step(&prediction, index, &latents, rng)?;
         let evaluation = index + 1;
         let step = (evaluation * steps).div_ceil(evaluations);
-        if progress(&Progress::Step { step, steps, evaluation, evaluations }) == Control::Stop {
+        let model_input = if conditioning.guided { input.narrow(0, 0, input.dim(0)? / 2)? } else { input };
+        let state = StepLatents {
+            latents: &latents,
+            model_input: &model_input,
+            model_output: &prediction,
+            timestep: t,
+            estimator,
+        };
+        let report = Progress::Step { step, steps, evaluation, evaluations, latents: Some(state) };
+        if progress(&report) == Control::Stop {
             return Err(Error::Cancelled);
         }
     }

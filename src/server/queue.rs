@@ -321,7 +321,7 @@ mod tests {
             }
             for step in 0..3 {
                 self.steps.lock().unwrap().recv_timeout(Duration::from_secs(10)).unwrap();
-                let p = crate::Progress::Step { step, steps: 3, evaluation: step, evaluations: 3 };
+                let p = crate::Progress::Step { step, steps: 3, evaluation: step, evaluations: 3, latents: None };
                 if progress(&p) == Control::Stop {
                     return Err(Error::Cancelled);
                 }
