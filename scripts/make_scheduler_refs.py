@@ -74,7 +74,13 @@ VARIATIONS = {
     "bare_clip_sample": {"clip_sample": True},
     "eta_0": {},
     "eta_1": {},
+    "img2img": {},
 }
+
+# Image-to-image (the "img2img" variation): as the SDXL img2img pipeline runs a scheduler at `strength`
+# (`get_timesteps`, `set_begin_index`, `add_noise` of a clean sample with noise from its own seeded generator).
+STRENGTH = 0.6
+IMG2IMG_NOISE_SEED = 99
 
 # The η a request without `eta` runs with, where it is not the SDXL pipeline's default 0.0: TCD keeps its own step
 # default γ = 0.3 (as its model cards use it). The references pass it to the pipeline explicitly.
@@ -123,6 +129,17 @@ def floats(t):
     return [float(v) for v in t.detach().double().flatten().tolist()]
 
 
+def img2img_start(s, steps):
+    """diffusers' `get_timesteps(steps, STRENGTH)`: the begin index into `s.timesteps`."""
+    init_timestep = min(int(steps * STRENGTH), steps)
+    if init_timestep == 0:
+        raise ValueError(f"strength {STRENGTH} leaves no step of {steps}")
+    begin = max(steps - init_timestep, 0) * s.order
+    if hasattr(s, "set_begin_index"):
+        s.set_begin_index(begin)
+    return begin
+
+
 def run(name, variation, steps):
     s = build(name, variation)
     s.set_timesteps(steps)
@@ -138,8 +155,14 @@ def run(name, variation, steps):
         case["sigmas"] = floats(torch.as_tensor(sigmas))
     generator = torch.Generator("cpu").manual_seed(SEED)
     x = initial_sample() * s.init_noise_sigma
+    begin = 0
+    if variation == "img2img":
+        begin = img2img_start(s, steps)
+        noise = torch.randn(SHAPE, generator=torch.Generator("cpu").manual_seed(IMG2IMG_NOISE_SEED))
+        x = s.add_noise(initial_sample(), noise, s.timesteps[begin : begin + 1])
+        case.update(strength=STRENGTH, begin=begin, noise_seed=IMG2IMG_NOISE_SEED, noised_sample=floats(x))
     scaled = []
-    for i, t in enumerate(s.timesteps):
+    for i, t in enumerate(s.timesteps[begin:]):
         inp = s.scale_model_input(x, t)
         if i < 3:
             scaled.append(floats(inp))
@@ -175,6 +198,7 @@ def main():
         "bare_variations": list(BARE_VARIATIONS),
         "schedulers": {k: {"class": v[0], "options": v[1]} for k, v in SCHEDULERS.items()},
         "deis_only_keys": list(DEIS_ONLY_KEYS),
+        "strength": STRENGTH,
         "shape": list(SHAPE),
         "seed": SEED,
         "cases": cases,

@@ -71,16 +71,26 @@ fn registered_schedulers_match_diffusers() {
         let variation = case["variation"].as_str().unwrap();
         let steps = case["steps"].as_u64().unwrap() as usize;
         let what = format!("{name} / {variation} / {steps} steps");
-        let built = schedulers::create(name, &config(&fixture, variation), steps);
+        let img2img = variation == "img2img";
+        let built = schedulers::create(name, &config(&fixture, variation), steps).and_then(|s| {
+            let begin =
+                if img2img { schedulers::img2img_start(s.as_ref(), fixture["strength"].as_f64().unwrap())? } else { 0 };
+            Ok((s, begin))
+        });
         if let Some(diffusers_error) = case.get("error") {
-            // diffusers rejects this combination (PNDM's Runge–Kutta warm-up below 4 steps): we must refuse it too,
-            // with an error that says why.
+            // diffusers rejects this combination (PNDM's Runge–Kutta warm-up below 4 steps, a strength that leaves no
+            // step): we must refuse it too, with an error that names the parameter.
             let e = built.err().unwrap_or_else(|| panic!("{what}: diffusers failed ({diffusers_error}), we did not"));
-            assert!(e.to_string().contains("num_inference_steps"), "{what}: unclear error {e}");
+            let field = if diffusers_error.as_str().unwrap().contains("strength 0.6") {
+                "strength"
+            } else {
+                "num_inference_steps"
+            };
+            assert!(e.to_string().contains(field), "{what}: unclear error {e}");
             refused += 1;
             continue;
         }
-        let mut s = built.unwrap();
+        let (mut s, begin) = built.unwrap();
         if let Some(eta) = case.get("eta") {
             // The reference passed `eta` to `step`, as the pipeline passes the request's `eta`.
             assert!(s.set_eta(eta.as_f64().unwrap()).unwrap(), "{what}: the scheduler must take eta");
@@ -102,10 +112,19 @@ fn registered_schedulers_match_diffusers() {
 
         let mut rng = TorchRng::new(seed);
         let mut x = (initial_sample(&shape) * init).unwrap();
+        if img2img {
+            // The clean sample noised to the first evaluation's level, with noise from its own generator.
+            assert_eq!(begin as u64, case["begin"].as_u64().unwrap(), "{what}: first evaluation");
+            let noise = TorchRng::new(case["noise_seed"].as_u64().unwrap()).randn_tensor(&shape, &Device::Cpu).unwrap();
+            x = s.add_noise(&initial_sample(&shape), &noise, begin).unwrap();
+            let ours: Vec<f64> = x.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).collect();
+            let err = relative(&ours, &floats(&case["noised_sample"]));
+            assert!(err <= SAMPLE_TOLERANCE, "{what}: add_noise relative error {err:e}");
+        }
         let scaled_refs = case["scaled_inputs"].as_array().unwrap();
-        for (index, &t) in timesteps.iter().enumerate() {
+        for (index, &t) in timesteps.iter().enumerate().skip(begin) {
             let input = s.scale_model_input(x.clone(), index).unwrap();
-            if let Some(reference) = scaled_refs.get(index) {
+            if let Some(reference) = scaled_refs.get(index - begin) {
                 let ours: Vec<f64> =
                     input.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).collect();
                 let err = relative(&ours, &floats(reference));

@@ -49,6 +49,11 @@ impl Scheduler for Ddim {
         &self.table
     }
 
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        let (alpha, sigma) = self.schedule.alpha_sigma_at(self.table.timesteps[index] as usize);
+        Ok((scale(original, alpha)? + scale(noise, sigma)?)?)
+    }
+
     fn set_eta(&mut self, eta: f64) -> Result<bool> {
         if !(eta >= 0.0 && eta.is_finite()) {
             return Err(Error::invalid("eta", format!("DDIM's eta must be 0 or more, got {eta}")));

@@ -52,6 +52,11 @@ impl Scheduler for Ddpm {
         &self.table
     }
 
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        let (alpha, sigma) = self.schedule.alpha_sigma_at(self.table.timesteps[index] as usize);
+        Ok((scale(original, alpha)? + scale(noise, sigma)?)?)
+    }
+
     fn update(&mut self, out: &Tensor, index: usize, sample: &Tensor, rng: &mut TorchRng) -> Result<Tensor> {
         let alphas_cumprod = &self.schedule.alphas_cumprod;
         let timesteps = &self.table.timesteps;

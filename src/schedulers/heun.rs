@@ -57,6 +57,10 @@ impl Scheduler for Heun {
         &self.table
     }
 
+    fn order(&self) -> usize {
+        2
+    }
+
     fn update(&mut self, out: &Tensor, index: usize, sample: &Tensor, _rng: &mut TorchRng) -> Result<Tensor> {
         let first = self.pending.is_none();
         // The first evaluation of a step is at σ[index]; the second at σ[index], the first's target.

@@ -114,6 +114,10 @@ impl Scheduler for Kdpm2 {
         &self.table
     }
 
+    fn order(&self) -> usize {
+        2
+    }
+
     fn update(&mut self, out: &Tensor, index: usize, sample: &Tensor, rng: &mut TorchRng) -> Result<Tensor> {
         let (k, _) = position(index);
         let (sigma, mid) = (self.sigmas[k], self.midpoints[k]);

@@ -80,6 +80,11 @@ impl Scheduler for Lcm {
         &self.table
     }
 
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        let (alpha, sigma) = self.schedule.alpha_sigma_at(self.table.timesteps[index] as usize);
+        Ok((scale(original, alpha)? + scale(noise, sigma)?)?)
+    }
+
     fn update(&mut self, out: &Tensor, index: usize, sample: &Tensor, rng: &mut TorchRng) -> Result<Tensor> {
         let timesteps = &self.table.timesteps;
         let t = timesteps[index];

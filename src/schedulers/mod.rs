@@ -72,6 +72,30 @@ pub trait Scheduler: Send {
     /// diffusers computes in). Any noise is drawn from `rng`.
     fn update(&mut self, model_output: &Tensor, index: usize, sample: &Tensor, rng: &mut TorchRng) -> Result<Tensor>;
 
+    /// How many model evaluations make one inference step (diffusers' `scheduler.order`: 2 for Heun and DPM2,
+    /// whose timesteps repeat each level, else 1). Image-to-image starts at evaluation `t_start · order`.
+    fn order(&self) -> usize {
+        1
+    }
+
+    /// The forward process to evaluation `index`'s noise level (diffusers' `add_noise`, as image-to-image calls it
+    /// with the scheduler's begin index): `x₀ + σ·noise` in σ-space, `α·x₀ + σ_t·noise` with (α, σ_t) of the level
+    /// for the multistep solvers. The variance-preserving schedulers without σ tables (DDIM, DDPM, PNDM, LCM, TCD)
+    /// override it with √ᾱ_t, √(1 − ᾱ_t) of the evaluation's timestep.
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        let table = self.timetable();
+        let sigmas = table.sigmas.as_deref().ok_or_else(|| {
+            Error::Tensor(candle_core::Error::Msg("this scheduler must implement add_noise itself".into()))
+        })?;
+        let level = sigmas[index] as f32;
+        if table.input_sigmas.is_some() {
+            Ok((original + sigma::scale(noise, level)?)?)
+        } else {
+            let (alpha, sigma_t) = sigma::alpha_sigma(level);
+            Ok((sigma::scale(original, alpha)? + sigma::scale(noise, sigma_t)?)?)
+        }
+    }
+
     /// Sets η, the noise weight diffusers passes to `step(eta=…)`: DDIM's (default 0) and TCD's γ (default 0.3).
     /// Returns `Ok(false)` for schedulers whose step takes no η, an error for a value out of the scheduler's range.
     fn set_eta(&mut self, _eta: f64) -> Result<bool> {
@@ -117,6 +141,27 @@ pub trait Scheduler: Send {
 /// f32 tables as the f64 lists diffusers' tensors print as.
 fn widen(values: &[f32]) -> Vec<f64> {
     values.iter().map(|&v| v as f64).collect()
+}
+
+/// The first model evaluation of an image-to-image run at `strength` (diffusers' `get_timesteps` with
+/// `denoising_start` unset): the last `⌊n·strength⌋` of the scheduler's n steps run, from evaluation
+/// `(n − ⌊n·strength⌋) · order`. An error names `strength` when it is outside (0, 1] or leaves no step to run.
+pub fn img2img_start(scheduler: &dyn Scheduler, strength: f64) -> Result<usize> {
+    if !(strength > 0.0 && strength <= 1.0) {
+        return Err(Error::invalid("strength", format!("must be in (0, 1], got {strength}")));
+    }
+    let n = scheduler.num_inference_steps();
+    let init = ((n as f64 * strength) as usize).min(n);
+    if init == 0 {
+        return Err(Error::invalid(
+            "strength",
+            format!(
+                "{strength} of {n} steps leaves no step to run (⌊steps·strength⌋ = 0): raise strength or \
+                 num_inference_steps"
+            ),
+        ));
+    }
+    Ok((n - init) * scheduler.order())
 }
 
 /// The config key of the seed a scheduler draws its own noise from (`DPMSolverSDEScheduler`'s Brownian tree); the

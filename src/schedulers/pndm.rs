@@ -34,6 +34,9 @@ pub struct Pndm {
     rk_sum: Option<Tensor>,
     /// The sample every evaluation of the current warm-up step starts from.
     start: Option<Tensor>,
+    /// Model evaluations stepped so far (diffusers' `counter`: it drives the warm-up, and counts from the first
+    /// evaluation run, which image-to-image starts later in the table).
+    counter: usize,
 }
 
 impl Pndm {
@@ -81,6 +84,7 @@ impl Pndm {
             history: Vec::with_capacity(ORDER),
             rk_sum: None,
             start: None,
+            counter: 0,
         }))
     }
 
@@ -170,13 +174,19 @@ impl Scheduler for Pndm {
         &self.table
     }
 
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        let (alpha, sigma) = self.schedule.alpha_sigma_at(self.table.timesteps[index] as usize);
+        Ok((scale(original, alpha)? + scale(noise, sigma)?)?)
+    }
+
     fn update(&mut self, out: &Tensor, index: usize, sample: &Tensor, _rng: &mut TorchRng) -> Result<Tensor> {
         let t = self.table.timesteps[index] as i64;
-        let prev = if index < self.prk_evaluations {
-            self.step_prk(out, index, t, sample)?
+        let counter = self.counter;
+        self.counter += 1;
+        if counter < self.prk_evaluations {
+            self.step_prk(out, counter, t, sample)
         } else {
-            self.step_plms(out, index, t, sample)?
-        };
-        Ok(prev)
+            self.step_plms(out, counter, t, sample)
+        }
     }
 }

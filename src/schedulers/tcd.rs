@@ -43,6 +43,11 @@ impl Scheduler for Tcd {
         &self.table
     }
 
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        let (alpha, sigma) = self.schedule.alpha_sigma_at(self.table.timesteps[index] as usize);
+        Ok((scale(original, alpha)? + scale(noise, sigma)?)?)
+    }
+
     fn set_eta(&mut self, eta: f64) -> Result<bool> {
         if !(0.0..=1.0).contains(&eta) {
             return Err(Error::invalid("eta", format!("TCD's gamma must be between 0 and 1, got {eta}")));
