@@ -17,13 +17,16 @@ use crate::models::taesd::TaesdDecoder;
 use crate::pipeline::to_image;
 use crate::{Error, Result};
 
-/// The SDXL latent → RGB factors of ComfyUI, `comfy/latent_formats.py`, class `SDXL`, `latent_rgb_factors` (one row
-/// per latent channel, columns R, G, B), as ComfyUI's "Latent2RGB" previewer uses them (`latent_preview.py`).
+/// The SDXL latent → RGB factors of ComfyUI (github.com/comfyanonymous/ComfyUI, `comfy/latent_formats.py`, class
+/// `SDXL`, `latent_rgb_factors`; read at commit 040a3243), one row per latent channel, columns R, G, B, as its
+/// "Latent2RGB" previewer applies them (`latent_preview.py`: `F.linear(x0, factorsᵀ, bias)`, clamped to [-1, 1],
+/// then `(x + 1) · 127.5` rounded).
 ///
-/// They approximate the SDXL VAE decoder by one linear map per pixel: SDXL latents as the denoising loop holds them
-/// (scaled by 0.13025, not divided back) to the colour, in [-1, 1], of the 8 × 8 pixels the VAE decodes each latent
-/// pixel into; a least-squares fit to the VAE's decodes. They replaced ComfyUI's earlier SDXL factors (the ones still
-/// in its `SDXL_Playground_2_5`), which had no bias.
+/// What they approximate: the SDXL VAE decoder, by one affine map per latent pixel, from the latents as the
+/// denoising loop holds them (scaled by 0.13025, not divided back) to the colour, in [-1, 1], of the 8 × 8 pixels
+/// the VAE decodes that latent pixel into. They are a fit to the VAE's decodes, so colours come out roughly right and
+/// nothing finer than a latent pixel shows. They replaced ComfyUI's earlier SDXL factors (still those of its
+/// `SDXL_Playground_2_5`), which had no bias.
 pub const SDXL_LATENT_RGB_FACTORS: [[f32; 3]; 4] =
     [[0.3651, 0.4232, 0.4341], [-0.2533, -0.0042, 0.1068], [0.1076, 0.1111, -0.0362], [-0.3165, -0.2492, -0.2188]];
 
