@@ -1,6 +1,7 @@
 //! Benchmarks of the engine's parts on a full-size SDXL model (random weights made by `benches/make_full_model.py`).
 //!
-//! `cargo bench --bench sdxl -- --case CASE [--model DIR] [--size PX] [--iters N] [--warmup N] [--dtype f32|f16|bf16]`
+//! `cargo bench --bench sdxl -- --case CASE [--model DIR] [--size PX] [--iters N] [--warmup N] [--dtype f32|f16|bf16]
+//! [--lora FILE] [--taesd DIR]`
 //!
 //! Cases (each is meant to run in its own process, so that the peak resident memory printed is the case's own):
 //! - `unet-cfg`: one classifier-free-guidance UNet call (batch 2) on a `size`² image's latents;
@@ -11,7 +12,10 @@
 //! - `lora-merge`: loading the UNet with and without a LoRA (`--lora FILE`, e.g. from `benches/make_full_lora.py`):
 //!   the difference is the merge;
 //! - `startup`: `Pipeline::load` + a 1-step generation, reporting the time from process start to the first
-//!   denoising step (text encoders loaded, run and freed, UNet loaded).
+//!   denoising step (text encoders loaded, run and freed, UNet loaded);
+//! - `taesd-decode`: TAESD-XL decoding one `size`² image's latents: the TAESD at `--taesd DIR` (a folder or hub id),
+//!   else random weights made in-process with madebyollin/taesdxl's config (no model needed);
+//! - `preview-linear`: the linear latent → RGB preview of one `size`² image, up to the 8-bit image (no model needed).
 //!
 //! Prints one JSON object per line: case, settings, min / median / mean seconds, peak resident memory (GB).
 
@@ -41,6 +45,8 @@ struct Args {
     dtype: DType,
     /// A LoRA file for `lora-merge`.
     lora: Option<PathBuf>,
+    /// A TAESD folder or hub id for `taesd-decode` (random weights without it).
+    taesd: Option<String>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -55,6 +61,7 @@ fn parse_args() -> Result<Args, String> {
         warmup: 1,
         dtype: DType::F32,
         lora: None,
+        taesd: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -63,6 +70,7 @@ fn parse_args() -> Result<Args, String> {
             "--case" => args.case = value()?,
             "--model" => args.model = PathBuf::from(value()?),
             "--lora" => args.lora = Some(PathBuf::from(value()?)),
+            "--taesd" => args.taesd = Some(value()?),
             "--size" => args.size = value()?.parse().map_err(|e| format!("--size: {e}"))?,
             "--iters" => args.iters = value()?.parse().map_err(|e| format!("--iters: {e}"))?,
             "--warmup" => args.warmup = value()?.parse().map_err(|e| format!("--warmup: {e}"))?,
@@ -82,7 +90,7 @@ fn parse_args() -> Result<Args, String> {
     if args.case.is_empty() {
         return Err(
             "--case is required (unet-cfg, text-encoders, vae-decode, vae-decode-bands, scheduler-step, startup, gemm, \
-             lora-merge)"
+             lora-merge, taesd-decode, preview-linear)"
                 .into(),
         );
     }
@@ -139,10 +147,15 @@ fn options(args: &Args) -> PipelineOptions {
 }
 
 fn run(args: &Args, process_start: Instant) -> Result<(), Box<dyn std::error::Error>> {
-    if args.case == "gemm" {
-        gemm_shapes(args);
-        few_rows_shapes(args);
-        return Ok(());
+    match args.case.as_str() {
+        "gemm" => {
+            gemm_shapes(args);
+            few_rows_shapes(args);
+            return Ok(());
+        }
+        "taesd-decode" => return taesd_decode(args),
+        "preview-linear" => return preview_linear(args),
+        _ => {}
     }
     if !args.model.join("model_index.json").is_file() {
         return Err(format!(
@@ -273,6 +286,53 @@ fn run(args: &Args, process_start: Instant) -> Result<(), Box<dyn std::error::Er
         }
         other => return Err(format!("unknown case {other}").into()),
     }
+    Ok(())
+}
+
+/// madebyollin/taesdxl's decoder config (the values of its hub `config.json`, which are also diffusers'
+/// `AutoencoderTiny` defaults): 4 stages of 64 channels with [3, 3, 3, 1] blocks, ReLU, 2× nearest up-sampling.
+const TAESDXL_CONFIG: &str = r#"{
+  "_class_name": "AutoencoderTiny", "act_fn": "relu", "decoder_block_out_channels": [64, 64, 64, 64],
+  "latent_channels": 4, "num_decoder_blocks": [3, 3, 3, 1], "out_channels": 3, "scaling_factor": 1.0,
+  "upsampling_scaling_factor": 2
+}"#;
+
+/// `taesd-decode`: TAESD-XL's decode of one `size`² image's latents.
+fn taesd_decode(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
+    use dreamshaper::models::taesd::{TaesdConfig, TaesdDecoder};
+    let device = Device::Cpu;
+    // Kept alive while the random decoder is used: it owns the weights.
+    let varmap = candle_nn::VarMap::new();
+    let (taesd, weights) = match &args.taesd {
+        Some(spec) => (dreamshaper::loading::load_taesd(spec, args.dtype, &device)?, spec.clone()),
+        None => {
+            let config: TaesdConfig = serde_json::from_str(TAESDXL_CONFIG)?;
+            let vb = candle_nn::VarBuilder::from_varmap(&varmap, args.dtype, &device);
+            (TaesdDecoder::new(vb, &config)?, "random (madebyollin/taesdxl's config)".to_string())
+        }
+    };
+    let latent = args.size / 8;
+    let z = Tensor::randn(0f32, 1., (1, 4, latent, latent), &device)?;
+    let mut shape = Vec::new();
+    let seconds = time(args.warmup, args.iters, || {
+        shape = taesd.decode_latents(&z).expect("TAESD decode").dims().to_vec();
+    });
+    report("taesd-decode", args, seconds, json!({ "taesd": weights, "image_shape": shape }));
+    Ok(())
+}
+
+/// `preview-linear`: the linear latent → RGB preview of one `size`² image, from latents to the 8-bit image.
+fn preview_linear(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
+    use dreamshaper::preview::{LatentRgb, Previewer};
+    let latent = args.size / 8;
+    let z = Tensor::randn(0f32, 1., (1, 4, latent, latent), &Device::Cpu)?;
+    let previewer = Previewer::LatentRgb(LatentRgb::sdxl(8));
+    let decode_only = median(time(args.warmup, args.iters, || drop(previewer.decode(&z).expect("projection"))));
+    let mut size = (0, 0);
+    let seconds = time(args.warmup, args.iters, || {
+        size = previewer.preview(&z).expect("preview").dimensions();
+    });
+    report("preview-linear", args, seconds, json!({ "image": [size.0, size.1], "tensor_only_median_s": decode_only }));
     Ok(())
 }
 

@@ -17,6 +17,7 @@ pub mod loading;
 pub mod models;
 pub mod output;
 pub mod pipeline;
+pub mod preview;
 pub mod prompt;
 pub mod request;
 pub mod rng;

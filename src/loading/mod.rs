@@ -5,8 +5,10 @@ pub mod mapped;
 pub mod repo;
 pub mod single_file;
 pub mod source;
+pub mod taesd;
 pub mod weights;
 
 pub use repo::{read_json, ModelRepo, DEFAULT_MODEL};
 pub use source::{Component, ModelConfigs, ModelSource};
+pub use taesd::{load_taesd, DEFAULT_TAESD};
 pub use weights::Weights;

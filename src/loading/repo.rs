@@ -129,10 +129,15 @@ impl ModelRepo {
                 return self.shards(component, &index);
             }
         }
-        Err(Error::NotFound(format!(
-            "{}: no weights for `{component}` ({component}/{stem}.safetensors or its .fp16 variant)",
-            self.describe()
-        )))
+        Err(Error::NotFound(if component.is_empty() {
+            // A single-component repository (a VAE's, a TAESD's): the weights sit at its root.
+            format!("{}: no weights ({stem}.safetensors or its .fp16 variant)", self.describe())
+        } else {
+            format!(
+                "{}: no weights for `{component}` ({component}/{stem}.safetensors or its .fp16 variant)",
+                self.describe()
+            )
+        }))
     }
 
     fn shards(&self, component: &str, index: &Path) -> Result<Vec<PathBuf>> {

@@ -87,6 +87,31 @@ impl Conv2d {
         let config = Conv2dConfig { padding, stride, ..Default::default() };
         Ok(Self { inner: ConvWeights::Candle(candle_nn::conv2d(c_in, c_out, kernel, config, vb)?), params })
     }
+
+    /// `nn.Conv2d(…, bias=False)`: only a `weight` in the checkpoint. Runs as a convolution with a zero bias, so that
+    /// it takes the same kernels as [`Self::new`] (adding 0 changes no value).
+    pub fn new_no_bias(
+        vb: VarBuilder,
+        c_in: usize,
+        c_out: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        let params = ConvParams { stride, padding };
+        let shape = (c_out, c_in, kernel, kernel);
+        let init = candle_nn::init::DEFAULT_KAIMING_NORMAL;
+        if is_mixed_bf16(&vb) {
+            let vb = vb.to_dtype(DType::F32);
+            let weight = vb.get_with_hints(shape, "weight", init)?;
+            let packed = Conv2dBf16::new(&weight, &Tensor::zeros(c_out, DType::F32, vb.device())?, params)?;
+            return Ok(Self { inner: ConvWeights::PackedBf16(Arc::new(packed)), params });
+        }
+        let weight = vb.get_with_hints(shape, "weight", init)?;
+        let bias = Tensor::zeros(c_out, weight.dtype(), weight.device())?;
+        let config = Conv2dConfig { padding, stride, ..Default::default() };
+        Ok(Self { inner: ConvWeights::Candle(candle_nn::Conv2d::new(weight, Some(bias), config)), params })
+    }
 }
 
 impl Module for Conv2d {

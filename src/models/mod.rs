@@ -8,6 +8,7 @@ pub mod clip;
 pub mod embeddings;
 pub mod layers;
 pub mod resnet;
+pub mod taesd;
 pub mod transformer;
 pub mod unet;
 pub mod vae;
