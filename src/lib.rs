@@ -28,7 +28,7 @@ pub mod server;
 pub mod tokenizer;
 
 pub use error::{Error, Result};
-pub use pipeline::{Generation, Pipeline, PipelineOptions, Residency, VaeTiling};
+pub use pipeline::{FinalDecoder, Generation, Pipeline, PipelineOptions, Residency, VaeTiling};
 pub use prompt::{Emphasis, PromptSyntax};
 pub use request::GenerateRequest;
 pub use sampling::{Control, Progress};

@@ -9,11 +9,14 @@ use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use dreamshaper::adapters::LoraSpec;
 use dreamshaper::bench::{self, BenchEvent, BenchOptions};
-use dreamshaper::loading::DEFAULT_MODEL;
+use dreamshaper::loading::{load_taesd, DEFAULT_MODEL, DEFAULT_TAESD};
 use dreamshaper::output::{a1111_parameters, output_paths, save_png};
+use dreamshaper::preview::{LatentRgb, Previewer};
+use dreamshaper::sampling::StepLatents;
 use dreamshaper::server::{self, ApiKeys, Ranges, Server, ServerConfig};
 use dreamshaper::{
-    Control, Emphasis, GenerateRequest, Pipeline, PipelineOptions, Progress, PromptSyntax, Residency, VaeTiling,
+    Control, Emphasis, FinalDecoder, GenerateRequest, Pipeline, PipelineOptions, Progress, PromptSyntax, Residency,
+    VaeTiling,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -105,6 +108,14 @@ struct ModelArgs {
     /// stem is read as its vectors in both text encoders.
     #[arg(long)]
     embeddings_dir: Option<PathBuf>,
+    /// What decodes the final images: the model's VAE, or TAESD-XL (a fast draft decode, softer in fine detail;
+    /// its weights from --preview-vae, by default madebyollin/taesdxl).
+    #[arg(long, value_enum, default_value = "vae")]
+    vae_decoder: DecoderArg,
+    /// TAESD-XL weights (diffusers `AutoencoderTiny`: a folder or hub id such as madebyollin/taesdxl) for
+    /// `--preview` images and `--vae-decoder taesd`. Without it, previews use a fixed linear latent→RGB map.
+    #[arg(long, value_name = "DIR|HUB_ID")]
+    preview_vae: Option<String>,
 }
 
 impl ModelArgs {
@@ -122,6 +133,12 @@ impl ModelArgs {
             loras,
             lora_dir: self.lora_dir.clone(),
             embeddings_dir: self.embeddings_dir.clone(),
+            decoder: match self.vae_decoder {
+                DecoderArg::Vae => FinalDecoder::Vae,
+                DecoderArg::Taesd => {
+                    FinalDecoder::Taesd(self.preview_vae.clone().unwrap_or_else(|| DEFAULT_TAESD.to_string()))
+                }
+            },
         })
     }
 
@@ -132,6 +149,12 @@ impl ModelArgs {
             _ => VaeTiling::Auto,
         }
     }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DecoderArg {
+    Vae,
+    Taesd,
 }
 
 #[derive(Args)]
@@ -183,6 +206,14 @@ struct GenerateArgs {
     /// Output PNG (default out.png); with several samples, `out_0.png`, `out_1.png`, …
     #[arg(long, short)]
     output: Option<PathBuf>,
+    /// Keep rewriting this PNG with the picture the run is heading to (the current x₀ prediction of the first
+    /// sample; TAESD-XL with --preview-vae, else a linear latent→RGB map), so an image viewer shows it forming; it
+    /// ends as the final image.
+    #[arg(long, value_name = "PATH")]
+    preview: Option<PathBuf>,
+    /// Rewrite the preview every N model evaluations (default 1).
+    #[arg(long, value_name = "N", requires = "preview", value_parser = clap::value_parser!(u32).range(1..))]
+    preview_every: Option<u32>,
     /// No progress display.
     #[arg(long, short)]
     quiet: bool,
@@ -367,9 +398,24 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     }
     let output = args.output.clone().unwrap_or_else(|| PathBuf::from("out.png"));
 
+    let mut preview = match &args.preview {
+        Some(path) => {
+            let previewer = match &args.model.preview_vae {
+                Some(spec) => Previewer::Taesd(load_taesd(spec, pipeline.dtype(), pipeline.device())?),
+                None => Previewer::LatentRgb(LatentRgb::sdxl(pipeline.vae_scale_factor())),
+            };
+            Some(LivePreview::new(previewer, path.clone(), args.preview_every.unwrap_or(1) as usize))
+        }
+        None => None,
+    };
+
     let bar = if show { ProgressBar::new_spinner() } else { ProgressBar::hidden() };
     let mut bar_is_steps = false;
     let mut on_progress = |p: &Progress| {
+        if let (Some(preview), Progress::Step { evaluation, evaluations, latents: Some(state), .. }) = (&mut preview, p)
+        {
+            preview.step(*evaluation, *evaluations, state);
+        }
         match p {
             Progress::Stage(name) => {
                 if !bar_is_steps {
@@ -402,8 +448,54 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         save_png(image, path, &parameters)?;
         println!("{}", path.display());
     }
+    if let Some(preview) = preview {
+        preview.finish(&generation.images[0]);
+    }
     eprintln!("seed: {}", generation.seed);
     Ok(())
+}
+
+/// `--preview`: rewrites a PNG with the current x₀ every `every` model evaluations.
+struct LivePreview {
+    previewer: Previewer,
+    path: PathBuf,
+    every: usize,
+    /// The first failure, reported once (a preview never stops the generation).
+    failed: bool,
+}
+
+impl LivePreview {
+    fn new(previewer: Previewer, path: PathBuf, every: usize) -> Self {
+        Self { previewer, path, every, failed: false }
+    }
+
+    fn step(&mut self, evaluation: usize, evaluations: usize, state: &StepLatents) {
+        if self.failed || (!evaluation.is_multiple_of(self.every) && evaluation != evaluations) {
+            return;
+        }
+        let written = state.denoised().and_then(|x0| self.previewer.preview(&x0)).map_err(anyhow::Error::from);
+        if let Err(e) = written.and_then(|image| self.write(&image)) {
+            eprintln!("warning: --preview {}: {e:#} (no further previews)", self.path.display());
+            self.failed = true;
+        }
+    }
+
+    /// Writes beside the file and renames over it, so a viewer never reads a half-written PNG.
+    fn write(&self, image: &image::RgbImage) -> anyhow::Result<()> {
+        let mut partial = self.path.clone().into_os_string();
+        partial.push(".partial.png");
+        let partial = PathBuf::from(partial);
+        image.save(&partial).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", partial.display()))?;
+        std::fs::rename(&partial, &self.path)
+            .map_err(|e| anyhow::anyhow!("cannot replace {}: {e}", self.path.display()))
+    }
+
+    /// The preview ends as the final (first) image.
+    fn finish(self, image: &image::RgbImage) {
+        if let Err(e) = self.write(image) {
+            eprintln!("warning: --preview {}: {e:#}", self.path.display());
+        }
+    }
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {

@@ -11,9 +11,11 @@ use crate::adapters::embeddings::TextualInversion;
 use crate::adapters::requested::{short_hash, specs_in_dir, take_prompt_tags};
 use crate::adapters::{LoraFile, LoraSpec};
 use crate::conditioning::{ConditioningSchedule, PromptInputs, TextEncoders};
+use crate::loading::load_taesd;
 use crate::loading::{Component, ModelConfigs, ModelSource};
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
 use crate::models::layers::{compute_dtype, LinearLayout};
+use crate::models::taesd::TaesdDecoder;
 use crate::models::unet::UNet2DConditionModel;
 use crate::models::vae::VaeDecoder;
 pub use crate::models::vae_bands::VaeTiling;
@@ -57,6 +59,19 @@ pub struct PipelineOptions {
     /// Textual-inversion embeddings (SDXL `clip_l` + `clip_g` files): a prompt word equal to a file's stem is read
     /// as its vectors, in both text encoders.
     pub embeddings_dir: Option<PathBuf>,
+    /// What decodes the final images: the model's VAE, or TAESD-XL for fast drafts.
+    pub decoder: FinalDecoder,
+}
+
+/// What decodes the denoised latents into the final images.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum FinalDecoder {
+    /// The model's VAE (or the `--vae` replacement): full quality.
+    #[default]
+    Vae,
+    /// TAESD-XL (`AutoencoderTiny`; a folder or hub id such as [`crate::loading::DEFAULT_TAESD`]): a draft decode
+    /// several times faster than the VAE, softer in fine detail and texture.
+    Taesd(String),
 }
 
 impl Default for PipelineOptions {
@@ -71,6 +86,7 @@ impl Default for PipelineOptions {
             loras: Vec::new(),
             lora_dir: None,
             embeddings_dir: None,
+            decoder: FinalDecoder::Vae,
         }
     }
 }
@@ -104,6 +120,8 @@ pub struct Pipeline {
     vae_tiling: VaeTiling,
     residency: Residency,
     resident: Resident,
+    /// The TAESD decoder when it decodes the final images ([`FinalDecoder::Taesd`]; small, so always resident).
+    taesd: Option<TaesdDecoder>,
     /// The pipeline's own LoRAs (merged for every request), and where requests' LoRAs are found.
     base_loras: Vec<LoraSpec>,
     lora_dir: Option<PathBuf>,
@@ -128,6 +146,7 @@ impl Pipeline {
             vae_tiling: options.vae_tiling,
             residency: options.residency,
             resident: Resident::default(),
+            taesd: None,
             base_loras: options.loras.clone(),
             lora_dir: options.lora_dir.clone(),
             merged_loras: Vec::new(),
@@ -137,6 +156,9 @@ impl Pipeline {
                 None => Vec::new(),
             },
         };
+        if let FinalDecoder::Taesd(spec) = &options.decoder {
+            pipeline.taesd = Some(load_taesd(spec, pipeline.dtype, &pipeline.device)?);
+        }
         if !options.loras.is_empty() {
             pipeline.set_loras(&options.loras)?;
         }
@@ -422,8 +444,15 @@ impl Pipeline {
         Ok(latents.to_dtype(DType::F32)?)
     }
 
-    /// VAE decode of denoised latents to 8-bit RGB images, one image at a time.
+    /// VAE decode of denoised latents to 8-bit RGB images, one image at a time (TAESD's with
+    /// [`FinalDecoder::Taesd`]).
     pub fn decode(&self, latents: &Tensor, progress: &mut ProgressFn) -> Result<Vec<RgbImage>> {
+        if let Some(taesd) = &self.taesd {
+            stage(progress, "decoding with taesd")?;
+            return (0..latents.dim(0)?)
+                .map(|i| to_image(&taesd.decode_latents(&latents.narrow(0, i, 1)?.to_dtype(taesd.dtype())?)?))
+                .collect();
+        }
         let mut slot = None;
         let vae = component(&self.resident.vae, &mut slot, progress, "loading vae", || self.load_vae())?;
         stage(progress, "decoding")?;

@@ -235,3 +235,93 @@ fn loras_from_flags_and_prompt_tags() {
     let e = stderr(&o);
     assert!(e.contains("LoHa") && e.contains("loha.safetensors") && e.trim().lines().count() == 1, "{e}");
 }
+
+/// `--preview PATH`: the file appears while the run goes, is rewritten as the picture forms (watched from here), and
+/// ends as the final image.
+#[test]
+fn preview_file_is_rewritten_while_generating_and_ends_as_the_final_image() {
+    let dir = temp_dir("preview");
+    let (out, preview) = (dir.join("out.png"), dir.join("preview.png"));
+    let watcher = {
+        let preview = preview.clone();
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = done.clone();
+        let handle = std::thread::spawn(move || {
+            let mut versions: Vec<Vec<u8>> = Vec::new();
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(bytes) = std::fs::read(&preview) {
+                    if versions.last() != Some(&bytes) {
+                        versions.push(bytes);
+                    }
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            versions
+        });
+        (done, handle)
+    };
+    let o = run(&[
+        "--prompt",
+        "a photo of a Grumpy cat",
+        "--scheduler",
+        "Euler a",
+        "--num-inference-steps",
+        "40",
+        "--img-width",
+        "128",
+        "--img-height",
+        "128",
+        "--seed",
+        "3",
+        "--output",
+        out.to_str().unwrap(),
+        "--preview",
+        preview.to_str().unwrap(),
+        "--preview-every",
+        "2",
+    ]);
+    watcher.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    let versions = watcher.1.join().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let fin = image::open(&out).unwrap().to_rgb8();
+    let last = image::open(&preview).unwrap().to_rgb8();
+    assert_eq!(last.as_raw(), fin.as_raw(), "the preview ends as the final image");
+    // Every version seen is a whole PNG (written beside and renamed), and the picture changed along the run.
+    let decoded: Vec<_> = versions.iter().map(|b| image::load_from_memory(b).expect("a whole PNG").to_rgb8()).collect();
+    assert!(decoded.len() >= 3, "only {} preview versions seen", decoded.len());
+    assert!(decoded.iter().all(|i| i.dimensions() == (128, 128)));
+    assert!(!std::fs::exists(dir.join("preview.png.partial.png")).unwrap());
+}
+
+/// `--preview-vae` (TAESD-XL) makes the previews and, with `--vae-decoder taesd`, the final image: TAESD's decode,
+/// not the VAE's; a TAESD that cannot be loaded is an error naming it.
+#[test]
+fn taesd_previews_and_final_decode() {
+    let dir = temp_dir("taesd");
+    let taesd = common::root().join("models/tiny-taesdxl");
+    let (vae_out, taesd_out, preview) = (dir.join("vae.png"), dir.join("taesd.png"), dir.join("p.png"));
+    let base =
+        ["--prompt", "a photo of a Grumpy cat", "--scheduler", "LCM", "--num-inference-steps", "4", "--seed", "5"];
+    let size = ["--img-width", "64", "--img-height", "64", "--guidance-scale", "1"];
+    let o = run(&[&base[..], &size, &["--output", vae_out.to_str().unwrap()]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run(&[
+        &base[..],
+        &size,
+        &["--output", taesd_out.to_str().unwrap(), "--vae-decoder", "taesd", "--preview-vae", taesd.to_str().unwrap()],
+        &["--preview", preview.to_str().unwrap()],
+    ]
+    .concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (a, b) = (image::open(&vae_out).unwrap().to_rgb8(), image::open(&taesd_out).unwrap().to_rgb8());
+    assert_eq!(a.dimensions(), b.dimensions());
+    assert_ne!(a.as_raw(), b.as_raw(), "TAESD decodes differently from the VAE");
+    assert_eq!(image::open(&preview).unwrap().to_rgb8().as_raw(), b.as_raw());
+
+    let missing = dir.join("no-taesd");
+    let o =
+        run(&[&base[..], &size, &["--preview", preview.to_str().unwrap(), "--preview-vae", missing.to_str().unwrap()]]
+            .concat());
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("no-taesd"), "{}", stderr(&o));
+}
