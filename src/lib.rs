@@ -12,6 +12,7 @@ pub mod adapters;
 pub mod bench;
 pub mod conditioning;
 pub mod error;
+pub mod input_image;
 pub mod kernels;
 pub mod loading;
 pub mod models;

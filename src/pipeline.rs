@@ -437,7 +437,7 @@ impl Pipeline {
             scheduler,
             conditioning,
             latents,
-            sampling::Guidance { scale: request.guidance_scale, height, width, estimator: &estimator },
+            sampling::Guidance { scale: request.guidance_scale, height, width, estimator: &estimator, start: 0 },
             &mut rng,
             progress,
         )?;

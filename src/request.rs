@@ -54,7 +54,18 @@ pub struct GenerateRequest {
     /// TCD (its γ, default 0.3). Refused for other schedulers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eta: Option<f64>,
+    /// Image to image: the input image, base64 (PNG, JPEG, WebP, …), with or without a `data:image/…;base64,`
+    /// prefix (see [`crate::input_image`]). The output images have its size, which must be a multiple of 8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// How far image to image re-noises the input: in (0, 1], the fraction of the steps that run (diffusers'
+    /// default 0.3 when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strength: Option<f64>,
 }
+
+/// diffusers' `StableDiffusionXLImg2ImgPipeline` default strength.
+pub const DEFAULT_IMG2IMG_STRENGTH: f64 = 0.3;
 
 fn default_samples() -> u32 {
     1
@@ -94,6 +105,8 @@ impl GenerateRequest {
             loras: Vec::new(),
             scheduler_options: serde_json::Map::new(),
             eta: None,
+            image: None,
+            strength: None,
         }
     }
 
@@ -118,6 +131,14 @@ impl GenerateRequest {
         for (field, v) in [("img_width", self.img_width), ("img_height", self.img_height)] {
             if v == 0 || v % size_multiple != 0 {
                 return Err(Error::invalid(field, format!("must be a positive multiple of {size_multiple}, got {v}")));
+            }
+        }
+        if let Some(strength) = self.strength {
+            if self.image.is_none() {
+                return Err(Error::invalid("strength", "is for image to image: give an image too"));
+            }
+            if !(strength > 0.0 && strength <= 1.0) {
+                return Err(Error::invalid("strength", format!("must be in (0, 1], got {strength}")));
             }
         }
         Ok(())

@@ -115,6 +115,9 @@ pub struct Guidance<'a> {
     pub width: usize,
     /// How the progress callback's [`StepLatents::denoised`] computes x₀.
     pub estimator: &'a DenoisedEstimator,
+    /// The first model evaluation to run: 0, or image-to-image's `t_start · order`
+    /// ([`crate::schedulers::img2img_start`]), the latents then being the input image's noised to that level.
+    pub start: usize,
 }
 
 /// Runs the scheduler's timesteps from `latents` and returns the denoised latents. Model evaluation `index` uses
@@ -128,14 +131,16 @@ pub fn denoise(
     rng: &mut TorchRng,
     progress: &mut ProgressFn,
 ) -> Result<Tensor> {
-    let Guidance { scale: guidance_scale, height, width, estimator } = guidance;
+    let Guidance { scale: guidance_scale, height, width, estimator, start } = guidance;
     let device = latents.device().clone();
     let batch = latents.dim(0)? * if conditioning.guided { 2 } else { 1 };
     let time_ids = time_ids(height, width, batch, &device)?.to_dtype(unet.dtype())?;
     let timesteps = scheduler.timesteps().to_vec();
-    let evaluations = timesteps.len();
-    let steps = scheduler.num_inference_steps();
-    for (index, &t) in timesteps.iter().enumerate() {
+    let order = scheduler.order();
+    // The evaluations and steps this run makes (all of them unless it starts part-way, as image to image does).
+    let evaluations = timesteps.len().saturating_sub(start);
+    let steps = scheduler.num_inference_steps() - start / order;
+    for (index, &t) in timesteps.iter().enumerate().skip(start) {
         let input = if conditioning.guided { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
         let input = scheduler.scale_model_input(input, index)?;
         let prediction = predict(unet, &input, t, conditioning.at(index), &time_ids)?.to_dtype(latents.dtype())?;
@@ -148,7 +153,7 @@ pub fn denoise(
             prediction
         };
         latents = scheduler.step(&prediction, index, &latents, rng)?;
-        let evaluation = index + 1;
+        let evaluation = index + 1 - start;
         let step = (evaluation * steps).div_ceil(evaluations);
         let model_input = if conditioning.guided { input.narrow(0, 0, input.dim(0)? / 2)? } else { input };
         let state = StepLatents {

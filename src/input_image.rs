@@ -1,0 +1,62 @@
+//! Input images for image to image: decoding a request's base64 field and diffusers' `VaeImageProcessor`
+//! preprocessing (RGB, float in [-1, 1], channels first).
+
+use base64::Engine;
+use candle_core::{Device, Tensor};
+use image::RgbImage;
+
+use crate::{Error, Result};
+
+/// Decodes a request's image field: base64 of a PNG, JPEG, WebP, … file, optionally behind a
+/// `data:image/…;base64,` prefix. Alpha is dropped (the VAE takes RGB). A URL is refused: the engine fetches nothing.
+pub fn decode_base64(field: &'static str, data: &str) -> Result<RgbImage> {
+    let data = data.trim();
+    if data.starts_with("http://") || data.starts_with("https://") {
+        return Err(Error::invalid(field, "image URLs are not fetched: send the image itself, base64-encoded"));
+    }
+    let payload = match data.strip_prefix("data:") {
+        Some(rest) => rest
+            .split_once(";base64,")
+            .map(|(_, b64)| b64)
+            .ok_or_else(|| Error::invalid(field, "a data URL must be of the form data:image/…;base64,<data>"))?,
+        None => data,
+    };
+    let cleaned: String = payload.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(cleaned.as_bytes())
+        .map_err(|e| Error::invalid(field, format!("is not valid base64: {e}")))?;
+    let decoded =
+        image::load_from_memory(&bytes).map_err(|e| Error::invalid(field, format!("is not a readable image: {e}")))?;
+    Ok(decoded.to_rgb8())
+}
+
+/// An image as the base64 PNG a request's image field takes (for library callers and tests).
+pub fn encode_base64_png(image: &RgbImage) -> Result<String> {
+    let mut png = Vec::new();
+    image
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .map_err(|e| Error::Tensor(candle_core::Error::Msg(format!("cannot encode a PNG: {e}"))))?;
+    Ok(base64::engine::general_purpose::STANDARD.encode(png))
+}
+
+/// diffusers' `VaeImageProcessor.preprocess` of an RGB image whose sides are multiples of `multiple`: `x / 255`,
+/// then `2x − 1`, as a (1, 3, H, W) float32 tensor. Sides that are not multiples are refused, naming the field:
+/// diffusers would resize such an image with PIL's Lanczos filter to the multiple below, which this engine does not
+/// reproduce.
+pub fn to_tensor(field: &'static str, image: &RgbImage, multiple: u32, device: &Device) -> Result<Tensor> {
+    let (w, h) = image.dimensions();
+    if w == 0 || h == 0 || w % multiple != 0 || h % multiple != 0 {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "is {w}×{h}: both sides must be multiples of {multiple} (crop or resize it to {}×{})",
+                w / multiple * multiple,
+                h / multiple * multiple
+            ),
+        ));
+    }
+    // numpy: image / 255.0 in float32, then 2·x − 1 in float32.
+    let values: Vec<f32> = image.as_raw().iter().map(|&v| 2.0 * (v as f32 / 255.0) - 1.0).collect();
+    let hwc = Tensor::from_vec(values, (h as usize, w as usize, 3), device)?;
+    Ok(hwc.permute((2, 0, 1))?.contiguous()?.unsqueeze(0)?)
+}
