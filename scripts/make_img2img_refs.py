@@ -1,0 +1,120 @@
+"""Image-to-image references from diffusers' `StableDiffusionXLImg2ImgPipeline` on the tiny model, for
+tests/img2img.rs.
+
+Writes `tests/fixtures/img2img_input.png` (a deterministic 96x64 picture) and `tests/fixtures/img2img_refs.json` +
+`.safetensors`: for each case (request fields in the hosted API's names, `image` standing for that PNG), diffusers'
+output images (uint8, as `VaeImageProcessor` quantises them) and its final latents. Three strengths, three schedulers
+(one ancestral, one 2-evaluation), two samples per prompt. Deterministic: fixed seeds, one CPU thread.
+Run: `venv/bin/python scripts/make_img2img_refs.py` (see scripts/README.md).
+"""
+
+import json
+from pathlib import Path
+
+import diffusers
+import numpy as np
+import torch
+from diffusers import StableDiffusionXLImg2ImgPipeline
+from PIL import Image
+from safetensors.torch import save_file
+
+from make_scheduler_refs import DEIS_ONLY_KEYS, PIPELINE_ETA, SCHEDULERS
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = ROOT / "models" / "tiny-sdxl"
+FIXTURES = ROOT / "tests" / "fixtures"
+INPUT = FIXTURES / "img2img_input.png"
+
+PROMPT = "a photo of a Grumpy cat, 8k!"
+NEGATIVE = "blurry, low quality, watermark, text"
+
+CASES = [
+    {"name": "euler_s03", "request": {"scheduler": "Euler", "strength": 0.3, "num_inference_steps": 10, "seed": 41}},
+    {"name": "euler_a_s06_n2", "request": {"scheduler": "Euler a", "strength": 0.6, "num_inference_steps": 10,
+                                           "seed": 42, "samples": 2}},
+    {"name": "dpmpp_2m_karras_s09", "request": {"scheduler": "DPM++ 2M Karras", "strength": 0.9,
+                                                "num_inference_steps": 8, "seed": 43}},
+    {"name": "heun_s06", "request": {"scheduler": "Heun", "strength": 0.6, "num_inference_steps": 6, "seed": 44}},
+    {"name": "ddim_s1_n2_noneg", "request": {"scheduler": "DDIM", "strength": 1.0, "num_inference_steps": 7,
+                                             "seed": 45, "samples": 2, "negative_prompt": ""}},
+    {"name": "unipc_s045", "request": {"scheduler": "UniPC", "strength": 0.45, "num_inference_steps": 9,
+                                       "seed": 46}},
+]
+DEFAULTS = {"prompt": PROMPT, "negative_prompt": NEGATIVE, "samples": 1, "guidance_scale": 6.0}
+
+
+def input_image() -> Image.Image:
+    """A smooth, colourful 96x64 picture (a cat it is not): gradients and a disc."""
+    h, w = 64, 96
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    r = 128 + 100 * np.sin(x / 11.0)
+    g = 128 + 100 * np.cos(y / 7.0)
+    b = np.where((x - 40) ** 2 + (y - 30) ** 2 < 300, 230.0, 40.0)
+    return Image.fromarray(np.stack([r, g, b], axis=-1).round().clip(0, 255).astype(np.uint8), "RGB")
+
+
+def make_scheduler(model_config, api_name):
+    class_name, options = SCHEDULERS[api_name]
+    config = dict(model_config)
+    if class_name != "DEISMultistepScheduler":
+        for key in DEIS_ONLY_KEYS:
+            config.pop(key, None)
+    return getattr(diffusers, class_name).from_config(config, **options)
+
+
+@torch.no_grad()
+def main():
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    diffusers.utils.logging.set_verbosity_error()
+    image = input_image()
+    image.save(INPUT)
+    image = Image.open(INPUT)  # exactly what the tests read
+    pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(MODEL, torch_dtype=torch.float32, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    model_config = pipe.scheduler.config
+    tensors, cases = {}, []
+    for case in CASES:
+        r = {**DEFAULTS, **case["request"]}
+        name = case["name"]
+        pipe.scheduler = make_scheduler(model_config, r["scheduler"])
+        final = {}
+
+        def grab(p, i, t, kw):
+            final.setdefault("timesteps", []).append(float(t))
+            final["latents"] = kw["latents"].detach().clone().contiguous()
+            return kw
+
+        extra = {"eta": PIPELINE_ETA[r["scheduler"]]} if r["scheduler"] in PIPELINE_ETA else {}
+        images = pipe(
+            prompt=r["prompt"],
+            negative_prompt=r["negative_prompt"] or None,
+            image=image,
+            strength=r["strength"],
+            num_images_per_prompt=r["samples"],
+            num_inference_steps=r["num_inference_steps"],
+            guidance_scale=r["guidance_scale"],
+            generator=torch.Generator("cpu").manual_seed(r["seed"]),
+            output_type="np",
+            callback_on_step_end=grab,
+            callback_on_step_end_tensor_inputs=["latents"],
+            **extra,
+        ).images
+        u8 = (images * 255).round().astype("uint8")
+        assert u8.shape == (r["samples"], 64, 96, 3), u8.shape
+        tensors[f"{name}.images"] = torch.from_numpy(u8).contiguous()
+        tensors[f"{name}.latents"] = final["latents"]
+        cases.append({"name": name, "request": r, "unet_timesteps_seen": final["timesteps"]})
+        print(f"{name}: {len(final['timesteps'])} evaluations")
+    doc = {
+        "description": "diffusers StableDiffusionXLImg2ImgPipeline on models/tiny-sdxl (scripts/make_img2img_refs.py)",
+        "versions": {"diffusers": diffusers.__version__, "torch": torch.__version__},
+        "input": INPUT.name,
+        "cases": cases,
+    }
+    (FIXTURES / "img2img_refs.json").write_text(json.dumps(doc, indent=1) + "\n")
+    save_file(tensors, str(FIXTURES / "img2img_refs.safetensors"), metadata={"format": "pt"})
+
+
+if __name__ == "__main__":
+    main()
