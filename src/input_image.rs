@@ -10,6 +10,14 @@ use crate::{Error, Result};
 /// Decodes a request's image field: base64 of a PNG, JPEG, WebP, … file, optionally behind a
 /// `data:image/…;base64,` prefix. Alpha is dropped (the VAE takes RGB). A URL is refused: the engine fetches nothing.
 pub fn decode_base64(field: &'static str, data: &str) -> Result<RgbImage> {
+    let bytes = base64_bytes(field, data)?;
+    let decoded =
+        image::load_from_memory(&bytes).map_err(|e| Error::invalid(field, format!("is not a readable image: {e}")))?;
+    Ok(decoded.to_rgb8())
+}
+
+/// The file bytes behind a base64 image field.
+fn base64_bytes(field: &'static str, data: &str) -> Result<Vec<u8>> {
     let data = data.trim();
     if data.starts_with("http://") || data.starts_with("https://") {
         return Err(Error::invalid(field, "image URLs are not fetched: send the image itself, base64-encoded"));
@@ -22,12 +30,19 @@ pub fn decode_base64(field: &'static str, data: &str) -> Result<RgbImage> {
         None => data,
     };
     let cleaned: String = payload.chars().filter(|c| !c.is_ascii_whitespace()).collect();
-    let bytes = base64::engine::general_purpose::STANDARD
+    base64::engine::general_purpose::STANDARD
         .decode(cleaned.as_bytes())
-        .map_err(|e| Error::invalid(field, format!("is not valid base64: {e}")))?;
-    let decoded =
-        image::load_from_memory(&bytes).map_err(|e| Error::invalid(field, format!("is not a readable image: {e}")))?;
-    Ok(decoded.to_rgb8())
+        .map_err(|e| Error::invalid(field, format!("is not valid base64: {e}")))
+}
+
+/// The width and height of a base64 image field, from the image's header alone (nothing else is decoded).
+pub fn base64_dimensions(field: &'static str, data: &str) -> Result<(u32, u32)> {
+    let bytes = base64_bytes(field, data)?;
+    image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| Error::invalid(field, format!("is not a readable image: {e}")))?
+        .into_dimensions()
+        .map_err(|e| Error::invalid(field, format!("is not a readable image: {e}")))
 }
 
 /// An image as the base64 PNG a request's image field takes (for library callers and tests).

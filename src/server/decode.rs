@@ -51,6 +51,8 @@ fn accepted(field: &str) -> Option<String> {
         "seed" => format!("must be an integer between -1 and {}", crate::request::MAX_SEED),
         "img_width" | "img_height" => "must be a multiple of 8 between 512 and 2048".into(),
         "base64" => "must be true or false".into(),
+        "image" => "must be a string: the base64 of a PNG, JPEG or WebP image".into(),
+        "strength" => "must be a number in (0, 1]".into(),
         _ => return None,
     })
 }
@@ -136,10 +138,45 @@ pub fn validate(request: &GenerateRequest, ranges: Ranges) -> Result<(), ApiErro
     Ok(())
 }
 
-/// [`parse`] then [`validate`].
+/// Which endpoint a request came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// `POST /v1/sdxl1.0-dreamshaper`: `image` and `strength` are not its fields, and are ignored like any other
+    /// unknown field.
+    TextToImage,
+    /// `POST /v1/sdxl-img2img`: `image` is required; the output has its size.
+    ImageToImage,
+}
+
+/// [`parse`] then [`validate`], for the text-to-image endpoint.
 pub fn decode(body: &[u8], ranges: Ranges) -> Result<GenerateRequest, ApiError> {
-    let request = parse(body)?;
+    decode_for(body, ranges, Mode::TextToImage)
+}
+
+/// [`parse`] then [`validate`], for the endpoint `mode`. For image to image, the input image's size (read from its
+/// header: the pixels are decoded by the worker) stands for `img_width` / `img_height` and is held to the same
+/// ranges, so an oversized input is refused before it is queued.
+pub fn decode_for(body: &[u8], ranges: Ranges, mode: Mode) -> Result<GenerateRequest, ApiError> {
+    let mut request = parse(body)?;
+    match mode {
+        Mode::TextToImage => (request.image, request.strength) = (None, None),
+        Mode::ImageToImage => {
+            let Some(image) = &request.image else {
+                return Err(ApiError::bad_request("invalid request: `image` is required (base64 of the input image)"));
+            };
+            let (width, height) = crate::input_image::base64_dimensions("image", image)
+                .map_err(|e| ApiError::bad_request(e.to_string()))?;
+            (request.img_width, request.img_height) = (width, height);
+            request.strength.get_or_insert(crate::request::DEFAULT_IMG2IMG_STRENGTH);
+        }
+    }
     validate(&request, ranges)?;
+    if let Some(strength) = request.strength {
+        if !(strength > 0.0 && strength <= 1.0) {
+            let e = Error::invalid("strength", format!("must be in (0, 1], got {strength}"));
+            return Err(ApiError::bad_request(e.to_string()));
+        }
+    }
     Ok(request)
 }
 

@@ -1,4 +1,4 @@
-//! The routes: the hosted endpoint, other model slugs, `/health`, and JSON 404/405 for everything else.
+//! The routes: the hosted endpoints (text to image, image to image), other model slugs, `/health`, and JSON 404/405 for everything else.
 
 use std::sync::Arc;
 
@@ -8,13 +8,16 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use super::auth::ApiKeys;
-use super::decode::{self, Ranges};
+use super::decode::{self, Mode, Ranges};
 use super::errors::ApiError;
 use super::queue::{Outcome, Queue, Rejected};
 use super::respond;
 
-/// The hosted endpoint this server answers.
+/// The hosted text-to-image endpoint this server answers.
 pub const MODEL_PATH: &str = "/v1/sdxl1.0-dreamshaper";
+
+/// The hosted image-to-image endpoint: the same request with `image` (base64) and `strength`.
+pub const IMG2IMG_PATH: &str = "/v1/sdxl-img2img";
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -27,11 +30,25 @@ pub struct AppState {
 }
 
 /// `POST /v1/sdxl1.0-dreamshaper`: key, content type, body, checks, queue, generation, answer.
-pub async fn generate(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+pub async fn generate(state: State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    serve(state, headers, body, Mode::TextToImage).await
+}
+
+/// `POST /v1/sdxl-img2img`: as the text-to-image endpoint, with the input image.
+pub async fn img2img(state: State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    serve(state, headers, body, Mode::ImageToImage).await
+}
+
+async fn serve(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+    mode: Mode,
+) -> Result<Response, ApiError> {
     state.keys.check(&headers)?;
     decode::check_content_type(&headers)?;
     let bytes = decode::read_body(body, &headers, state.max_body_bytes).await?;
-    let request = decode::decode(&bytes, state.ranges)?;
+    let request = decode::decode_for(&bytes, state.ranges, mode)?;
     let base64 = request.base64;
     let ticket = state.queue.submit(request).map_err(|rejected| match rejected {
         Rejected::Full { capacity, retry_after } => ApiError::queue_full(capacity, retry_after),
