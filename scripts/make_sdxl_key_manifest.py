@@ -23,7 +23,8 @@ Format (tab-separated, one header line, no comments, ``\\n`` line ends):
 * ``transform``: ``identity``; ``transpose`` (diffusers = stored.T); ``in_proj_q`` / ``in_proj_k`` / ``in_proj_v``
   (diffusers = stored[i*h:(i+1)*h] along dim 0, i = 0/1/2, h = stored.shape[0]/3; three rows share the SGM key);
   ``conv1x1_to_linear`` (diffusers = stored[:, :, 0, 0]); ``unused`` (no diffusers tensor).
-* ``inference``: ``yes`` if text-to-image needs it; ``no`` for the VAE encoder, ``quant_conv`` and unused keys.
+* ``inference``: ``yes`` if inference needs it (text-to-image; the VAE encoder and ``quant_conv`` for
+  image-to-image); ``no`` for unused keys.
 
 Rows: UNet, VAE, CLIP-L, bigG in the diffusers models' parameter order, then the unused keys.
 

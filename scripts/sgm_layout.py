@@ -52,7 +52,7 @@ class Row:
     diffusers_key: str | None  # key in the diffusers repository's file (text encoders: transformers-4 layout)
     diffusers_shape: tuple[int, ...] | None
     transform: str
-    inference: bool  # needed for text-to-image (False: VAE encoder + quant_conv, unused keys)
+    inference: bool  # needed for inference: text-to-image, and image-to-image's VAE encoder (False: unused keys)
 
 
 class UnmappedKey(KeyError):
@@ -227,8 +227,7 @@ def sgm_rows(shapes: dict[str, dict[str, tuple[int, ...]]], unet_config: dict, v
                         "identity", True))
     for key, shape in shapes["vae"].items():
         sk, t = vae_key(key, vae_config)
-        used = key.startswith("decoder.") or key.startswith("post_quant_conv.")
-        rows.append(Row(VAE_PREFIX + sk, _sgm_shape(t, tuple(shape)), "vae", key, tuple(shape), t, used))
+        rows.append(Row(VAE_PREFIX + sk, _sgm_shape(t, tuple(shape)), "vae", key, tuple(shape), t, True))
     for key, shape in shapes["text_encoder"].items():
         rows.append(Row(clip_l_key(key), tuple(shape), "text_encoder", key, tuple(shape), "identity", True))
     for key, shape in shapes["text_encoder_2"].items():

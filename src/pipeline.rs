@@ -20,6 +20,7 @@ use crate::models::unet::UNet2DConditionModel;
 use crate::models::vae::VaeDecoder;
 pub use crate::models::vae_bands::VaeTiling;
 use crate::models::vae_bands::{decode_in_bands, BandPlan};
+use crate::models::vae_encoder::VaeEncoder;
 use crate::rng::TorchRng;
 use crate::sampling::{self, Control, Progress, ProgressFn};
 use crate::schedulers::{self, Scheduler};
@@ -307,6 +308,13 @@ impl Pipeline {
     pub fn load_vae(&self) -> Result<VaeDecoder> {
         let vb = self.source.var_builder(Component::Vae, self.vae_dtype(), &self.device)?;
         VaeDecoder::new(vb, &self.configs.vae).map_err(|e| self.component_error(Component::Vae, e))
+    }
+
+    /// The VAE's encoder (image-to-image), from the same weights and in the same dtype as [`Self::load_vae`]'s decoder
+    /// (f32 when the VAE is upcast, see [`Self::vae_dtype`]).
+    pub fn load_vae_encoder(&self) -> Result<VaeEncoder> {
+        let vb = self.source.var_builder(Component::Vae, self.vae_dtype(), &self.device)?;
+        VaeEncoder::new(vb, &self.configs.vae).map_err(|e| self.component_error(Component::Vae, e))
     }
 
     fn component_error(&self, component: Component, e: candle_core::Error) -> Error {

@@ -447,7 +447,7 @@ impl SingleFile {
         })
     }
 
-    /// Stored keys that no component uses (EMA copies, the VAE encoder, `logit_scale`, …), for a debug report.
+    /// Stored keys that no component uses (EMA copies, `logit_scale`, …), for a debug report.
     pub fn unused_keys(&self) -> Result<Vec<String>> {
         let mut used = BTreeSet::new();
         for part in [Part::Unet, Part::ClipL, Part::ClipG, Part::Vae] {
@@ -569,19 +569,24 @@ impl SingleFile {
         map
     }
 
+    /// The VAE's keys, both halves: the decoder and `post_quant_conv` (text-to-image), the encoder and `quant_conv`
+    /// (image-to-image).
     fn vae_map(&self) -> Result<HashMap<String, Mapped>> {
         let prefix = self.vae_prefix.ok_or_else(|| self.no_vae())?;
         let levels = self.count_layers(&format!("{prefix}decoder.up."));
         let mut map = HashMap::new();
         for (rest, _) in self.keys_under(prefix) {
-            let Some(inner) = rest.strip_prefix("decoder.") else {
-                if rest.starts_with("post_quant_conv.") {
-                    map.insert(
-                        rest.to_string(),
-                        Mapped { source: format!("{prefix}{rest}"), transform: Transform::Same },
-                    );
+            let mapped =
+                |diffusers: String, transform| (diffusers, Mapped { source: format!("{prefix}{rest}"), transform });
+            let (half, inner) = match rest.split_once('.') {
+                Some((half @ ("decoder" | "encoder"), inner)) => (half, inner),
+                _ => {
+                    if rest.starts_with("post_quant_conv.") || rest.starts_with("quant_conv.") {
+                        let (k, v) = mapped(rest.to_string(), Transform::Same);
+                        map.insert(k, v);
+                    }
+                    continue;
                 }
-                continue;
             };
             let mut transform = Transform::Same;
             let renamed = if let Some(r) = inner.strip_prefix("mid.block_1.") {
@@ -602,15 +607,21 @@ impl SingleFile {
                     transform = Transform::Conv1x1ToLinear;
                 }
                 format!("mid_block.attentions.0.{layer}.{param}")
-            } else if let Some(r) = inner.strip_prefix("up.") {
+            } else if let Some(r) = inner.strip_prefix(if half == "decoder" { "up." } else { "down." }) {
                 let Some((k, r)) = r.split_once('.') else { continue };
                 let Ok(k) = k.parse::<usize>() else { continue };
-                let block = levels - 1 - k;
+                // The decoder's `up` levels count from the lowest resolution, diffusers' `up_blocks` from the
+                // highest; the encoder's `down` levels and `down_blocks` both from the image's.
+                let (blocks, block, sampler) = if half == "decoder" {
+                    ("up_blocks", levels - 1 - k, ("upsample.", "upsamplers"))
+                } else {
+                    ("down_blocks", k, ("downsample.", "downsamplers"))
+                };
                 if let Some(r) = r.strip_prefix("block.") {
                     let Some((j, r)) = r.split_once('.') else { continue };
-                    format!("up_blocks.{block}.resnets.{j}.{}", rename_vae_resnet(r))
-                } else if let Some(r) = r.strip_prefix("upsample.") {
-                    format!("up_blocks.{block}.upsamplers.0.{r}")
+                    format!("{blocks}.{block}.resnets.{j}.{}", rename_vae_resnet(r))
+                } else if let Some(r) = r.strip_prefix(sampler.0) {
+                    format!("{blocks}.{block}.{}.0.{r}", sampler.1)
                 } else {
                     continue;
                 }
@@ -621,7 +632,8 @@ impl SingleFile {
             } else {
                 continue;
             };
-            map.insert(format!("decoder.{renamed}"), Mapped { source: format!("{prefix}{rest}"), transform });
+            let (k, v) = mapped(format!("{half}.{renamed}"), transform);
+            map.insert(k, v);
         }
         Ok(map)
     }

@@ -338,7 +338,7 @@ impl ModelSource {
         }
     }
 
-    /// Stored keys of a single-file checkpoint that no component uses (EMA weights, the VAE encoder…).
+    /// Stored keys of a single-file checkpoint that no component uses (EMA weights, `logit_scale`…).
     pub fn unused_keys(&self) -> Result<Vec<String>> {
         match &self.weights {
             Weightset::SingleFile(file) => file.unused_keys(),

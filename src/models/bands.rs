@@ -68,6 +68,39 @@ impl Bands {
         output.finish()
     }
 
+    /// `f` over `x` band by band for a layer that halves the height as diffusers' VAE down-sampler does (a stride-2
+    /// 3×3 convolution after one zero row below the image): output row `o` reads input rows `2o..=2o + 2`. Each
+    /// band's `core` input rows start at an even row, and `f(band, rows, core)` gets `rows`, the core and the one row
+    /// below it (within the image), and returns the `core.len() / 2` output rows of the core (rounded down, as the
+    /// whole layer is at an odd height). The bands' outputs are assembled in host memory.
+    pub fn map_halving(&self, x: &Tensor, f: &mut BandFn) -> candle_core::Result<Tensor> {
+        let (batch, channels, height, width) = x.dims4()?;
+        let per_row = (batch * channels * width).max(1);
+        // An even number of rows, at least 2, so that every band but the last starts and ends on an output row.
+        let band_rows = ((self.elements / per_row).max(2) & !1).min(height.max(1));
+        if band_rows >= height {
+            return f(&self.on_device(x)?, 0..height, 0..height)?.to_device(&Device::Cpu);
+        }
+        let mut output = Assembly::default();
+        for start in (0..height).step_by(band_rows) {
+            let core = start..(start + band_rows).min(height);
+            let rows = core.start..(core.end + 1).min(height);
+            let band = self.on_device(&x.narrow(2, rows.start, rows.len())?)?;
+            let y = f(&band, rows.clone(), core.clone())?.to_device(&Device::Cpu)?;
+            let out_rows = core.len() / 2;
+            if y.dim(2)? != out_rows {
+                candle_core::bail!(
+                    "bands: a band of {} rows ({} with the row below) gave {} output rows, not {out_rows}",
+                    core.len(),
+                    rows.len(),
+                    y.dim(2)?
+                );
+            }
+            output.place(&y, 0, out_rows, height / 2, core.start / 2)?;
+        }
+        output.finish()
+    }
+
     /// The output rows of `core` from `y`, the output of the widened `rows` at `scale` output rows per input row.
     pub fn crop(y: &Tensor, rows: &Range<usize>, core: &Range<usize>, scale: usize) -> candle_core::Result<Tensor> {
         y.narrow(2, (core.start - rows.start) * scale, core.len() * scale)

@@ -13,6 +13,7 @@ pub mod transformer;
 pub mod unet;
 pub mod vae;
 pub mod vae_bands;
+pub mod vae_encoder;
 
 /// A value of a component's `config.json` that its network cannot be built with: the key (a path into the JSON,
 /// such as `block_out_channels` or `transformer_layers_per_block[1]`) and what is wrong with it. The loader, which

@@ -71,19 +71,43 @@ impl ResnetBlock2D {
     }
 }
 
-/// Stride-2 3×3 convolution (`downsamplers.0.conv`).
+/// Stride-2 3×3 convolution (`downsamplers.0.conv`): with one pixel of zero padding on every side (the UNet's), or,
+/// as diffusers' `Downsample2D` with `padding=0` (the VAE encoder's), with one zero row and column after the image
+/// only: `F.pad(x, (0, 1, 0, 1))`, then the convolution without padding.
 #[derive(Debug, Clone)]
 pub struct Downsample2D {
     conv: Conv2d,
+    pad_after: bool,
 }
 
 impl Downsample2D {
+    /// Padding 1 on every side (the UNet's down-samplers).
     pub fn new(vb: VarBuilder, channels: usize) -> Result<Self> {
-        Ok(Self { conv: conv3x3(vb.pp("conv"), channels, channels, 2)? })
+        Ok(Self { conv: conv3x3(vb.pp("conv"), channels, channels, 2)?, pad_after: false })
+    }
+
+    /// One zero row and column after the image (diffusers' `padding=0`, the VAE encoder's down-samplers).
+    pub fn padded_after(vb: VarBuilder, channels: usize) -> Result<Self> {
+        Ok(Self { conv: Conv2d::new(vb.pp("conv"), channels, channels, 3, 2, 0)?, pad_after: true })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.conv.forward(x)
+        if self.pad_after {
+            self.conv.forward(&x.pad_with_zeros(2, 0, 1)?.pad_with_zeros(3, 0, 1)?)
+        } else {
+            self.conv.forward(x)
+        }
+    }
+
+    /// [`Self::forward`] of a down-sampler [`Self::padded_after`] over an image held in host memory, in bands of rows
+    /// (see [`Bands::map_halving`]).
+    pub fn forward_in_bands(&self, x: &Tensor, bands: &Bands) -> Result<Tensor> {
+        if !self.pad_after {
+            candle_core::bail!("Downsample2D: only the VAE's down-samplers (padded after the image) run in bands");
+        }
+        // Each band is padded below too: a band other than the last then holds an odd number of rows, and the
+        // extra zero row after it is read by no output row.
+        bands.map_halving(x, &mut |band, _, _| self.forward(band))
     }
 }
 

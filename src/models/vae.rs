@@ -1,4 +1,5 @@
-//! The decoder half of diffusers' `AutoencoderKL`: latents → RGB in [-1, 1].
+//! The decoder half of diffusers' `AutoencoderKL`: latents → RGB in [-1, 1] (the encoder is
+//! [`crate::models::vae_encoder`]), and the config and mid-block both halves share.
 
 use candle_core::{Result, Tensor};
 use candle_nn::{Module, VarBuilder};
@@ -29,7 +30,7 @@ fn default_scale() -> f64 {
     0.18215
 }
 
-/// The fields of `vae/config.json` that shape the decoder.
+/// The fields of `vae/config.json` that shape the decoder and the encoder.
 #[derive(Debug, Clone, Deserialize)]
 pub struct VaeConfig {
     pub block_out_channels: Vec<usize>,
@@ -39,6 +40,9 @@ pub struct VaeConfig {
     pub norm_num_groups: usize,
     #[serde(default = "default_latent")]
     pub latent_channels: usize,
+    /// The encoder's input channels (RGB).
+    #[serde(default = "default_channels")]
+    pub in_channels: usize,
     #[serde(default = "default_channels")]
     pub out_channels: usize,
     #[serde(default = "default_scale")]
@@ -50,6 +54,8 @@ pub struct VaeConfig {
     pub latents_std: Option<Vec<f64>>,
     #[serde(default)]
     pub force_upcast: bool,
+    #[serde(default = "default_true")]
+    pub use_quant_conv: bool,
     #[serde(default = "default_true")]
     pub use_post_quant_conv: bool,
     #[serde(default = "default_true")]
@@ -152,6 +158,36 @@ impl VaeAttention {
     }
 }
 
+/// diffusers' `UNetMidBlock2D` as both VAE halves use it: ResNet, self-attention over all pixels (unless
+/// `mid_block_add_attention` is false), ResNet, at the latents' resolution.
+#[derive(Debug, Clone)]
+pub(crate) struct VaeMidBlock {
+    resnets: [ResnetBlock2D; 2],
+    attention: Option<VaeAttention>,
+}
+
+impl VaeMidBlock {
+    /// `vb` is rooted at the mid-block (`encoder.mid_block`, `decoder.mid_block`).
+    pub(crate) fn new(vb: VarBuilder, channels: usize, cfg: &VaeConfig) -> Result<Self> {
+        let (groups, eps) = (cfg.norm_num_groups, 1e-6);
+        let resnet = |i: usize| ResnetBlock2D::new(vb.pp("resnets").pp(i), channels, channels, None, groups, eps);
+        let attention = if cfg.mid_block_add_attention {
+            Some(VaeAttention::new(vb.pp("attentions").pp(0), channels, groups)?)
+        } else {
+            None
+        };
+        Ok(Self { resnets: [resnet(0)?, resnet(1)?], attention })
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut x = self.resnets[0].forward(x, None)?;
+        if let Some(attention) = &self.attention {
+            x = attention.forward(&x)?;
+        }
+        self.resnets[1].forward(&x, None)
+    }
+}
+
 #[derive(Debug, Clone)]
 struct UpDecoderBlock {
     resnets: Vec<ResnetBlock2D>,
@@ -162,8 +198,7 @@ struct UpDecoderBlock {
 pub struct VaeDecoder {
     post_quant_conv: Option<Conv2d>,
     conv_in: Conv2d,
-    mid_resnets: [ResnetBlock2D; 2],
-    mid_attention: Option<VaeAttention>,
+    mid_block: VaeMidBlock,
     up_blocks: Vec<UpDecoderBlock>,
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
@@ -182,16 +217,6 @@ impl VaeDecoder {
         let top = *channels.last().expect("validated: at least one level");
         let post_quant_conv = if cfg.use_post_quant_conv {
             Some(conv1x1(vb.pp("post_quant_conv"), cfg.latent_channels, cfg.latent_channels)?)
-        } else {
-            None
-        };
-        let mid = dec.pp("mid_block");
-        let mid_resnets = [
-            ResnetBlock2D::new(mid.pp("resnets").pp(0), top, top, None, groups, eps)?,
-            ResnetBlock2D::new(mid.pp("resnets").pp(1), top, top, None, groups, eps)?,
-        ];
-        let mid_attention = if cfg.mid_block_add_attention {
-            Some(VaeAttention::new(mid.pp("attentions").pp(0), top, groups)?)
         } else {
             None
         };
@@ -214,8 +239,7 @@ impl VaeDecoder {
         Ok(Self {
             post_quant_conv,
             conv_in: conv3x3(dec.pp("conv_in"), cfg.latent_channels, top, 1)?,
-            mid_resnets,
-            mid_attention,
+            mid_block: VaeMidBlock::new(dec.pp("mid_block"), top, cfg)?,
             up_blocks,
             conv_norm_out: group_norm(groups, channels[0], eps, dec.pp("conv_norm_out"))?,
             conv_out: conv3x3(dec.pp("conv_out"), channels[0], cfg.out_channels, 1)?,
@@ -236,12 +260,7 @@ impl VaeDecoder {
             Some(conv) => conv.forward(z)?,
             None => z.clone(),
         };
-        let mut x = self.conv_in.forward(&z)?;
-        x = self.mid_resnets[0].forward(&x, None)?;
-        if let Some(attn) = &self.mid_attention {
-            x = attn.forward(&x)?;
-        }
-        self.mid_resnets[1].forward(&x, None)
+        self.mid_block.forward(&self.conv_in.forward(&z)?)
     }
 
     /// The rest, from [`Self::decode_middle`]'s output: the up blocks, the output norm and conv.

@@ -1,4 +1,4 @@
-//! Decoding large images in bands, to the whole-image decode's picture.
+//! Decoding (and encoding) large images in bands, to the whole-image decode's picture.
 //!
 //! diffusers' `enable_tiling()` decodes overlapping tiles independently and blends them: each tile normalises
 //! (GroupNorm) and attends over itself only, so the picture depends on the tiling. Tile-local statistics cannot be
@@ -20,6 +20,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::bands::Bands;
 use super::vae::{VaeConfig, VaeDecoder};
+use super::vae_encoder::{DiagonalGaussian, VaeEncoder};
 use crate::Result;
 
 /// Elements of a band's input (4 bytes each in f32): 16 M, 64 MB.
@@ -70,4 +71,24 @@ pub fn decode_in_bands(vae: &VaeDecoder, z: &Tensor, on_layer: &mut dyn FnMut(us
     let middle = vae.decode_middle(z)?.to_device(&Device::Cpu)?;
     let image = vae.decode_upper_in_bands(&middle, &bands, on_layer)?;
     Ok(image.to_dtype(DType::F32)?.to_device(z.device())?)
+}
+
+/// Encodes `image` ((batch, 3, height, width) in [-1, 1], as [`VaeEncoder::encode`] takes it) in bands, to the
+/// whole-image encode's distribution: the mirror of [`decode_in_bands`]. The encoder's full-resolution part
+/// (`conv_in` and the down blocks, [`VaeEncoder::encode_down_in_bands`]) runs layer by layer over the image in host
+/// memory, in bands of rows on `image`'s device, each GroupNorm by the whole image's statistics and each
+/// down-sampler in bands of whole output rows ([`Bands::map_halving`]); the rest (the mid-block with its attention
+/// over all pixels, the output layers, `quant_conv`) runs whole on the device at the latents' size. `on_layer(done,
+/// total)` is called after each banded layer. The distribution is on `image`'s device, in the encoder's dtype.
+pub fn encode_in_bands(
+    vae: &VaeEncoder,
+    image: &Tensor,
+    on_layer: &mut dyn FnMut(usize, usize),
+) -> Result<DiagonalGaussian> {
+    vae.check_image(image)?;
+    let device = image.device();
+    let bands = Bands::new(device, BAND_ELEMENTS);
+    let x = image.to_dtype(vae.dtype())?.to_device(&Device::Cpu)?;
+    let down = vae.encode_down_in_bands(&x, &bands, on_layer)?.to_device(device)?;
+    Ok(DiagonalGaussian::new(&vae.encode_middle(&down)?)?)
 }
