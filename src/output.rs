@@ -28,6 +28,9 @@ pub fn a1111_parameters(request: &GenerateRequest, seed: u64, model: &str, loras
         request.img_height,
         model
     ));
+    if let (Some(_), Some(strength)) = (&request.image, request.strength) {
+        text.push_str(&format!(", Denoising strength: {strength}"));
+    }
     // A1111 names a non-default emphasis when a prompt has brackets it applies to.
     let bracketed = [&request.prompt, &request.negative_prompt].iter().any(|p| p.contains('(') || p.contains('['));
     if request.prompt_syntax == PromptSyntax::A1111 && request.emphasis != Emphasis::Original && bracketed {

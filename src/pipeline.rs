@@ -11,6 +11,7 @@ use crate::adapters::embeddings::TextualInversion;
 use crate::adapters::requested::{short_hash, specs_in_dir, take_prompt_tags};
 use crate::adapters::{LoraFile, LoraSpec};
 use crate::conditioning::{ConditioningSchedule, PromptInputs, TextEncoders};
+use crate::input_image;
 use crate::loading::load_taesd;
 use crate::loading::{Component, ModelConfigs, ModelSource};
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
@@ -21,6 +22,7 @@ use crate::models::vae::VaeDecoder;
 pub use crate::models::vae_bands::VaeTiling;
 use crate::models::vae_bands::{decode_in_bands, BandPlan};
 use crate::models::vae_encoder::VaeEncoder;
+use crate::request::DEFAULT_IMG2IMG_STRENGTH;
 use crate::rng::TorchRng;
 use crate::sampling::{self, Control, Progress, ProgressFn};
 use crate::schedulers::{self, Scheduler};
@@ -111,6 +113,7 @@ struct Resident {
     text: Option<TextEncoders>,
     unet: Option<UNet2DConditionModel>,
     vae: Option<VaeDecoder>,
+    vae_encoder: Option<VaeEncoder>,
 }
 
 pub struct Pipeline {
@@ -168,6 +171,7 @@ impl Pipeline {
                 text: Some(pipeline.load_text_encoders()?),
                 unet: Some(pipeline.load_unet()?),
                 vae: Some(pipeline.load_vae()?),
+                vae_encoder: Some(pipeline.load_vae_encoder()?),
             };
         }
         Ok(pipeline)
@@ -429,26 +433,64 @@ impl Pipeline {
         seed: u64,
         progress: &mut ProgressFn,
     ) -> Result<Tensor> {
-        let mut slot = None;
-        let unet = component(&self.resident.unet, &mut slot, progress, "loading unet", || self.load_unet())?;
         let (height, width) = (request.img_height as usize, request.img_width as usize);
         let scale = self.vae_scale_factor();
         let shape = [request.samples as usize, self.configs.unet.in_channels, height / scale, width / scale];
         let mut rng = TorchRng::new(seed);
         let latents =
             sampling::initial_latents(&mut rng, shape, scheduler.init_noise_sigma(), &self.device, DType::F32)?;
+        self.run_loop(request, conditioning, scheduler, (latents, 0), &mut rng, progress)
+    }
+
+    /// Image to image's denoising loop: the input `image` ((1, 3, H, W) in [-1, 1], [`input_image::to_tensor`])
+    /// encoded (a posterior sample from the seed's generator), noised with the generator's next draw to the level of
+    /// the evaluation the request's strength starts at ([`schedulers::img2img_start`]), as diffusers'
+    /// `StableDiffusionXLImg2ImgPipeline.prepare_latents` does, then the scheduler's remaining evaluations.
+    pub fn denoise_image(
+        &self,
+        request: &GenerateRequest,
+        image: &Tensor,
+        conditioning: &ConditioningSchedule,
+        scheduler: &mut dyn Scheduler,
+        seed: u64,
+        progress: &mut ProgressFn,
+    ) -> Result<Tensor> {
+        let start = schedulers::img2img_start(scheduler, request.strength.unwrap_or(DEFAULT_IMG2IMG_STRENGTH))?;
+        let mut rng = TorchRng::new(seed);
+        let latents = {
+            let mut slot = None;
+            let encoder = component(&self.resident.vae_encoder, &mut slot, progress, "loading vae encoder", || {
+                self.load_vae_encoder()
+            })?;
+            stage(progress, "encoding image")?;
+            let image = image.to_dtype(encoder.dtype())?.to_device(&self.device)?;
+            let plan = BandPlan::for_vae(self.vae_tiling, &self.configs.vae);
+            encoder.latents_from_image(&image, request.samples as usize, &plan, &mut rng)?
+        };
+        let noise = rng.randn_tensor(latents.dims(), &self.device)?;
+        let latents = scheduler.add_noise(&latents, &noise, start)?;
+        self.run_loop(request, conditioning, scheduler, (latents, start), &mut rng, progress)
+    }
+
+    /// The denoising loop from `latents` at evaluation `start`.
+    fn run_loop(
+        &self,
+        request: &GenerateRequest,
+        conditioning: &ConditioningSchedule,
+        scheduler: &mut dyn Scheduler,
+        (latents, start): (Tensor, usize),
+        rng: &mut TorchRng,
+        progress: &mut ProgressFn,
+    ) -> Result<Tensor> {
+        let mut slot = None;
+        let unet = component(&self.resident.unet, &mut slot, progress, "loading unet", || self.load_unet())?;
+        let (height, width) = (request.img_height as usize, request.img_width as usize);
         // For the progress callback's x₀ (previews): the model's own schedule, whatever the scheduler.
         let estimator = sampling::DenoisedEstimator::new(&self.configs.scheduler)?;
         stage(progress, "denoising")?;
-        let latents = sampling::denoise(
-            unet,
-            scheduler,
-            conditioning,
-            latents,
-            sampling::Guidance { scale: request.guidance_scale, height, width, estimator: &estimator, start: 0 },
-            &mut rng,
-            progress,
-        )?;
+        let guidance =
+            sampling::Guidance { scale: request.guidance_scale, height, width, estimator: &estimator, start };
+        let latents = sampling::denoise(unet, scheduler, conditioning, latents, guidance, rng, progress)?;
         Ok(latents.to_dtype(DType::F32)?)
     }
 
@@ -486,13 +528,32 @@ impl Pipeline {
         self.scheduler(request).map(drop)
     }
 
-    /// One request, end to end (its scheduler built once).
+    /// One request, end to end (its scheduler built once): text to image, or image to image when the request has
+    /// an `image` (the output then has the input's size).
     pub fn generate(&self, request: &GenerateRequest, progress: &mut ProgressFn) -> Result<Generation> {
-        request.validate_for_model(self.vae_scale_factor() as u32)?;
+        let multiple = self.vae_scale_factor() as u32;
+        let mut request = request.clone();
+        let image = match &request.image {
+            Some(data) => {
+                let image = input_image::decode_base64("image", data)?;
+                (request.img_width, request.img_height) = image.dimensions();
+                request.strength.get_or_insert(DEFAULT_IMG2IMG_STRENGTH);
+                Some(input_image::to_tensor("image", &image, multiple, &Device::Cpu)?)
+            }
+            None => None,
+        };
+        let request = &request;
+        request.validate_for_model(multiple)?;
         let seed = request.resolve_seed();
         let mut scheduler = self.scheduler_for_seed(request, Some(seed))?;
+        if let (Some(strength), Some(_)) = (request.strength, &image) {
+            schedulers::img2img_start(scheduler.as_ref(), strength)?; // refused before any model loads
+        }
         let conditioning = self.condition_for(request, scheduler.timesteps().len(), progress)?;
-        let latents = self.denoise_with(request, &conditioning, scheduler.as_mut(), seed, progress)?;
+        let latents = match &image {
+            Some(image) => self.denoise_image(request, image, &conditioning, scheduler.as_mut(), seed, progress)?,
+            None => self.denoise_with(request, &conditioning, scheduler.as_mut(), seed, progress)?,
+        };
         let warnings = conditioning.warnings.clone();
         drop(conditioning);
         let images = self.decode(&latents, progress)?;
