@@ -9,6 +9,7 @@
 //! [`SchedulerConfig`]) exactly as diffusers' `Class.from_config(config, **options)` would build it, and refuses a
 //! config value it does not implement when it is built, naming the key and the accepted values.
 
+pub mod brownian;
 mod config;
 mod ddim;
 mod ddpm;
