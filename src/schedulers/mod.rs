@@ -14,6 +14,7 @@ mod config;
 mod ddim;
 mod ddpm;
 mod deis;
+mod dpm_sde;
 mod dpm_solver;
 mod euler;
 mod heun;
@@ -270,6 +271,18 @@ const REGISTRY: &[Entry] = &[
         aliases: &["dpmpp_3m_sde_karras"],
         build: dpm_solver::DpmSolverMultistep::sde_3m_karras,
         keys: &[multistep::KEYS, dpm_solver::MULTISTEP_KEYS],
+    },
+    Entry {
+        name: "DPM++ SDE Karras",
+        aliases: &["dpmpp_sde_karras", "k_dpmpp_sde_karras"],
+        build: dpm_sde::DpmSde::karras,
+        keys: &[dpm_sde::KEYS],
+    },
+    Entry {
+        name: "DPM++ SDE",
+        aliases: &["DPMSolverSDEScheduler", "dpmpp_sde", "k_dpmpp_sde"],
+        build: dpm_sde::DpmSde::boxed,
+        keys: &[dpm_sde::KEYS],
     },
 ];
 
