@@ -20,11 +20,17 @@
   `w / divisor`, the tensors summarised by their first 4 values, sum and the sum of their float32 bit patterns (an
   exact fingerprint). torch's float32 sqrt (like exp and log) runs Intel MKL's VML on the CPU, which is not always
   correctly rounded: the divisor is stored so that the test can check the increment and the division separately.
+* correctly_rounded_runs: the DPM++ SDE scheduler loops of make_scheduler_refs.py (final samples) for a few
+  variations and step counts, run with correctly rounded float32 exp/log/expm1/sqrt instead of torch's CPU kernels
+  (Intel MKL's VML, Sleef), which are not always correctly rounded: the Brownian tree rounds its query times to
+  1e-6, so a 1-ulp difference in a query time (from exp/log) can change a step's noise by ~1e-3. Without MKL in the
+  way, the test holds the scheduler to float32 rounding.
 
 Run from the repository root: venv/bin/python scripts/make_brownian_refs.py (see scripts/requirements.txt). It is
 deterministic: rerunning it rewrites an identical file.
 """
 
+import contextlib
 import json
 import math
 import sys
@@ -41,6 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "tests" / "fixtures" / "brownian.json"
 
 sys.path.insert(0, str(ROOT / "scripts"))
+import make_scheduler_refs  # noqa: E402
 from make_scheduler_refs import BASE, DEIS_ONLY_KEYS, initial_sample, stand_in_model  # noqa: E402
 
 SEEDS = [0, 1234, 2**40 + 12345, 2**64 - 1]
@@ -187,6 +194,52 @@ def sampler_cases(sets):
     return cases
 
 
+# (variation, steps) of the correctly rounded runs, for both DPM++ SDE names.
+CR_RUNS = [(v, n) for v in ("dreamshaper", "trailing", "linspace", "v_prediction", "bare") for n in (7, 20)]
+CR_RUNS += [("dreamshaper", n) for n in (1, 2, 35, 100)]
+
+
+@contextlib.contextmanager
+def correctly_rounded_math():
+    """torch's float32 exp, log, expm1 and sqrt (also `** 0.5`) computed in float64 and rounded once: correctly
+    rounded, unlike the CPU kernels (Intel MKL's VML for exp/log/sqrt, Sleef for expm1)."""
+    names = ("exp", "log", "expm1", "sqrt", "__pow__")
+    saved = {k: getattr(torch.Tensor, k) for k in names}
+
+    def widened(f):
+        return lambda self: f(self.double()).to(torch.float32) if self.dtype == torch.float32 else f(self)
+
+    def power(self, e):
+        if self.dtype == torch.float32 and isinstance(e, float) and e == 0.5:
+            return saved["sqrt"](self.double()).to(torch.float32)
+        return saved["__pow__"](self, e)
+
+    try:
+        for k in names[:4]:
+            setattr(torch.Tensor, k, widened(saved[k]))
+        torch.Tensor.__pow__ = power
+        yield
+    finally:
+        for k, f in saved.items():
+            setattr(torch.Tensor, k, f)
+
+
+def correctly_rounded_runs():
+    """make_scheduler_refs' stand-in loop for the DPM++ SDE names (their options there: noise_sampler_seed) with
+    correctly rounded float32 exp/log/expm1/sqrt. diffusers' DPMSolverSDEScheduler computes its Brownian-tree query
+    times with torch's exp and log, which on the CPU are MKL's and not always correctly rounded; torchsde rounds the
+    times to 6 decimals, so a 1-ulp difference can move a query across that grid and change the noise by about
+    sqrt(1e-6). These runs take MKL out, so the test can hold everything else to float32 rounding."""
+    out = []
+    with correctly_rounded_math():
+        for name in ("DPM++ SDE Karras", "DPM++ SDE"):
+            for variation, steps in CR_RUNS:
+                case = make_scheduler_refs.run(name, variation, steps)
+                out.append({k: case[k] for k in ("name", "variation", "steps")})
+                out[-1]["final_sample"] = [float(str(np.float32(v))) for v in case["final_sample"]]
+    return out
+
+
 def main():
     warnings.simplefilter("ignore")  # torchsde warns about the clamped queries
     torch.set_num_threads(1)
@@ -206,6 +259,7 @@ def main():
         "query_sets": sets,
         "samplers": sampler_cases(sets),
         "failing": failing(),
+        "correctly_rounded_runs": correctly_rounded_runs(),
     }
     OUT.write_text(json.dumps(doc, separators=(",", ":")) + "\n")
     print(f"{len(doc['samplers'])} sampler cases -> {OUT} ({OUT.stat().st_size // 1024} KiB)")

@@ -19,7 +19,8 @@ const SAMPLE_TOLERANCE: f64 = 1e-4;
 /// computes with torch's float32 `exp`/`log` — on the CPU, Intel MKL's, which are not always correctly rounded (about
 /// one query time in twenty is 1 ulp off ours) — and torchsde rounds query times to 6 decimals, so such a 1-ulp
 /// difference can move a query across that grid and change a step's noise by about √(1e-6)/√Δσ. On the committed
-/// references that gives up to 7.6e-4 (most cases agree to 1e-6).
+/// references that gives up to 7.6e-4 (most cases agree to 1e-6); everything else is held to float32 rounding by
+/// `dpm_sde_matches_diffusers_with_correctly_rounded_math`.
 const SDE_SAMPLE_TOLERANCE: f64 = 2e-3;
 const SDE_NAMES: [&str; 2] = ["DPM++ SDE Karras", "DPM++ SDE"];
 
@@ -176,6 +177,37 @@ fn registered_schedulers_match_diffusers() {
     assert!(checked >= registered.len() * 25, "every registered scheduler is checked in 5 variations");
     let bare = fixture["cases"].as_array().unwrap().iter().filter(|c| c["variation"] == "bare").count();
     assert_eq!(bare, registered.len() * 6, "a bare-config case for every scheduler at every step count");
+}
+
+/// DPM++ SDE against diffusers run with correctly rounded float32 `exp`/`log`/`expm1`/`sqrt` (the
+/// `correctly_rounded_runs` of tests/fixtures/brownian.json, made by scripts/make_brownian_refs.py): with torch's MKL
+/// rounding out of the way (see [`SDE_SAMPLE_TOLERANCE`]) the whole loop, Brownian noise included, agrees to float32
+/// rounding.
+#[test]
+fn dpm_sde_matches_diffusers_with_correctly_rounded_math() {
+    let fixture = fixture();
+    let path = common::root().join("tests/fixtures/brownian.json");
+    let runs: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let shape: Vec<usize> = fixture["shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+    let seed = fixture["seed"].as_u64().unwrap();
+    let mut checked = 0;
+    for run in runs["correctly_rounded_runs"].as_array().unwrap() {
+        let name = run["name"].as_str().unwrap();
+        let variation = run["variation"].as_str().unwrap();
+        let steps = run["steps"].as_u64().unwrap() as usize;
+        let mut s = schedulers::create(name, &run_config(&fixture, name, variation), steps).unwrap();
+        let mut rng = TorchRng::new(seed);
+        let mut x = (initial_sample(&shape) * s.init_noise_sigma()).unwrap();
+        for (index, &t) in s.timesteps().to_vec().iter().enumerate() {
+            let input = s.scale_model_input(x.clone(), index).unwrap();
+            x = s.step(&stand_in_model(&input, t), index, &x, &mut rng).unwrap();
+        }
+        let ours: Vec<f64> = x.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).collect();
+        let err = relative(&ours, &floats(&run["final_sample"]));
+        assert!(err <= 1e-6, "{name} / {variation} / {steps} steps: final sample relative error {err:e}");
+        checked += 1;
+    }
+    assert!(checked >= 20);
 }
 
 #[test]
