@@ -21,6 +21,10 @@ OUT = ROOT / "tests" / "fixtures" / "schedulers.json"
 # Dreamshaper XL's scheduler config (the tiny test model ships the same).
 BASE = json.loads((ROOT / "models" / "tiny-sdxl" / "scheduler" / "scheduler_config.json").read_text())
 
+# The seed of the stochastic schedulers' generator, and of DPMSolverSDEScheduler's Brownian tree (the pipeline sets
+# its noise_sampler_seed to the request's seed).
+SEED = 1234
+
 # API name -> (diffusers class, options beyond the model's config)
 SCHEDULERS = {
     "UniPC": ("UniPCMultistepScheduler", {}),
@@ -49,6 +53,8 @@ SCHEDULERS = {
         "DPMSolverMultistepScheduler",
         {"use_karras_sigmas": True, "algorithm_type": "sde-dpmsolver++", "solver_order": 3},
     ),
+    "DPM++ SDE Karras": ("DPMSolverSDEScheduler", {"use_karras_sigmas": True, "noise_sampler_seed": SEED}),
+    "DPM++ SDE": ("DPMSolverSDEScheduler", {"noise_sampler_seed": SEED}),
 }
 
 # The model config's `algorithm_type: deis` / `solver_type: logrho` only mean something to DEIS; for the other
@@ -99,7 +105,6 @@ VARIATION_ONLY_FOR = {
 
 STEPS = [1, 2, 7, 20, 35, 100]
 SHAPE = (1, 4, 4, 6)
-SEED = 1234
 
 
 def initial_sample():

@@ -249,6 +249,21 @@ impl TorchRng {
         Tensor::from_vec(self.randn(n), shape, device)
     }
 
+    /// The same number as `torch.randint(low, high, [], generator=g).item()` (`low < high`): one 32-bit draw reduced
+    /// modulo the range, or, for ranges of 2^32 or more, one 64-bit draw (two 32-bit draws, the first the high word).
+    pub fn randint(&mut self, low: i64, high: i64) -> i64 {
+        assert!(low < high, "randint: empty range [{low}, {high})");
+        let range = high.abs_diff(low);
+        let value = if range >= 1 << 32 {
+            let hi = u64::from(self.mt.next_u32());
+            let lo = u64::from(self.mt.next_u32());
+            ((hi << 32) | lo) % range
+        } else {
+            u64::from(self.mt.next_u32()) % range
+        };
+        low.wrapping_add(value as i64)
+    }
+
     /// A float32 uniform in [0, 1) from one 32-bit draw (24 random bits).
     fn uniform_f32(&mut self) -> f32 {
         (self.mt.next_u32() & 0x00ff_ffff) as f32 * (1.0 / 16_777_216.0)

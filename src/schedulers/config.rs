@@ -106,6 +106,20 @@ impl SchedulerConfig {
         }
     }
 
+    /// An optional non-negative integer key (`None` when absent or null); any other value (negative, fractional,
+    /// not a number, beyond u64) is refused, naming the key.
+    pub fn u64_opt(&self, scheduler: &'static str, key: &'static str) -> Result<Option<u64>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v.as_u64().map(Some).ok_or_else(|| Error::UnsupportedSchedulerConfig {
+                scheduler,
+                key,
+                value: v.to_string(),
+                accepted: "a non-negative integer below 2^64, or null".into(),
+            }),
+        }
+    }
+
     /// An integer key that must lie in `range` (the class's `default` when absent).
     pub fn usize_in(
         &self,

@@ -9,10 +9,12 @@
 //! [`SchedulerConfig`]) exactly as diffusers' `Class.from_config(config, **options)` would build it, and refuses a
 //! config value it does not implement when it is built, naming the key and the accepted values.
 
+pub mod brownian;
 mod config;
 mod ddim;
 mod ddpm;
 mod deis;
+mod dpm_sde;
 mod dpm_solver;
 mod euler;
 mod heun;
@@ -269,6 +271,18 @@ const REGISTRY: &[Entry] = &[
         aliases: &["dpmpp_3m_sde_karras"],
         build: dpm_solver::DpmSolverMultistep::sde_3m_karras,
         keys: &[multistep::KEYS, dpm_solver::MULTISTEP_KEYS],
+    },
+    Entry {
+        name: "DPM++ SDE Karras",
+        aliases: &["dpmpp_sde_karras", "k_dpmpp_sde_karras"],
+        build: dpm_sde::DpmSde::karras,
+        keys: &[dpm_sde::KEYS],
+    },
+    Entry {
+        name: "DPM++ SDE",
+        aliases: &["DPMSolverSDEScheduler", "dpmpp_sde", "k_dpmpp_sde"],
+        build: dpm_sde::DpmSde::boxed,
+        keys: &[dpm_sde::KEYS],
     },
 ];
 
