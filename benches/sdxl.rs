@@ -7,6 +7,7 @@
 //! - `unet-cfg`: one classifier-free-guidance UNet call (batch 2) on a `size`² image's latents;
 //! - `text-encoders`: CLIP-L + bigG on a prompt and a negative prompt (encoders loaded once, excluded);
 //! - `vae-decode`: decoding one `size`² image's latents (`vae-decode-bands`: in bands, as large images are);
+//! - `vae-encode`: encoding one `size`² image to its latent distribution (whole, or in bands as `Auto` chooses);
 //! - `scheduler-step`: the scheduler update alone on `size`² latents, for several schedulers (no model);
 //! - `gemm`: f32 against bf16 matrix products on the UNet's shapes (no model needed);
 //! - `lora-merge`: loading the UNet with and without a LoRA (`--lora FILE`, e.g. from `benches/make_full_lora.py`):
@@ -146,6 +147,24 @@ fn options(args: &Args) -> PipelineOptions {
     PipelineOptions { dtype: args.dtype, ..Default::default() }
 }
 
+/// `vae-encode`: one `size`² image (random values in [-1, 1]) encoded to its latent distribution, with the VAE's
+/// automatic choice of a whole or banded encode (whole up to its `sample_size`, 1024 for SDXL); encoder load excluded.
+fn vae_encode(args: &Args, model: &str) -> Result<(), Box<dyn std::error::Error>> {
+    use dreamshaper::models::vae_bands::{BandPlan, VaeTiling};
+    let pipeline = Pipeline::load(model, options(args))?;
+    let load = Instant::now();
+    let vae = pipeline.load_vae_encoder()?;
+    let load_s = load.elapsed().as_secs_f64();
+    let image = Tensor::rand(-1f32, 1., (1, 3, args.size, args.size), &Device::Cpu)?;
+    let plan = BandPlan::for_vae(VaeTiling::Auto, &vae.config);
+    let banded = plan.in_bands(args.size / 8, args.size / 8);
+    let seconds = time(args.warmup, args.iters, || {
+        vae.encode_planned(&image, &plan).expect("VAE encode");
+    });
+    report("vae-encode", args, seconds, json!({ "encoder_load_s": load_s, "in_bands": banded }));
+    Ok(())
+}
+
 fn run(args: &Args, process_start: Instant) -> Result<(), Box<dyn std::error::Error>> {
     match args.case.as_str() {
         "gemm" => {
@@ -237,6 +256,7 @@ fn run(args: &Args, process_start: Instant) -> Result<(), Box<dyn std::error::Er
             });
             report(&args.case, args, seconds, json!({}));
         }
+        "vae-encode" => vae_encode(args, &model)?,
         "scheduler-step" => {
             let config = SchedulerConfig::from_file(&args.model.join("scheduler/scheduler_config.json"))?;
             let latent = args.size / 8;
