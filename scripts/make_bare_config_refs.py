@@ -84,12 +84,14 @@ def json_safe(value):
     return repr(value) if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def make_scheduler(scheduler_config, api_name):
+def make_scheduler(scheduler_config, api_name, seed):
     class_name, options = SCHEDULERS[api_name]
     config = dict(scheduler_config)
     if class_name != "DEISMultistepScheduler":
         for key in DEIS_ONLY_KEYS:
             config.pop(key, None)
+    if "noise_sampler_seed" in options:  # the engine seeds DPM++ SDE's Brownian tree with the request's seed
+        options = {**options, "noise_sampler_seed": seed}
     return getattr(diffusers, class_name).from_config(config, **options)
 
 
@@ -122,7 +124,7 @@ def self_sensitivity(pipe, model_scheduler, r) -> float:
         shape = (r["samples"], 4, r["img_height"] // 8, r["img_width"] // 8)
         latents = torch.randn(shape, generator=generator)
         noise = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(1))
-        pipe.scheduler = make_scheduler(model_scheduler.config, r["scheduler"])
+        pipe.scheduler = make_scheduler(model_scheduler.config, r["scheduler"], r["seed"])
         images = pipe(
             prompt=r["prompt"], negative_prompt=r["negative_prompt"] or None, num_images_per_prompt=r["samples"],
             num_inference_steps=r["num_inference_steps"], guidance_scale=r["guidance_scale"], width=r["img_width"],
@@ -166,7 +168,7 @@ def main():
             model_scheduler = pipe.scheduler
             for case in [c for c in CASES if c["config"] == config_name]:
                 r, name = case["request"], case["name"]
-                pipe.scheduler = make_scheduler(model_scheduler.config, r["scheduler"])
+                pipe.scheduler = make_scheduler(model_scheduler.config, r["scheduler"], r["seed"])
                 seen, steps = [], []
                 record_steps(pipe.scheduler, steps)
 

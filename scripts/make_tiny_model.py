@@ -102,6 +102,8 @@ SCHEDULERS = {
     "LCM": {"class": "LCMScheduler", "options": {}},
     "TCD": {"class": "TCDScheduler", "options": {}},
     "DPM++ 2M SDE": {"class": "DPMSolverMultistepScheduler", "options": {"algorithm_type": "sde-dpmsolver++"}},
+    "DPM++ SDE Karras": {"class": "DPMSolverSDEScheduler", "options": {"use_karras_sigmas": True}},
+    "DPM++ SDE": {"class": "DPMSolverSDEScheduler", "options": {}},
     "DPM++ 3M SDE Karras": {"class": "DPMSolverMultistepScheduler",
                             "options": {"use_karras_sigmas": True, "algorithm_type": "sde-dpmsolver++",
                                         "solver_order": 3}},
@@ -230,6 +232,14 @@ E2E_CASES = [
     {"name": "dpmpp_3m_sde_karras_w96h64", "model": "tiny-sdxl",
      "request": {"prompt": PROMPT_CAT, "negative_prompt": "", "samples": 1, "scheduler": "DPM++ 3M SDE Karras",
                  "num_inference_steps": 10, "guidance_scale": 5.0, "seed": 27, "img_width": 96, "img_height": 64}},
+    # DPM++ SDE's Brownian-tree noise is seeded with the request's seed (noise_sampler_seed), the Turbo/Lightning
+    # cards' recommendation.
+    {"name": "dpmpp_sde_karras_w64h64_neg", "model": "tiny-sdxl",
+     "request": {"prompt": PROMPT_CAT, "negative_prompt": NEGATIVE, "samples": 2, "scheduler": "DPM++ SDE Karras",
+                 "num_inference_steps": 6, "guidance_scale": 2.0, "seed": 31, "img_width": 64, "img_height": 64}},
+    {"name": "dpmpp_sde_w96h64", "model": "tiny-sdxl",
+     "request": {"prompt": PROMPT_CAT, "negative_prompt": "", "samples": 1, "scheduler": "DPM++ SDE",
+                 "num_inference_steps": 5, "guidance_scale": 5.0, "seed": 32, "img_width": 96, "img_height": 64}},
     {"name": "turbo_1step_w64h64", "model": "tiny-sdxl",
      "request": {"prompt": PROMPT_CAT, "negative_prompt": "", "samples": 1, "scheduler": "Euler a",
                  "scheduler_options": {"timestep_spacing": "trailing"},
@@ -765,6 +775,8 @@ def compute_references(pipe: StableDiffusionXLPipeline, refs: Refs) -> dict:
         default_scheduler = pipe.scheduler
         # A request's scheduler_options go on top of the model's config, like the model's own overrides.
         overrides = {**case.get("scheduler_config_overrides", {}), **r.get("scheduler_options", {})}
+        # The engine seeds a scheduler's own noise sampler with the request's seed.
+        overrides = {**({"noise_sampler_seed": r["seed"]} if r["scheduler"].startswith("DPM++ SDE") else {}), **overrides}
         pipe.scheduler = make_scheduler(pipe, r["scheduler"], overrides)
         final = {}
 

@@ -230,7 +230,7 @@ impl Pipeline {
         &self.active_loras
     }
 
-    /// Stored tensors of a single-file checkpoint that no component uses (EMA copies, the VAE encoder, …).
+    /// Stored tensors of a single-file checkpoint that no component uses (EMA copies, …).
     pub fn unused_keys(&self) -> Result<Vec<String>> {
         self.source.unused_keys()
     }

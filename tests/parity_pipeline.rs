@@ -129,7 +129,7 @@ fn configs_lacking_optional_keys_give_diffusers_images() {
         // Teacher-forced, from the generator state the pipeline leaves after drawing the initial noise.
         let steps = |key: &str| &tensors[case["steps"][key].as_str().unwrap()];
         let (samples, outputs, expected) = (steps("samples"), steps("model_outputs"), steps("prev_samples"));
-        let mut scheduler = pipeline.scheduler(&request).unwrap();
+        let mut scheduler = pipeline.scheduler_for_seed(&request, Some(request.seed as u64)).unwrap();
         let mut rng = TorchRng::new(request.seed as u64);
         rng.randn_tensor(&samples.dims()[1..], &Device::Cpu).unwrap();
         let evaluations = samples.dim(0).unwrap();
@@ -140,7 +140,11 @@ fn configs_lacking_optional_keys_give_diffusers_images() {
             let ours = scheduler.step(&output, i, &sample, &mut rng).unwrap();
             worst = worst.max(common::relative_error(&ours, &expected.get(i).unwrap()));
         }
-        if worst > 1e-5 {
+        // DPM++ SDE's Brownian-tree noise is queried at times torchsde rounds to 6 decimals: torch's float32
+        // exp/log/sqrt (MKL, not correctly rounded) can move a query across that grid and change a step's noise
+        // slightly (see tests/schedulers.rs, src/schedulers/brownian.rs); its images still match.
+        let tolerance = if name.starts_with("dpmpp_sde") { 1e-3 } else { 1e-5 };
+        if worst > tolerance {
             failures.push(format!("{name}: teacher-forced step relative error {worst:.2e}"));
         }
 
