@@ -5,6 +5,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use base64::Engine;
+
 use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use dreamshaper::adapters::LoraSpec;
@@ -195,6 +197,13 @@ struct GenerateArgs {
     /// VALUE is read as JSON when it parses, else as a string. Repeatable.
     #[arg(long = "scheduler-option", value_name = "KEY=VALUE")]
     scheduler_options: Vec<String>,
+    /// Image to image: the input image (PNG, JPEG, WebP, …; both sides multiples of 8). The output has its size.
+    /// Overrides a request file's `image`.
+    #[arg(long, value_name = "PATH")]
+    image: Option<PathBuf>,
+    /// Image to image: how far the input is re-noised, in (0, 1] (the fraction of the steps that run; default 0.3).
+    #[arg(long)]
+    strength: Option<f64>,
     /// η, the noise weight of DDIM (default 0: deterministic) and TCD (its γ, default 0.3); other schedulers
     /// refuse it.
     #[arg(long)]
@@ -359,6 +368,14 @@ fn build_request(args: &GenerateArgs) -> anyhow::Result<GenerateRequest> {
     request.img_width = args.img_width.unwrap_or(request.img_width);
     request.img_height = args.img_height.unwrap_or(request.img_height);
     request.eta = args.eta.or(request.eta);
+    request.strength = args.strength.or(request.strength);
+    if let Some(path) = &args.image {
+        let bytes = std::fs::read(path).map_err(|e| anyhow::anyhow!("--image {}: {e}", path.display()))?;
+        request.image = Some(base64::engine::general_purpose::STANDARD.encode(bytes));
+    }
+    if request.image.is_some() {
+        request.strength.get_or_insert(dreamshaper::request::DEFAULT_IMG2IMG_STRENGTH);
+    }
     if let Some(v) = args.prompt_syntax {
         request.prompt_syntax = match v {
             SyntaxArg::A1111 => PromptSyntax::A1111,
@@ -442,6 +459,11 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         eprintln!("warning: {warning}");
     }
 
+    let mut request = request;
+    if let Some(first) = generation.images.first() {
+        // Image to image's output has the input's size.
+        (request.img_width, request.img_height) = first.dimensions();
+    }
     let parameters = a1111_parameters(&request, generation.seed, &model_name(&args.model.model), &generation.loras);
     let paths = output_paths(&output, generation.images.len());
     for (image, path) in generation.images.iter().zip(&paths) {

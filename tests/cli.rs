@@ -325,3 +325,54 @@ fn taesd_previews_and_final_decode() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("no-taesd"), "{}", stderr(&o));
 }
+
+/// `--image PATH --strength F`: image to image at the input's size, recorded as A1111 records it; the same pixels as
+/// diffusers' (the request of tests/fixtures/img2img_refs.json's `euler_s03`).
+#[test]
+fn image_to_image_from_a_file() {
+    let dir = temp_dir("img2img");
+    let out = dir.join("out.png");
+    let input = common::root().join("tests/fixtures/img2img_input.png");
+    let o = run(&[
+        "--prompt",
+        "a photo of a Grumpy cat, 8k!",
+        "--negative-prompt",
+        "blurry, low quality, watermark, text",
+        "--prompt-syntax",
+        "none",
+        "--scheduler",
+        "Euler",
+        "--num-inference-steps",
+        "10",
+        "--guidance-scale",
+        "6",
+        "--seed",
+        "41",
+        "--image",
+        input.to_str().unwrap(),
+        "--strength",
+        "0.3",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (w, h, text) = png_parameters(&out);
+    assert_eq!((w, h), (96, 64));
+    assert!(text.contains("Size: 96x64") && text.contains("Denoising strength: 0.3"), "{text}");
+    let refs = candle_core::safetensors::load(
+        common::root().join("tests/fixtures/img2img_refs.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let expected = refs["euler_s03.images"].flatten_all().unwrap().to_vec1::<u8>().unwrap();
+    let ours = image::open(&out).unwrap().to_rgb8();
+    let diff = common::mean_abs_pixel_diff(ours.as_raw(), &expected);
+    assert!(diff <= 0.5, "{diff}/255 from diffusers");
+
+    let o = run(&["--prompt", "x", "--strength", "0.5", "--output", dir.join("no.png").to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("strength"), "{}", stderr(&o));
+    let o = run(&["--prompt", "x", "--image", dir.join("missing.png").to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("missing.png"), "{}", stderr(&o));
+}

@@ -874,3 +874,54 @@ fn request_loras_come_from_the_lora_directory_only() {
         assert!(r.error().contains("loras"), "{name}: {}", r.error());
     }
 }
+
+/// `POST /v1/sdxl-img2img`: the input image's size, the same images as the library gives for the request, and the
+/// endpoint's own 400s (no image, an unreadable one, a strength out of range, a strength that leaves no step).
+#[test]
+fn img2img_endpoint_answers_the_inputs_size_and_its_errors() {
+    let server = tiny_server(config(Ranges::Open, 2));
+    let input = std::fs::read(common::root().join("tests/fixtures/img2img_input.png")).unwrap();
+    let image = base64::engine::general_purpose::STANDARD.encode(&input);
+    let post = |body: &Value| {
+        call(
+            server.addr(),
+            "POST",
+            "/v1/sdxl-img2img",
+            &[("content-type", "application/json")],
+            body.to_string().as_bytes(),
+        )
+    };
+    let body = json!({"prompt": "a photo of a Grumpy cat", "image": image, "strength": 0.6, "scheduler": "Euler a",
+        "num_inference_steps": 10, "guidance_scale": 6.0, "seed": 42, "samples": 2, "base64": true});
+    let r = post(&body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-seed-value"), Some("42"));
+    let images = r.json()["images"].as_array().cloned().expect("an images list for two samples");
+    assert_eq!(images.len(), 2, "two samples");
+    for encoded in &images {
+        let jpeg = base64::engine::general_purpose::STANDARD.decode(encoded.as_str().unwrap()).unwrap();
+        assert_eq!(jpeg_size(&jpeg), (96, 64), "the input's size");
+    }
+    // (The pixels are checked against diffusers in tests/img2img.rs.)
+    for (bad, field) in [
+        (json!({"prompt": "x", "scheduler": "Euler"}), "image"),
+        (json!({"prompt": "x", "scheduler": "Euler", "image": "%%%"}), "image"),
+        (json!({"prompt": "x", "scheduler": "Euler", "image": image, "strength": 0}), "strength"),
+        (json!({"prompt": "x", "scheduler": "Euler", "image": image, "strength": 1.5}), "strength"),
+        (json!({"prompt": "x", "scheduler": "Euler", "image": image, "strength": "high"}), "strength"),
+        (
+            json!({"prompt": "x", "scheduler": "Euler", "image": image, "strength": 0.01, "num_inference_steps": 20}),
+            "strength",
+        ),
+    ] {
+        let r = post(&bad);
+        assert_eq!(r.status, 400, "{bad}: {}", r.text());
+        assert!(r.error().contains(field), "{bad}: {}", r.error());
+    }
+    // The text-to-image endpoint ignores `image`, like any field it does not know.
+    let mut t2i = small("a cat", 64, 2);
+    t2i["image"] = json!(image);
+    let r = post_json(server.addr(), &t2i);
+    assert_eq!((r.status, r.jpeg_size()), (200, (64, 64)));
+    server.shutdown().unwrap();
+}
