@@ -1,5 +1,5 @@
-"""Image-to-image references from diffusers' `StableDiffusionXLImg2ImgPipeline` on the tiny model, for
-tests/img2img.rs.
+"""Image-to-image and inpainting references from diffusers' `StableDiffusionXLImg2ImgPipeline` and
+`StableDiffusionXLInpaintPipeline` on the tiny model (a regular 4-channel UNet), for tests/img2img.rs.
 
 Writes `tests/fixtures/img2img_input.png` (a deterministic 96x64 picture) and `tests/fixtures/img2img_refs.json` +
 `.safetensors`: for each case (request fields in the hosted API's names, `image` standing for that PNG), diffusers'
@@ -14,7 +14,7 @@ from pathlib import Path
 import diffusers
 import numpy as np
 import torch
-from diffusers import StableDiffusionXLImg2ImgPipeline
+from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -41,6 +41,26 @@ CASES = [
                                        "seed": 46}},
 ]
 DEFAULTS = {"prompt": PROMPT, "negative_prompt": NEGATIVE, "samples": 1, "guidance_scale": 6.0}
+
+# Inpainting: `mask` names one of MASKS (written as tests/fixtures/inpaint_mask_<name>.png).
+INPAINT_CASES = [
+    {"name": "inpaint_hard_euler_a_s075_n2", "request": {"scheduler": "Euler a", "strength": 0.75, "mask": "hard",
+                                                         "num_inference_steps": 8, "seed": 51, "samples": 2}},
+    {"name": "inpaint_grey_dpmpp_2m_karras_default", "request": {"scheduler": "DPM++ 2M Karras", "mask": "grey",
+                                                                 "num_inference_steps": 8, "seed": 52}},
+    {"name": "inpaint_hard_ddim_s1_noneg", "request": {"scheduler": "DDIM", "strength": 1.0, "mask": "hard",
+                                                       "num_inference_steps": 6, "seed": 53, "negative_prompt": ""}},
+]
+
+
+def masks() -> dict:
+    """A hard black/white rectangle and a grey gradient (binarised at 0.5 by the pipeline), both 96x64."""
+    h, w = 64, 96
+    hard = np.zeros((h, w), np.uint8)
+    hard[16:48, 24:72] = 255
+    y, x = np.mgrid[0:h, 0:w]
+    grey = np.clip(x * 255.0 / (w - 1) * 0.7 + y * 0.8, 0, 255).round().astype(np.uint8)
+    return {"hard": Image.fromarray(hard, "L"), "grey": Image.fromarray(np.stack([grey] * 3, -1), "RGB")}
 
 
 def input_image() -> Image.Image:
@@ -99,6 +119,48 @@ def main():
             callback_on_step_end=grab,
             callback_on_step_end_tensor_inputs=["latents"],
             **extra,
+        ).images
+        u8 = (images * 255).round().astype("uint8")
+        assert u8.shape == (r["samples"], 64, 96, 3), u8.shape
+        tensors[f"{name}.images"] = torch.from_numpy(u8).contiguous()
+        tensors[f"{name}.latents"] = final["latents"]
+        cases.append({"name": name, "request": r, "unet_timesteps_seen": final["timesteps"]})
+        print(f"{name}: {len(final['timesteps'])} evaluations")
+    inpaint = StableDiffusionXLInpaintPipeline.from_pretrained(MODEL, torch_dtype=torch.float32,
+                                                               add_watermarker=False)
+    inpaint.set_progress_bar_config(disable=True)
+    mask_images = {}
+    for key, mask in masks().items():
+        path = FIXTURES / f"inpaint_mask_{key}.png"
+        mask.save(path)
+        mask_images[key] = Image.open(path)
+    for case in INPAINT_CASES:
+        r = {**DEFAULTS, **case["request"]}
+        name = case["name"]
+        inpaint.scheduler = make_scheduler(model_config, r["scheduler"])
+        final = {}
+
+        def grab(p, i, t, kw):
+            final.setdefault("timesteps", []).append(float(t))
+            final["latents"] = kw["latents"].detach().clone().contiguous()
+            return kw
+
+        kwargs = {"strength": r["strength"]} if "strength" in r else {}
+        images = inpaint(
+            prompt=r["prompt"],
+            negative_prompt=r["negative_prompt"] or None,
+            image=image,
+            mask_image=mask_images[r["mask"]],
+            height=64,  # the inpainting pipeline otherwise resizes to the UNet's sample size; ours keeps the input's
+            width=96,
+            num_images_per_prompt=r["samples"],
+            num_inference_steps=r["num_inference_steps"],
+            guidance_scale=r["guidance_scale"],
+            generator=torch.Generator("cpu").manual_seed(r["seed"]),
+            output_type="np",
+            callback_on_step_end=grab,
+            callback_on_step_end_tensor_inputs=["latents"],
+            **kwargs,
         ).images
         u8 = (images * 255).round().astype("uint8")
         assert u8.shape == (r["samples"], 64, 96, 3), u8.shape

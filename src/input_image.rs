@@ -75,3 +75,40 @@ pub fn to_tensor(field: &'static str, image: &RgbImage, multiple: u32, device: &
     let hwc = Tensor::from_vec(values, (h as usize, w as usize, 3), device)?;
     Ok(hwc.permute((2, 0, 1))?.contiguous()?.unsqueeze(0)?)
 }
+
+/// diffusers' mask preprocessing (`VaeImageProcessor(do_binarize, do_convert_grayscale)`): PIL's `convert("L")`
+/// luma `(299·R + 587·G + 114·B) / 1000` in its fixed-point form, `/ 255`, then 0 below 0.5 and 1 from 0.5 (1:
+/// repaint), as a (1, 1, H, W) float32 tensor. The mask must have the image's size.
+pub fn mask_to_tensor(mask: &RgbImage, image_size: (u32, u32), device: &Device) -> Result<Tensor> {
+    let (w, h) = mask.dimensions();
+    if (w, h) != image_size {
+        return Err(Error::invalid(
+            "mask",
+            format!("is {w}×{h}, but the image is {}×{}: they must be the same size", image_size.0, image_size.1),
+        ));
+    }
+    let values: Vec<f32> = mask
+        .pixels()
+        .map(|p| {
+            let [r, g, b] = p.0.map(u32::from);
+            let luma = (r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16;
+            if (luma as f32 / 255.0) < 0.5 {
+                0.0
+            } else {
+                1.0
+            }
+        })
+        .collect();
+    Ok(Tensor::from_vec(values, (1, 1, h as usize, w as usize), device)?)
+}
+
+/// The mask at the latents' size, as diffusers' `torch.nn.functional.interpolate(mask, size)` (nearest: latent pixel
+/// (i, j) takes mask pixel (i·s, j·s) for the scale factor s).
+pub fn mask_to_latents(mask: &Tensor, scale: usize) -> Result<Tensor> {
+    let (b, c, h, w) = mask.dims4()?;
+    let rows = Tensor::arange_step(0u32, h as u32, scale as u32, mask.device())?;
+    let cols = Tensor::arange_step(0u32, w as u32, scale as u32, mask.device())?;
+    let picked = mask.index_select(&rows, 2)?.index_select(&cols, 3)?;
+    debug_assert_eq!(picked.dims(), [b, c, h / scale, w / scale]);
+    Ok(picked)
+}

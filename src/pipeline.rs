@@ -22,7 +22,7 @@ use crate::models::vae::VaeDecoder;
 pub use crate::models::vae_bands::VaeTiling;
 use crate::models::vae_bands::{decode_in_bands, BandPlan};
 use crate::models::vae_encoder::VaeEncoder;
-use crate::request::DEFAULT_IMG2IMG_STRENGTH;
+use crate::request::{DEFAULT_IMG2IMG_STRENGTH, DEFAULT_INPAINT_STRENGTH};
 use crate::rng::TorchRng;
 use crate::sampling::{self, Control, Progress, ProgressFn};
 use crate::schedulers::{self, Scheduler};
@@ -439,7 +439,7 @@ impl Pipeline {
         let mut rng = TorchRng::new(seed);
         let latents =
             sampling::initial_latents(&mut rng, shape, scheduler.init_noise_sigma(), &self.device, DType::F32)?;
-        self.run_loop(request, conditioning, scheduler, (latents, 0), &mut rng, progress)
+        self.run_loop(request, conditioning, scheduler, (latents, 0), None, &mut rng, progress)
     }
 
     /// Image to image's denoising loop: the input `image` ((1, 3, H, W) in [-1, 1], [`input_image::to_tensor`])
@@ -449,7 +449,7 @@ impl Pipeline {
     pub fn denoise_image(
         &self,
         request: &GenerateRequest,
-        image: &Tensor,
+        (image, mask): (&Tensor, Option<&Tensor>),
         conditioning: &ConditioningSchedule,
         scheduler: &mut dyn Scheduler,
         seed: u64,
@@ -468,17 +468,36 @@ impl Pipeline {
             encoder.latents_from_image(&image, request.samples as usize, &plan, &mut rng)?
         };
         let noise = rng.randn_tensor(latents.dims(), &self.device)?;
-        let latents = scheduler.add_noise(&latents, &noise, start)?;
-        self.run_loop(request, conditioning, scheduler, (latents, start), &mut rng, progress)
+        let Some(mask) = mask else {
+            let latents = scheduler.add_noise(&latents, &noise, start)?;
+            return self.run_loop(request, conditioning, scheduler, (latents, start), None, &mut rng, progress);
+        };
+        // Inpainting (diffusers' StableDiffusionXLInpaintPipeline with a 4-channel UNet): at full strength the run
+        // starts from pure noise; the masked image's latents are encoded (a third draw) though a 4-channel UNet does
+        // not use them, so only the draw is made.
+        let image_latents = latents;
+        let start_latents = if request.strength == Some(1.0) {
+            (&noise * scheduler.init_noise_sigma())?
+        } else {
+            scheduler.add_noise(&image_latents, &noise, start)?
+        };
+        let (_, c, h, w) = image_latents.dims4()?;
+        rng.randn(c * h * w);
+        let samples = image_latents.dim(0)?;
+        let mask = input_image::mask_to_latents(mask, self.vae_scale_factor())?.repeat((samples, 1, 1, 1))?;
+        let blend = sampling::InpaintBlend { image_latents, noise, mask: mask.to_device(&self.device)? };
+        self.run_loop(request, conditioning, scheduler, (start_latents, start), Some(&blend), &mut rng, progress)
     }
 
-    /// The denoising loop from `latents` at evaluation `start`.
+    /// The denoising loop from `latents` at evaluation `start` (with inpainting's blend).
+    #[allow(clippy::too_many_arguments)]
     fn run_loop(
         &self,
         request: &GenerateRequest,
         conditioning: &ConditioningSchedule,
         scheduler: &mut dyn Scheduler,
         (latents, start): (Tensor, usize),
+        inpaint: Option<&sampling::InpaintBlend>,
         rng: &mut TorchRng,
         progress: &mut ProgressFn,
     ) -> Result<Tensor> {
@@ -489,7 +508,7 @@ impl Pipeline {
         let estimator = sampling::DenoisedEstimator::new(&self.configs.scheduler)?;
         stage(progress, "denoising")?;
         let guidance =
-            sampling::Guidance { scale: request.guidance_scale, height, width, estimator: &estimator, start };
+            sampling::Guidance { scale: request.guidance_scale, height, width, estimator: &estimator, start, inpaint };
         let latents = sampling::denoise(unet, scheduler, conditioning, latents, guidance, rng, progress)?;
         Ok(latents.to_dtype(DType::F32)?)
     }
@@ -537,11 +556,28 @@ impl Pipeline {
             Some(data) => {
                 let image = input_image::decode_base64("image", data)?;
                 (request.img_width, request.img_height) = image.dimensions();
-                request.strength.get_or_insert(DEFAULT_IMG2IMG_STRENGTH);
-                Some(input_image::to_tensor("image", &image, multiple, &Device::Cpu)?)
+                let mask = match &request.mask {
+                    Some(data) => {
+                        let mask = input_image::decode_base64("mask", data)?;
+                        Some(input_image::mask_to_tensor(&mask, image.dimensions(), &Device::Cpu)?)
+                    }
+                    None => None,
+                };
+                let default = if mask.is_some() { DEFAULT_INPAINT_STRENGTH } else { DEFAULT_IMG2IMG_STRENGTH };
+                request.strength.get_or_insert(default);
+                Some((input_image::to_tensor("image", &image, multiple, &Device::Cpu)?, mask))
             }
             None => None,
         };
+        if image.as_ref().is_some_and(|(_, mask)| mask.is_some()) && self.configs.unet.in_channels != 4 {
+            return Err(Error::invalid(
+                "mask",
+                format!(
+                    "this model's UNet takes {} input channels: only regular (4-channel) UNets inpaint here so far",
+                    self.configs.unet.in_channels
+                ),
+            ));
+        }
         let request = &request;
         request.validate_for_model(multiple)?;
         let seed = request.resolve_seed();
@@ -551,7 +587,9 @@ impl Pipeline {
         }
         let conditioning = self.condition_for(request, scheduler.timesteps().len(), progress)?;
         let latents = match &image {
-            Some(image) => self.denoise_image(request, image, &conditioning, scheduler.as_mut(), seed, progress)?,
+            Some((image, mask)) => {
+                self.denoise_image(request, (image, mask.as_ref()), &conditioning, scheduler.as_mut(), seed, progress)?
+            }
             None => self.denoise_with(request, &conditioning, scheduler.as_mut(), seed, progress)?,
         };
         let warnings = conditioning.warnings.clone();

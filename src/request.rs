@@ -62,10 +62,17 @@ pub struct GenerateRequest {
     /// default 0.3 when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strength: Option<f64>,
+    /// Inpainting (with `image`): the mask, base64 like `image` and of its size; its grey level (ITU-R 601 luma, as
+    /// PIL's `convert("L")`) is binarised at 0.5: white repaints, black keeps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask: Option<String>,
 }
 
 /// diffusers' `StableDiffusionXLImg2ImgPipeline` default strength.
 pub const DEFAULT_IMG2IMG_STRENGTH: f64 = 0.3;
+
+/// diffusers' `StableDiffusionXLInpaintPipeline` default strength.
+pub const DEFAULT_INPAINT_STRENGTH: f64 = 0.9999;
 
 fn default_samples() -> u32 {
     1
@@ -107,6 +114,7 @@ impl GenerateRequest {
             eta: None,
             image: None,
             strength: None,
+            mask: None,
         }
     }
 
@@ -132,6 +140,9 @@ impl GenerateRequest {
             if v == 0 || v % size_multiple != 0 {
                 return Err(Error::invalid(field, format!("must be a positive multiple of {size_multiple}, got {v}")));
             }
+        }
+        if self.mask.is_some() && self.image.is_none() {
+            return Err(Error::invalid("mask", "is for inpainting: give the image it applies to too"));
         }
         if let Some(strength) = self.strength {
             if self.image.is_none() {

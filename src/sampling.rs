@@ -118,6 +118,33 @@ pub struct Guidance<'a> {
     /// The first model evaluation to run: 0, or image-to-image's `t_start · order`
     /// ([`crate::schedulers::img2img_start`]), the latents then being the input image's noised to that level.
     pub start: usize,
+    /// Inpainting with a regular (4-channel) UNet: after every step, what lies outside the mask is put back.
+    pub inpaint: Option<&'a InpaintBlend>,
+}
+
+/// diffusers' inpainting blend for a 4-channel UNet: after each step the sample outside the mask is replaced by the
+/// input image's latents noised to the next evaluation's level (with the same noise as the start), and by the image's
+/// latents themselves after the last step: `(1 − mask)·proper + mask·latents`.
+#[derive(Debug, Clone)]
+pub struct InpaintBlend {
+    /// The input image's latents (samples, 4, h, w).
+    pub image_latents: Tensor,
+    /// The noise the run started from (the same draw `add_noise` used).
+    pub noise: Tensor,
+    /// 1 where the image is repainted, 0 where it is kept, at the latents' size (samples, 1, h, w).
+    pub mask: Tensor,
+}
+
+impl InpaintBlend {
+    fn apply(&self, scheduler: &dyn Scheduler, latents: &Tensor, next: Option<usize>) -> Result<Tensor> {
+        let proper = match next {
+            Some(index) => scheduler.add_noise(&self.image_latents, &self.noise, index)?,
+            None => self.image_latents.clone(),
+        };
+        let keep = self.mask.affine(-1.0, 1.0)?;
+        let latents = latents.to_dtype(proper.dtype())?;
+        Ok((keep.broadcast_mul(&proper)? + self.mask.broadcast_mul(&latents)?)?)
+    }
 }
 
 /// Runs the scheduler's timesteps from `latents` and returns the denoised latents. Model evaluation `index` uses
@@ -131,7 +158,7 @@ pub fn denoise(
     rng: &mut TorchRng,
     progress: &mut ProgressFn,
 ) -> Result<Tensor> {
-    let Guidance { scale: guidance_scale, height, width, estimator, start } = guidance;
+    let Guidance { scale: guidance_scale, height, width, estimator, start, inpaint } = guidance;
     let device = latents.device().clone();
     let batch = latents.dim(0)? * if conditioning.guided { 2 } else { 1 };
     let time_ids = time_ids(height, width, batch, &device)?.to_dtype(unet.dtype())?;
@@ -153,6 +180,10 @@ pub fn denoise(
             prediction
         };
         latents = scheduler.step(&prediction, index, &latents, rng)?;
+        if let Some(blend) = inpaint {
+            let next = (index + 1 < timesteps.len()).then_some(index + 1);
+            latents = blend.apply(scheduler, &latents, next)?.to_dtype(latents.dtype())?;
+        }
         let evaluation = index + 1 - start;
         let step = (evaluation * steps).div_ceil(evaluations);
         let model_input = if conditioning.guided { input.narrow(0, 0, input.dim(0)? / 2)? } else { input };

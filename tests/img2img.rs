@@ -1,7 +1,8 @@
-//! Image to image against diffusers' `StableDiffusionXLImg2ImgPipeline` on the tiny model
-//! (tests/fixtures/img2img_refs.*, scripts/make_img2img_refs.py): the encoded input's posterior sample and the noise
-//! from the request's generator in diffusers' order, each scheduler's `add_noise` at the strength's first step, and
-//! the rest of the schedule; plus the errors a bad input gets.
+//! Image to image and inpainting against diffusers' `StableDiffusionXLImg2ImgPipeline` and
+//! `StableDiffusionXLInpaintPipeline` on the tiny model (tests/fixtures/img2img_refs.*, scripts/make_img2img_refs.py):
+//! the encoded input's posterior sample and the noise from the request's generator in diffusers' order, each
+//! scheduler's `add_noise` at the strength's first step, the rest of the schedule, inpainting's per-step blend with a
+//! hard and a grey (binarised) mask; plus the errors a bad input gets.
 
 mod common;
 
@@ -29,12 +30,18 @@ fn img2img_matches_diffusers() {
     let pipeline = pipeline();
     let image = input_base64();
     let cases = json["cases"].as_array().unwrap();
-    assert!(cases.len() >= 6);
+    assert!(cases.len() >= 9);
+    assert!(cases.iter().filter(|c| c["request"]["mask"].is_string()).count() >= 3, "inpainting cases");
     for case in cases {
         let name = case["name"].as_str().unwrap();
         let mut request: GenerateRequest = serde_json::from_value(case["request"].clone()).unwrap();
         request.prompt_syntax = PromptSyntax::None;
         request.image = Some(image.clone());
+        if let Some(mask) = &request.mask {
+            // The fixture names its mask file: inpainting with a regular UNet.
+            let bytes = std::fs::read(root().join(format!("tests/fixtures/inpaint_mask_{mask}.png"))).unwrap();
+            request.mask = Some(base64::engine::general_purpose::STANDARD.encode(bytes));
+        }
         let mut evaluations = 0;
         let generation = pipeline
             .generate(&request, &mut |p| {
@@ -84,6 +91,14 @@ fn bad_inputs_are_refused_naming_the_field() {
     let odd = base64::engine::general_purpose::STANDARD.encode(odd);
     refused(GenerateRequest { image: Some(odd), ..base() }, "image", "multiples of 8");
     refused(GenerateRequest { image: None, strength: Some(0.5), ..base() }, "strength", "image");
+    let mut small_mask = Vec::new();
+    image::GrayImage::new(64, 64)
+        .write_to(&mut std::io::Cursor::new(&mut small_mask), image::ImageFormat::Png)
+        .unwrap();
+    let small_mask = base64::engine::general_purpose::STANDARD.encode(small_mask);
+    refused(GenerateRequest { mask: Some(small_mask.clone()), ..base() }, "mask", "same size");
+    refused(GenerateRequest { mask: Some("???".into()), ..base() }, "mask", "base64");
+    refused(GenerateRequest { image: None, mask: Some(small_mask), ..base() }, "mask", "image");
     // A data URL is read like the bare base64.
     let url = format!("data:image/png;base64,{}", input_base64());
     let a = pipeline.generate(&GenerateRequest { image: Some(url), ..base() }, &mut |_| Control::Continue).unwrap();
