@@ -201,6 +201,10 @@ struct GenerateArgs {
     /// Overrides a request file's `image`.
     #[arg(long, value_name = "PATH")]
     image: Option<PathBuf>,
+    /// Inpainting (with --image): the mask, the image's size; white repaints, black keeps (its grey level is
+    /// binarised at 0.5). Overrides a request file's `mask`.
+    #[arg(long, value_name = "PATH", requires = "image")]
+    mask: Option<PathBuf>,
     /// Image to image: how far the input is re-noised, in (0, 1] (the fraction of the steps that run; default 0.3).
     #[arg(long)]
     strength: Option<f64>,
@@ -373,8 +377,17 @@ fn build_request(args: &GenerateArgs) -> anyhow::Result<GenerateRequest> {
         let bytes = std::fs::read(path).map_err(|e| anyhow::anyhow!("--image {}: {e}", path.display()))?;
         request.image = Some(base64::engine::general_purpose::STANDARD.encode(bytes));
     }
+    if let Some(path) = &args.mask {
+        let bytes = std::fs::read(path).map_err(|e| anyhow::anyhow!("--mask {}: {e}", path.display()))?;
+        request.mask = Some(base64::engine::general_purpose::STANDARD.encode(bytes));
+    }
     if request.image.is_some() {
-        request.strength.get_or_insert(dreamshaper::request::DEFAULT_IMG2IMG_STRENGTH);
+        let default = if request.mask.is_some() {
+            dreamshaper::request::DEFAULT_INPAINT_STRENGTH
+        } else {
+            dreamshaper::request::DEFAULT_IMG2IMG_STRENGTH
+        };
+        request.strength.get_or_insert(default);
     }
     if let Some(v) = args.prompt_syntax {
         request.prompt_syntax = match v {

@@ -369,6 +369,36 @@ fn image_to_image_from_a_file() {
     let diff = common::mean_abs_pixel_diff(ours.as_raw(), &expected);
     assert!(diff <= 0.5, "{diff}/255 from diffusers");
 
+    // Inpainting from files: the same pixels as diffusers' (`inpaint_hard_ddim_s1_noneg`).
+    let mask = common::root().join("tests/fixtures/inpaint_mask_hard.png");
+    let inpainted = dir.join("inpainted.png");
+    let o = run(&[
+        "--prompt",
+        "a photo of a Grumpy cat, 8k!",
+        "--prompt-syntax",
+        "none",
+        "--scheduler",
+        "DDIM",
+        "--num-inference-steps",
+        "6",
+        "--guidance-scale",
+        "6",
+        "--seed",
+        "53",
+        "--image",
+        input.to_str().unwrap(),
+        "--mask",
+        mask.to_str().unwrap(),
+        "--strength",
+        "1",
+        "--output",
+        inpainted.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let expected = refs["inpaint_hard_ddim_s1_noneg.images"].flatten_all().unwrap().to_vec1::<u8>().unwrap();
+    let diff = common::mean_abs_pixel_diff(image::open(&inpainted).unwrap().to_rgb8().as_raw(), &expected);
+    assert!(diff <= 0.5, "inpainting: {diff}/255 from diffusers");
+
     let o = run(&["--prompt", "x", "--strength", "0.5", "--output", dir.join("no.png").to_str().unwrap()]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("strength"), "{}", stderr(&o));

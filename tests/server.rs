@@ -918,10 +918,38 @@ fn img2img_endpoint_answers_the_inputs_size_and_its_errors() {
         assert_eq!(r.status, 400, "{bad}: {}", r.text());
         assert!(r.error().contains(field), "{bad}: {}", r.error());
     }
+    // Inpainting: the mask is required and must have the image's size.
+    let mask = std::fs::read(common::root().join("tests/fixtures/inpaint_mask_hard.png")).unwrap();
+    let mask = base64::engine::general_purpose::STANDARD.encode(&mask);
+    let inpaint = |body: &Value| {
+        call(
+            server.addr(),
+            "POST",
+            "/v1/sdxl-inpaint",
+            &[("content-type", "application/json")],
+            body.to_string().as_bytes(),
+        )
+    };
+    let body = json!({"prompt": "a cat", "image": image, "mask": mask, "scheduler": "Euler", "num_inference_steps": 4,
+        "seed": 7});
+    let r = inpaint(&body);
+    assert_eq!((r.status, r.jpeg_size()), (200, (96, 64)), "{}", r.text());
+    let r = inpaint(&json!({"prompt": "x", "scheduler": "Euler", "image": image}));
+    assert_eq!(r.status, 400);
+    assert!(r.error().contains("mask"), "{}", r.error());
+    let r = inpaint(&json!({"prompt": "x", "scheduler": "Euler", "image": image, "mask": small_png_base64()}));
+    assert_eq!(r.status, 400);
+    assert!(r.error().contains("mask") && r.error().contains("96×64"), "{}", r.error());
     // The text-to-image endpoint ignores `image`, like any field it does not know.
     let mut t2i = small("a cat", 64, 2);
     t2i["image"] = json!(image);
     let r = post_json(server.addr(), &t2i);
     assert_eq!((r.status, r.jpeg_size()), (200, (64, 64)));
     server.shutdown().unwrap();
+}
+
+fn small_png_base64() -> String {
+    let mut png = Vec::new();
+    image::GrayImage::new(8, 8).write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+    base64::engine::general_purpose::STANDARD.encode(png)
 }

@@ -53,6 +53,7 @@ fn accepted(field: &str) -> Option<String> {
         "base64" => "must be true or false".into(),
         "image" => "must be a string: the base64 of a PNG, JPEG or WebP image".into(),
         "strength" => "must be a number in (0, 1]".into(),
+        "mask" => "must be a string: the base64 of a PNG, JPEG or WebP mask".into(),
         _ => return None,
     })
 }
@@ -144,8 +145,10 @@ pub enum Mode {
     /// `POST /v1/sdxl1.0-dreamshaper`: `image` and `strength` are not its fields, and are ignored like any other
     /// unknown field.
     TextToImage,
-    /// `POST /v1/sdxl-img2img`: `image` is required; the output has its size.
+    /// `POST /v1/sdxl-img2img`: `image` is required; the output has its size. `mask` is ignored.
     ImageToImage,
+    /// `POST /v1/sdxl-inpaint`: `image` and `mask` are required.
+    Inpaint,
 }
 
 /// [`parse`] then [`validate`], for the text-to-image endpoint.
@@ -159,15 +162,30 @@ pub fn decode(body: &[u8], ranges: Ranges) -> Result<GenerateRequest, ApiError> 
 pub fn decode_for(body: &[u8], ranges: Ranges, mode: Mode) -> Result<GenerateRequest, ApiError> {
     let mut request = parse(body)?;
     match mode {
-        Mode::TextToImage => (request.image, request.strength) = (None, None),
-        Mode::ImageToImage => {
+        Mode::TextToImage => (request.image, request.strength, request.mask) = (None, None, None),
+        Mode::ImageToImage | Mode::Inpaint => {
             let Some(image) = &request.image else {
                 return Err(ApiError::bad_request("invalid request: `image` is required (base64 of the input image)"));
             };
-            let (width, height) = crate::input_image::base64_dimensions("image", image)
-                .map_err(|e| ApiError::bad_request(e.to_string()))?;
+            let bad = |e: Error| ApiError::bad_request(e.to_string());
+            let (width, height) = crate::input_image::base64_dimensions("image", image).map_err(bad)?;
             (request.img_width, request.img_height) = (width, height);
-            request.strength.get_or_insert(crate::request::DEFAULT_IMG2IMG_STRENGTH);
+            if mode == Mode::ImageToImage {
+                request.mask = None;
+                request.strength.get_or_insert(crate::request::DEFAULT_IMG2IMG_STRENGTH);
+            } else {
+                let Some(mask) = &request.mask else {
+                    let message =
+                        "invalid request: `mask` is required (base64 of the mask: white repaints, black keeps)";
+                    return Err(ApiError::bad_request(message));
+                };
+                let size = crate::input_image::base64_dimensions("mask", mask).map_err(bad)?;
+                if size != (width, height) {
+                    let message = format!("is {}×{}, but the image is {width}×{height}", size.0, size.1);
+                    return Err(bad(Error::invalid("mask", message)));
+                }
+                request.strength.get_or_insert(crate::request::DEFAULT_INPAINT_STRENGTH);
+            }
         }
     }
     validate(&request, ranges)?;

@@ -19,6 +19,9 @@ pub const MODEL_PATH: &str = "/v1/sdxl1.0-dreamshaper";
 /// The hosted image-to-image endpoint: the same request with `image` (base64) and `strength`.
 pub const IMG2IMG_PATH: &str = "/v1/sdxl-img2img";
 
+/// The hosted inpainting endpoint: the same request with `image`, `mask` (base64) and `strength`.
+pub const INPAINT_PATH: &str = "/v1/sdxl-inpaint";
+
 /// What every handler shares.
 #[derive(Clone)]
 pub struct AppState {
@@ -37,6 +40,11 @@ pub async fn generate(state: State<AppState>, headers: HeaderMap, body: Body) ->
 /// `POST /v1/sdxl-img2img`: as the text-to-image endpoint, with the input image.
 pub async fn img2img(state: State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     serve(state, headers, body, Mode::ImageToImage).await
+}
+
+/// `POST /v1/sdxl-inpaint`: as image to image, with the mask.
+pub async fn inpaint(state: State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    serve(state, headers, body, Mode::Inpaint).await
 }
 
 async fn serve(

@@ -25,7 +25,7 @@ use tokio::sync::{oneshot, Notify};
 pub use auth::ApiKeys;
 pub use decode::Ranges;
 pub use errors::ApiError;
-pub use handlers::{IMG2IMG_PATH, MODEL_PATH};
+pub use handlers::{IMG2IMG_PATH, INPAINT_PATH, MODEL_PATH};
 pub use queue::{Engine, Queue};
 
 use crate::{Error, Result};
@@ -83,6 +83,7 @@ pub fn router(state: handlers::AppState) -> Router {
         .route("/health", get(handlers::health))
         .route(MODEL_PATH, post(handlers::generate))
         .route(IMG2IMG_PATH, post(handlers::img2img))
+        .route(INPAINT_PATH, post(handlers::inpaint))
         .route("/v1/{*model}", any(handlers::other_model))
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed)
