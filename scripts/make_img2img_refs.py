@@ -14,7 +14,7 @@ from pathlib import Path
 import diffusers
 import numpy as np
 import torch
-from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline
+from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -50,6 +50,20 @@ INPAINT_CASES = [
                                                                  "num_inference_steps": 8, "seed": 52}},
     {"name": "inpaint_hard_ddim_s1_noneg", "request": {"scheduler": "DDIM", "strength": 1.0, "mask": "hard",
                                                        "num_inference_steps": 6, "seed": 53, "negative_prompt": ""}},
+]
+
+
+# A1111's hires fix ("Latent" upscaler) composed of diffusers' pieces: a text-to-image pass to latents,
+# `interpolate(mode="bilinear", antialias=False)` to `scale` × the size, then image to image over those latents
+# (`image` with 4 channels is taken as the init latents) with a fresh generator from the same seed, `steps` steps of
+# a `steps / min(strength, 0.999)` schedule (A1111's `setup_img2img_steps`).
+HIRES_CASES = [
+    {"name": "hires_euler_x15", "request": {"scheduler": "Euler", "num_inference_steps": 6, "seed": 61,
+                                            "img_width": 64, "img_height": 64,
+                                            "hires": {"scale": 1.5, "strength": 0.55, "steps": 4}}},
+    {"name": "hires_dpmpp_2m_karras_x2_n2", "request": {"scheduler": "DPM++ 2M Karras", "num_inference_steps": 5,
+                                                        "seed": 62, "img_width": 64, "img_height": 48,
+                                                        "samples": 2, "hires": {"scale": 2.0, "strength": 0.7}}},
 ]
 
 
@@ -168,6 +182,43 @@ def main():
         tensors[f"{name}.latents"] = final["latents"]
         cases.append({"name": name, "request": r, "unet_timesteps_seen": final["timesteps"]})
         print(f"{name}: {len(final['timesteps'])} evaluations")
+    text2img = StableDiffusionXLPipeline.from_pretrained(MODEL, torch_dtype=torch.float32, add_watermarker=False)
+    text2img.set_progress_bar_config(disable=True)
+    for case in HIRES_CASES:
+        r = {**DEFAULTS, **case["request"]}
+        name, hires = case["name"], r["hires"]
+        common = dict(prompt=r["prompt"], negative_prompt=r["negative_prompt"] or None,
+                      guidance_scale=r["guidance_scale"])
+        text2img.scheduler = make_scheduler(model_config, r["scheduler"])
+        first = text2img(**common, num_images_per_prompt=r["samples"], num_inference_steps=r["num_inference_steps"],
+                         width=r["img_width"], height=r["img_height"],
+                         generator=torch.Generator("cpu").manual_seed(r["seed"]), output_type="latent").images
+        width = int(r["img_width"] * hires["scale"]) // 8 * 8
+        height = int(r["img_height"] * hires["scale"]) // 8 * 8
+        upscaled = torch.nn.functional.interpolate(first, size=(height // 8, width // 8), mode="bilinear",
+                                                   antialias=False)
+        steps = hires.get("steps") or r["num_inference_steps"]
+        total = int(steps / min(hires["strength"], 0.999))
+        pipe.scheduler = make_scheduler(model_config, r["scheduler"])
+        final = {}
+
+        def grab(p, i, t, kw):
+            final.setdefault("timesteps", []).append(float(t))
+            final["latents"] = kw["latents"].detach().clone().contiguous()
+            return kw
+
+        # One prompt, every first-pass sample as its own init latents (num_images_per_prompt=1 per latent).
+        images = pipe(**{**common, "prompt": [r["prompt"]] * r["samples"],
+                         "negative_prompt": [r["negative_prompt"]] * r["samples"] if r["negative_prompt"] else None},
+                      image=upscaled, strength=hires["strength"], num_inference_steps=total,
+                      generator=torch.Generator("cpu").manual_seed(r["seed"]), output_type="np",
+                      callback_on_step_end=grab, callback_on_step_end_tensor_inputs=["latents"]).images
+        u8 = (images * 255).round().astype("uint8")
+        assert u8.shape == (r["samples"], height, width, 3), u8.shape
+        tensors[f"{name}.images"] = torch.from_numpy(u8).contiguous()
+        tensors[f"{name}.latents"] = final["latents"]
+        cases.append({"name": name, "request": r, "unet_timesteps_seen": final["timesteps"]})
+        print(f"{name}: {len(final['timesteps'])} second-pass evaluations, {width}x{height}")
     doc = {
         "description": "diffusers StableDiffusionXLImg2ImgPipeline on models/tiny-sdxl (scripts/make_img2img_refs.py)",
         "versions": {"diffusers": diffusers.__version__, "torch": torch.__version__},

@@ -208,6 +208,16 @@ struct GenerateArgs {
     /// Image to image: how far the input is re-noised, in (0, 1] (the fraction of the steps that run; default 0.3).
     #[arg(long)]
     strength: Option<f64>,
+    /// A1111's hires fix: generate, enlarge the latents F times (bilinear, A1111's "Latent" upscaler), then run image
+    /// to image over them at the larger size.
+    #[arg(long, value_name = "F")]
+    hires_scale: Option<f64>,
+    /// The hires fix's denoising strength, in (0, 1] (default 0.7).
+    #[arg(long, value_name = "F", requires = "hires_scale")]
+    hires_strength: Option<f64>,
+    /// The hires fix's steps (default: --num-inference-steps).
+    #[arg(long, value_name = "N", requires = "hires_scale")]
+    hires_steps: Option<u32>,
     /// η, the noise weight of DDIM (default 0: deterministic) and TCD (its γ, default 0.3); other schedulers
     /// refuse it.
     #[arg(long)]
@@ -377,6 +387,13 @@ fn build_request(args: &GenerateArgs) -> anyhow::Result<GenerateRequest> {
         let bytes = std::fs::read(path).map_err(|e| anyhow::anyhow!("--image {}: {e}", path.display()))?;
         request.image = Some(base64::engine::general_purpose::STANDARD.encode(bytes));
     }
+    if let Some(scale) = args.hires_scale {
+        let mut hires = request.hires.unwrap_or(dreamshaper::request::HiresFix { scale, strength: 0.7, steps: 0 });
+        hires.scale = scale;
+        hires.strength = args.hires_strength.unwrap_or(hires.strength);
+        hires.steps = args.hires_steps.unwrap_or(hires.steps);
+        request.hires = Some(hires);
+    }
     if let Some(path) = &args.mask {
         let bytes = std::fs::read(path).map_err(|e| anyhow::anyhow!("--mask {}: {e}", path.display()))?;
         request.mask = Some(base64::engine::general_purpose::STANDARD.encode(bytes));
@@ -474,8 +491,10 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
 
     let mut request = request;
     if let Some(first) = generation.images.first() {
-        // Image to image's output has the input's size.
-        (request.img_width, request.img_height) = first.dimensions();
+        // Image to image's output has the input's size, the hires fix's the first pass's (A1111 records that).
+        if request.hires.is_none() {
+            (request.img_width, request.img_height) = first.dimensions();
+        }
     }
     let parameters = a1111_parameters(&request, generation.seed, &model_name(&args.model.model), &generation.loras);
     let paths = output_paths(&output, generation.images.len());

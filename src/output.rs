@@ -31,6 +31,13 @@ pub fn a1111_parameters(request: &GenerateRequest, seed: u64, model: &str, loras
     if let (Some(_), Some(strength)) = (&request.image, request.strength) {
         text.push_str(&format!(", Denoising strength: {strength}"));
     }
+    if let Some(hires) = &request.hires {
+        text.push_str(&format!(", Denoising strength: {}, Hires upscale: {}", hires.strength, hires.scale));
+        if hires.steps > 0 {
+            text.push_str(&format!(", Hires steps: {}", hires.steps));
+        }
+        text.push_str(", Hires upscaler: Latent");
+    }
     // A1111 names a non-default emphasis when a prompt has brackets it applies to.
     let bracketed = [&request.prompt, &request.negative_prompt].iter().any(|p| p.contains('(') || p.contains('['));
     if request.prompt_syntax == PromptSyntax::A1111 && request.emphasis != Emphasis::Original && bracketed {

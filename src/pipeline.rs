@@ -22,7 +22,7 @@ use crate::models::vae::VaeDecoder;
 pub use crate::models::vae_bands::VaeTiling;
 use crate::models::vae_bands::{decode_in_bands, BandPlan};
 use crate::models::vae_encoder::VaeEncoder;
-use crate::request::{DEFAULT_IMG2IMG_STRENGTH, DEFAULT_INPAINT_STRENGTH};
+use crate::request::{HiresFix, DEFAULT_IMG2IMG_STRENGTH, DEFAULT_INPAINT_STRENGTH};
 use crate::rng::TorchRng;
 use crate::sampling::{self, Control, Progress, ProgressFn};
 use crate::schedulers::{self, Scheduler};
@@ -592,10 +592,52 @@ impl Pipeline {
             }
             None => self.denoise_with(request, &conditioning, scheduler.as_mut(), seed, progress)?,
         };
-        let warnings = conditioning.warnings.clone();
+        let mut warnings = conditioning.warnings.clone();
         drop(conditioning);
+        let latents = match &request.hires {
+            Some(hires) => {
+                let (latents, more) = self.hires_pass(request, hires, &latents, seed, progress)?;
+                warnings.extend(more);
+                latents
+            }
+            None => latents,
+        };
         let images = self.decode(&latents, progress)?;
         Ok(Generation { images, seed, latents, warnings, loras: self.active_loras.clone() })
+    }
+
+    /// A1111's hires fix after the first pass: its latents enlarged (bilinear, A1111's "Latent" upscaler), then an
+    /// image-to-image pass at the larger size from them, noised with a fresh draw from the seed (A1111 re-seeds its
+    /// noise for the second pass), `hires.steps` steps of a `steps / strength` schedule (A1111's
+    /// `setup_img2img_steps`). The schedule and its start follow this engine's image to image (diffusers'
+    /// `get_timesteps`).
+    fn hires_pass(
+        &self,
+        request: &GenerateRequest,
+        hires: &HiresFix,
+        latents: &Tensor,
+        seed: u64,
+        progress: &mut ProgressFn,
+    ) -> Result<(Tensor, Vec<String>)> {
+        let multiple = self.vae_scale_factor() as u32;
+        let (width, height) = hires.target(request.img_width, request.img_height, multiple);
+        let mut second = request.clone();
+        (second.img_width, second.img_height) = (width, height);
+        second.num_inference_steps = hires.schedule_steps(request.num_inference_steps);
+        second.hires = None;
+        second.validate_for_model(multiple)?;
+        let mut scheduler = self.scheduler_for_seed(&second, Some(seed))?;
+        let start = schedulers::img2img_start(scheduler.as_ref(), hires.strength)?;
+        stage(progress, "hires fix: upscaling latents")?;
+        let scale = multiple as usize;
+        let upscaled = latents.upsample_bilinear2d(height as usize / scale, width as usize / scale, false)?;
+        let conditioning = self.condition_for(&second, scheduler.timesteps().len(), progress)?;
+        let mut rng = TorchRng::new(seed);
+        let noise = rng.randn_tensor(upscaled.dims(), &self.device)?;
+        let noised = scheduler.add_noise(&upscaled, &noise, start)?;
+        let latents =
+            self.run_loop(&second, &conditioning, scheduler.as_mut(), (noised, start), None, &mut rng, progress)?;
+        Ok((latents, conditioning.warnings.clone()))
     }
 }
 

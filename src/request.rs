@@ -66,6 +66,57 @@ pub struct GenerateRequest {
     /// PIL's `convert("L")`) is binarised at 0.5: white repaints, black keeps.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mask: Option<String>,
+    /// A1111's hires fix: generate, enlarge the latents, then image to image at the larger size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hires: Option<HiresFix>,
+}
+
+/// A1111's "hires fix" (`enable_hr` with the "Latent" upscaler): the first pass at `img_width` × `img_height`, its
+/// latents enlarged `scale` times (bilinear, as A1111's "Latent" upscaler: `interpolate(mode="bilinear",
+/// antialias=False)`), then a second, image-to-image pass over them at `strength` (A1111's denoising strength) with
+/// fresh noise from the same seed.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct HiresFix {
+    /// The size factor, > 1 (the final size is rounded down to a multiple of 8).
+    pub scale: f64,
+    /// How much of the second pass's schedule runs, in (0, 1] (A1111's default 0.7).
+    #[serde(default = "default_hires_strength")]
+    pub strength: f64,
+    /// How many steps the second pass runs (A1111's `hr_second_pass_steps`; 0 or absent: the first pass's).
+    #[serde(default)]
+    pub steps: u32,
+}
+
+fn default_hires_strength() -> f64 {
+    0.7
+}
+
+impl HiresFix {
+    /// The second pass's size for a first pass of `width` × `height`: `⌊size · scale⌋` rounded down to `multiple`.
+    pub fn target(&self, width: u32, height: u32, multiple: u32) -> (u32, u32) {
+        let side = |v: u32| ((v as f64 * self.scale) as u32) / multiple * multiple;
+        (side(width), side(height))
+    }
+
+    /// The second pass's schedule as A1111 sets it up (`setup_img2img_steps` with explicit steps): `steps` run, of a
+    /// schedule of `⌊steps / min(strength, 0.999)⌋`.
+    pub fn schedule_steps(&self, first_pass_steps: u32) -> u32 {
+        let steps = if self.steps == 0 { first_pass_steps } else { self.steps };
+        (steps as f64 / self.strength.min(0.999)) as u32
+    }
+
+    fn validate(&self) -> Result<()> {
+        if !(self.scale > 1.0 && self.scale <= 4.0) {
+            return Err(Error::invalid("hires.scale", format!("must be in (1, 4], got {}", self.scale)));
+        }
+        if !(self.strength > 0.0 && self.strength <= 1.0) {
+            return Err(Error::invalid("hires.strength", format!("must be in (0, 1], got {}", self.strength)));
+        }
+        if self.steps > 1000 {
+            return Err(Error::invalid("hires.steps", format!("must be at most 1000, got {}", self.steps)));
+        }
+        Ok(())
+    }
 }
 
 /// diffusers' `StableDiffusionXLImg2ImgPipeline` default strength.
@@ -115,6 +166,7 @@ impl GenerateRequest {
             image: None,
             strength: None,
             mask: None,
+            hires: None,
         }
     }
 
@@ -140,6 +192,12 @@ impl GenerateRequest {
             if v == 0 || v % size_multiple != 0 {
                 return Err(Error::invalid(field, format!("must be a positive multiple of {size_multiple}, got {v}")));
             }
+        }
+        if let Some(hires) = &self.hires {
+            if self.image.is_some() {
+                return Err(Error::invalid("hires", "is for text to image: it cannot be combined with an image"));
+            }
+            hires.validate()?;
         }
         if self.mask.is_some() && self.image.is_none() {
             return Err(Error::invalid("mask", "is for inpainting: give the image it applies to too"));

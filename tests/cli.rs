@@ -406,3 +406,28 @@ fn image_to_image_from_a_file() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("missing.png"), "{}", stderr(&o));
 }
+
+/// `--hires-scale F --hires-strength F --hires-steps N`: the image at the enlarged size, the first pass's size and the
+/// hires settings in the PNG parameters as A1111 writes them; a scale ≤ 1 is refused naming it.
+#[test]
+fn hires_fix_enlarges_and_records_its_settings() {
+    let dir = temp_dir("hires");
+    let out = dir.join("out.png");
+    let mut args = small(&out);
+    args.extend(
+        ["--prompt", "a cat", "--seed", "3", "--hires-scale", "1.5", "--hires-strength", "0.5"].map(String::from),
+    );
+    args.extend(["--hires-steps", "2"].map(String::from));
+    let o = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (w, h, text) = png_parameters(&out);
+    assert_eq!((w, h), (96, 144));
+    assert!(
+        text.contains("Size: 64x96")
+            && text.contains("Denoising strength: 0.5, Hires upscale: 1.5, Hires steps: 2, Hires upscaler: Latent"),
+        "{text}"
+    );
+    let o = run(&["--prompt", "x", "--hires-scale", "1", "--output", dir.join("no.png").to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("hires.scale"), "{}", stderr(&o));
+}

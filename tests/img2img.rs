@@ -2,7 +2,8 @@
 //! `StableDiffusionXLInpaintPipeline` on the tiny model (tests/fixtures/img2img_refs.*, scripts/make_img2img_refs.py):
 //! the encoded input's posterior sample and the noise from the request's generator in diffusers' order, each
 //! scheduler's `add_noise` at the strength's first step, the rest of the schedule, inpainting's per-step blend with a
-//! hard and a grey (binarised) mask; plus the errors a bad input gets.
+//! hard and a grey (binarised) mask, A1111's hires fix (latents enlarged, then image to image); plus the errors a bad
+//! input gets.
 
 mod common;
 
@@ -32,11 +33,14 @@ fn img2img_matches_diffusers() {
     let cases = json["cases"].as_array().unwrap();
     assert!(cases.len() >= 9);
     assert!(cases.iter().filter(|c| c["request"]["mask"].is_string()).count() >= 3, "inpainting cases");
+    assert!(cases.iter().filter(|c| c["request"]["hires"].is_object()).count() >= 2, "hires-fix cases");
     for case in cases {
         let name = case["name"].as_str().unwrap();
         let mut request: GenerateRequest = serde_json::from_value(case["request"].clone()).unwrap();
         request.prompt_syntax = PromptSyntax::None;
-        request.image = Some(image.clone());
+        if request.hires.is_none() {
+            request.image = Some(image.clone());
+        }
         if let Some(mask) = &request.mask {
             // The fixture names its mask file: inpainting with a regular UNet.
             let bytes = std::fs::read(root().join(format!("tests/fixtures/inpaint_mask_{mask}.png"))).unwrap();
@@ -58,7 +62,7 @@ fn img2img_matches_diffusers() {
         assert_eq!(generation.images.len(), n, "{name}");
         let mut ours = Vec::new();
         for image in &generation.images {
-            assert_eq!((image.width() as usize, image.height() as usize), (w, h), "{name}: the input's size");
+            assert_eq!((image.width() as usize, image.height() as usize), (w, h), "{name}: size");
             ours.extend_from_slice(image.as_raw());
         }
         let diff = mean_abs_pixel_diff(&ours, &expected.flatten_all().unwrap().to_vec1::<u8>().unwrap());
