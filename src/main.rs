@@ -296,6 +296,12 @@ struct BenchArgs {
     img_width: u32,
     #[arg(long, default_value_t = 1024)]
     img_height: u32,
+    /// Compare the schedulers on image to image from this input (its size replaces --img-width/--img-height).
+    #[arg(long, value_name = "PATH")]
+    image: Option<PathBuf>,
+    /// Image to image's strength, in (0, 1] (default 0.3).
+    #[arg(long, requires = "image")]
+    strength: Option<f64>,
     /// Output folder: results.csv, results.json, images/, grid.png, convergence.png.
     #[arg(long)]
     out: PathBuf,
@@ -509,6 +515,9 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The longest side of a TAESD live preview (see `Previewer::preview_at_most`): the final image is full size.
+const PREVIEW_MAX_SIDE: usize = 512;
+
 /// `--preview`: rewrites a PNG with the current x₀ every `every` model evaluations.
 struct LivePreview {
     previewer: Previewer,
@@ -527,7 +536,10 @@ impl LivePreview {
         if self.failed || (!evaluation.is_multiple_of(self.every) && evaluation != evaluations) {
             return;
         }
-        let written = state.denoised().and_then(|x0| self.previewer.preview(&x0)).map_err(anyhow::Error::from);
+        let written = state
+            .denoised()
+            .and_then(|x0| self.previewer.preview_at_most(&x0, PREVIEW_MAX_SIDE))
+            .map_err(anyhow::Error::from);
         if let Err(e) = written.and_then(|image| self.write(&image)) {
             eprintln!("warning: --preview {}: {e:#} (no further previews)", self.path.display());
             self.failed = true;
@@ -589,6 +601,13 @@ fn bench_schedulers(args: BenchArgs) -> anyhow::Result<()> {
     request.seed = args.seed;
     request.img_width = args.img_width;
     request.img_height = args.img_height;
+    if let Some(path) = &args.image {
+        let bytes = std::fs::read(path).map_err(|e| anyhow::anyhow!("--image {}: {e}", path.display()))?;
+        let image = base64::engine::general_purpose::STANDARD.encode(bytes);
+        (request.img_width, request.img_height) = dreamshaper::input_image::base64_dimensions("image", &image)?;
+        request.image = Some(image);
+        request.strength = Some(args.strength.unwrap_or(dreamshaper::request::DEFAULT_IMG2IMG_STRENGTH));
+    }
     let mut options = BenchOptions::new(request, &args.out);
     options.schedulers = schedulers;
     options.steps = steps;

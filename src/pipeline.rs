@@ -413,7 +413,8 @@ impl Pipeline {
         Ok(text)
     }
 
-    /// The denoising loop for a request, from the seed's initial noise to the denoised latents.
+    /// The denoising loop for a request, from the seed's initial noise (or, with an `image`, from the input
+    /// image's noised latents) to the denoised latents.
     pub fn denoise(
         &self,
         request: &GenerateRequest,
@@ -421,7 +422,15 @@ impl Pipeline {
         seed: u64,
         progress: &mut ProgressFn,
     ) -> Result<Tensor> {
-        self.denoise_with(request, conditioning, self.scheduler_for_seed(request, Some(seed))?.as_mut(), seed, progress)
+        let mut request = request.clone();
+        let inputs = self.input_tensors(&mut request)?;
+        let mut scheduler = self.scheduler_for_seed(&request, Some(seed))?;
+        match inputs {
+            Some((image, mask)) => {
+                self.denoise_image(&request, (&image, mask.as_ref()), conditioning, scheduler.as_mut(), seed, progress)
+            }
+            None => self.denoise_with(&request, conditioning, scheduler.as_mut(), seed, progress),
+        }
     }
 
     /// [`Self::denoise`] with the request's scheduler already built (see [`Self::scheduler`]).
@@ -552,32 +561,7 @@ impl Pipeline {
     pub fn generate(&self, request: &GenerateRequest, progress: &mut ProgressFn) -> Result<Generation> {
         let multiple = self.vae_scale_factor() as u32;
         let mut request = request.clone();
-        let image = match &request.image {
-            Some(data) => {
-                let image = input_image::decode_base64("image", data)?;
-                (request.img_width, request.img_height) = image.dimensions();
-                let mask = match &request.mask {
-                    Some(data) => {
-                        let mask = input_image::decode_base64("mask", data)?;
-                        Some(input_image::mask_to_tensor(&mask, image.dimensions(), &Device::Cpu)?)
-                    }
-                    None => None,
-                };
-                let default = if mask.is_some() { DEFAULT_INPAINT_STRENGTH } else { DEFAULT_IMG2IMG_STRENGTH };
-                request.strength.get_or_insert(default);
-                Some((input_image::to_tensor("image", &image, multiple, &Device::Cpu)?, mask))
-            }
-            None => None,
-        };
-        if image.as_ref().is_some_and(|(_, mask)| mask.is_some()) && self.configs.unet.in_channels != 4 {
-            return Err(Error::invalid(
-                "mask",
-                format!(
-                    "this model's UNet takes {} input channels: only regular (4-channel) UNets inpaint here so far",
-                    self.configs.unet.in_channels
-                ),
-            ));
-        }
+        let image = self.input_tensors(&mut request)?;
         let request = &request;
         request.validate_for_model(multiple)?;
         let seed = request.resolve_seed();
@@ -604,6 +588,40 @@ impl Pipeline {
         };
         let images = self.decode(&latents, progress)?;
         Ok(Generation { images, seed, latents, warnings, loras: self.active_loras.clone() })
+    }
+
+    /// The request's input image (and mask) as tensors for image to image / inpainting, the request's size and
+    /// default strength set from them; `None` for text to image.
+    #[allow(clippy::type_complexity)]
+    fn input_tensors(&self, request: &mut GenerateRequest) -> Result<Option<(Tensor, Option<Tensor>)>> {
+        let multiple = self.vae_scale_factor() as u32;
+        let image = match &request.image {
+            Some(data) => {
+                let image = input_image::decode_base64("image", data)?;
+                (request.img_width, request.img_height) = image.dimensions();
+                let mask = match &request.mask {
+                    Some(data) => {
+                        let mask = input_image::decode_base64("mask", data)?;
+                        Some(input_image::mask_to_tensor(&mask, image.dimensions(), &Device::Cpu)?)
+                    }
+                    None => None,
+                };
+                let default = if mask.is_some() { DEFAULT_INPAINT_STRENGTH } else { DEFAULT_IMG2IMG_STRENGTH };
+                request.strength.get_or_insert(default);
+                Some((input_image::to_tensor("image", &image, multiple, &Device::Cpu)?, mask))
+            }
+            None => None,
+        };
+        if image.as_ref().is_some_and(|(_, mask)| mask.is_some()) && self.configs.unet.in_channels != 4 {
+            return Err(Error::invalid(
+                "mask",
+                format!(
+                    "this model's UNet takes {} input channels: only regular (4-channel) UNets inpaint here so far",
+                    self.configs.unet.in_channels
+                ),
+            ));
+        }
+        Ok(image)
     }
 
     /// A1111's hires fix after the first pass: its latents enlarged (bilinear, A1111's "Latent" upscaler), then an

@@ -112,4 +112,24 @@ impl Previewer {
         let first = latents.narrow(0, 0, 1)?;
         to_image(&self.decode(&first)?)
     }
+
+    /// [`Self::preview`] no larger than about `max_side` pixels a side where that saves work: a TAESD preview of a
+    /// large image decodes the latents averaged over k × k blocks (k the smallest integer that brings the image's
+    /// longer side to `max_side` or less), a picture k times smaller at about 1/k² of the cost — a 1024² TAESD
+    /// decode takes ~12 s on a 2-core CPU, close to 13 % of a UNet step, a 512² one about a quarter of that. The
+    /// linear map is cheap at any size and is not reduced.
+    pub fn preview_at_most(&self, latents: &Tensor, max_side: usize) -> Result<RgbImage> {
+        let first = latents.narrow(0, 0, 1)?;
+        let Previewer::Taesd(taesd) = self else {
+            return self.preview(&first);
+        };
+        let (_, _, h, w) = first.dims4()?;
+        let side = h.max(w) * taesd.config.scale_factor();
+        let k = side.div_ceil(max_side.max(1));
+        if k < 2 || h < k || w < k {
+            return self.preview(&first);
+        }
+        let pooled = first.avg_pool2d(k)?;
+        to_image(&self.decode(&pooled)?)
+    }
 }

@@ -268,3 +268,52 @@ fn bad_input_is_a_one_line_error() {
         assert!(!out.join("results.csv").exists());
     }
 }
+
+/// `--image PATH --strength F`: every scheduler on image to image from the input, at its size, counting only the
+/// model evaluations that run; each run's image is what `generate` makes for the same request.
+#[test]
+fn image_to_image_comparison() {
+    let dir = temp_dir("img2img");
+    let out = dir.join("bench");
+    let input = common::root().join("tests/fixtures/img2img_input.png");
+    let o = run(&[
+        "--prompt",
+        "a photo of a Grumpy cat",
+        "--schedulers",
+        "Euler,Heun",
+        "--steps",
+        "4",
+        "--reference-scheduler",
+        "DDIM",
+        "--reference-steps",
+        "6",
+        "--seed",
+        "9",
+        "--image",
+        input.to_str().unwrap(),
+        "--strength",
+        "0.5",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(png_size(&out.join("images/euler_4.png")), (96, 64));
+    let (header, rows) = parse_csv(&std::fs::read_to_string(out.join("results.csv")).unwrap());
+    let col = |name: &str| header.iter().position(|h| h == name).unwrap();
+    let nfe: Vec<(String, String)> =
+        rows.iter().map(|r| (r[col("scheduler")].clone(), r[col("nfe")].clone())).collect();
+    // DDIM 6 steps at 0.5: 3 run; Euler 4 steps: 2; Heun 4 steps (2n − 1 = 7 evaluations), from 2·2: 3.
+    assert_eq!(nfe, [("DDIM", "3"), ("Euler", "2"), ("Heun", "3")].map(|(a, b)| (a.to_string(), b.to_string())));
+    let generate = Command::new(env!("CARGO_BIN_EXE_dreamshaper"))
+        .args(["generate", "--model", tiny_model().to_str().unwrap(), "--prompt", "a photo of a Grumpy cat"])
+        .args(["--scheduler", "Euler", "--num-inference-steps", "4", "--seed", "9", "--strength", "0.5"])
+        .args(["--image", input.to_str().unwrap(), "--output", dir.join("gen.png").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(generate.status.success(), "{}", stderr(&generate));
+    let a = image::open(out.join("images/euler_4.png")).unwrap().to_rgb8();
+    let b = image::open(dir.join("gen.png")).unwrap().to_rgb8();
+    // (The bench keeps its models resident, whose text encoders multiply in another order: float rounding only.)
+    let diff = common::mean_abs_pixel_diff(a.as_raw(), b.as_raw());
+    assert!(diff <= 0.5, "bench-schedulers runs what generate runs: {diff}/255 apart");
+}

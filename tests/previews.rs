@@ -50,3 +50,23 @@ fn the_callback_sees_each_steps_latents_and_their_denoised_estimate() {
         assert!(first_error > final_error, "{scheduler}: x₀ estimates approach the result");
     }
 }
+
+/// Live TAESD previews of large images are decoded from block-averaged latents (about 512 px a side); small images
+/// and the linear map are previewed at full size.
+#[test]
+fn large_taesd_previews_are_reduced_and_the_rest_are_full_size() {
+    use dreamshaper::preview::{LatentRgb, Previewer};
+    let taesd = dreamshaper::loading::load_taesd(
+        common::root().join("models/tiny-taesdxl").to_str().unwrap(),
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let previewer = Previewer::Taesd(taesd);
+    let latents = |h: usize, w: usize| Tensor::randn(0f32, 1.0, (2, 4, h, w), &candle_core::Device::Cpu).unwrap();
+    assert_eq!(previewer.preview_at_most(&latents(128, 96), 512).unwrap().dimensions(), (384, 512));
+    assert_eq!(previewer.preview_at_most(&latents(130, 64), 512).unwrap().dimensions(), (168, 344));
+    assert_eq!(previewer.preview_at_most(&latents(8, 12), 512).unwrap().dimensions(), (96, 64));
+    let linear = Previewer::LatentRgb(LatentRgb::sdxl(8));
+    assert_eq!(linear.preview_at_most(&latents(128, 96), 512).unwrap().dimensions(), (768, 1024));
+}

@@ -231,8 +231,9 @@ pub fn prepare_output_dir(dir: &Path) -> Result<()> {
 /// What to benchmark.
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
-    /// Prompt, negative prompt, guidance scale, seed (-1: one random seed for all runs) and image size. Its
-    /// scheduler, step count and sample count are ignored (one image per run).
+    /// Prompt, negative prompt, guidance scale, seed (-1: one random seed for all runs) and image size; with an
+    /// `image` (and `strength`), every run is image to image from it. Its scheduler, step count and sample count are
+    /// ignored (one image per run).
     pub request: GenerateRequest,
     pub schedulers: Vec<String>,
     /// Step counts, each run with every scheduler.
@@ -299,7 +300,13 @@ impl Plan {
                 }
                 e => Error::invalid("schedulers", format!("{name} at {steps} steps: {e}")),
             })?;
-            Ok(scheduler.timesteps().len())
+            // Image to image runs only the evaluations from its strength's start.
+            let start = match (&options.request.image, options.request.strength) {
+                (Some(_), Some(strength)) => schedulers::img2img_start(scheduler.as_ref(), strength)
+                    .map_err(|e| Error::invalid("steps", format!("{name} at {steps} steps: {e}")))?,
+                _ => 0,
+            };
+            Ok(scheduler.timesteps().len() - start)
         };
         let reference_name = check_reference_scheduler(&options.reference_scheduler)?;
         let reference = PlannedRun {
