@@ -14,7 +14,12 @@ from pathlib import Path
 import diffusers
 import numpy as np
 import torch
-from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline
+from diffusers import (
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -52,6 +57,16 @@ INPAINT_CASES = [
                                                        "num_inference_steps": 6, "seed": 53, "negative_prompt": ""}},
 ]
 
+
+# Inpainting with a 9-channel inpainting UNet (tests/fixtures/inpaint_unet, scripts/make_inpaint_unet.py) in place of
+# the tiny model's: the mask and the masked image's latents go into the UNet's input.
+NINE_CHANNEL_CASES = [
+    {"name": "inpaint9_hard_euler_a_s08_n2", "request": {"scheduler": "Euler a", "strength": 0.8, "mask": "hard",
+                                                         "num_inference_steps": 8, "seed": 71, "samples": 2}},
+    {"name": "inpaint9_grey_ddim_s1", "request": {"scheduler": "DDIM", "strength": 1.0, "mask": "grey",
+                                                  "num_inference_steps": 6, "seed": 72}},
+]
+INPAINT_UNET = FIXTURES / "inpaint_unet"
 
 # A1111's hires fix ("Latent" upscaler) composed of diffusers' pieces: a text-to-image pass to latents,
 # `interpolate(mode="bilinear", antialias=False)` to `scale` × the size, then image to image over those latents
@@ -148,10 +163,15 @@ def main():
         path = FIXTURES / f"inpaint_mask_{key}.png"
         mask.save(path)
         mask_images[key] = Image.open(path)
-    for case in INPAINT_CASES:
+    unet9 = UNet2DConditionModel.from_pretrained(INPAINT_UNET, torch_dtype=torch.float32)
+    inpaint9 = StableDiffusionXLInpaintPipeline.from_pretrained(MODEL, unet=unet9, torch_dtype=torch.float32,
+                                                                add_watermarker=False)
+    inpaint9.set_progress_bar_config(disable=True)
+    for case in INPAINT_CASES + [dict(c, nine=True) for c in NINE_CHANNEL_CASES]:
+        inpaint_pipe = inpaint9 if case.get("nine") else inpaint
         r = {**DEFAULTS, **case["request"]}
         name = case["name"]
-        inpaint.scheduler = make_scheduler(model_config, r["scheduler"])
+        inpaint_pipe.scheduler = make_scheduler(model_config, r["scheduler"])
         final = {}
 
         def grab(p, i, t, kw):
@@ -160,7 +180,7 @@ def main():
             return kw
 
         kwargs = {"strength": r["strength"]} if "strength" in r else {}
-        images = inpaint(
+        images = inpaint_pipe(
             prompt=r["prompt"],
             negative_prompt=r["negative_prompt"] or None,
             image=image,
@@ -180,7 +200,10 @@ def main():
         assert u8.shape == (r["samples"], 64, 96, 3), u8.shape
         tensors[f"{name}.images"] = torch.from_numpy(u8).contiguous()
         tensors[f"{name}.latents"] = final["latents"]
-        cases.append({"name": name, "request": r, "unet_timesteps_seen": final["timesteps"]})
+        entry = {"name": name, "request": r, "unet_timesteps_seen": final["timesteps"]}
+        if case.get("nine"):
+            entry["unet"] = "tests/fixtures/inpaint_unet"
+        cases.append(entry)
         print(f"{name}: {len(final['timesteps'])} evaluations")
     text2img = StableDiffusionXLPipeline.from_pretrained(MODEL, torch_dtype=torch.float32, add_watermarker=False)
     text2img.set_progress_bar_config(disable=True)

@@ -24,7 +24,7 @@ use crate::models::vae_bands::{decode_in_bands, BandPlan};
 use crate::models::vae_encoder::VaeEncoder;
 use crate::request::{HiresFix, DEFAULT_IMG2IMG_STRENGTH, DEFAULT_INPAINT_STRENGTH};
 use crate::rng::TorchRng;
-use crate::sampling::{self, Control, Progress, ProgressFn};
+use crate::sampling::{self, Control, Inpainting, Progress, ProgressFn};
 use crate::schedulers::{self, Scheduler};
 use crate::tokenizer::ClipTokenizer;
 use crate::{Error, GenerateRequest, PromptSyntax, Result};
@@ -448,7 +448,7 @@ impl Pipeline {
         let mut rng = TorchRng::new(seed);
         let latents =
             sampling::initial_latents(&mut rng, shape, scheduler.init_noise_sigma(), &self.device, DType::F32)?;
-        self.run_loop(request, conditioning, scheduler, (latents, 0), None, &mut rng, progress)
+        self.run_loop(request, conditioning, scheduler, (latents, 0), Inpainting::None, &mut rng, progress)
     }
 
     /// Image to image's denoising loop: the input `image` ((1, 3, H, W) in [-1, 1], [`input_image::to_tensor`])
@@ -466,36 +466,70 @@ impl Pipeline {
     ) -> Result<Tensor> {
         let start = schedulers::img2img_start(scheduler, request.strength.unwrap_or(DEFAULT_IMG2IMG_STRENGTH))?;
         let mut rng = TorchRng::new(seed);
-        let latents = {
+        let samples = request.samples as usize;
+        // diffusers' StableDiffusionXLInpaintPipeline: at full strength the run starts from pure noise, and a
+        // 9-channel inpainting UNet then needs no image latents (a 4-channel one still blends them in).
+        let strength_max = mask.is_some() && request.strength == Some(1.0);
+        let nine_channels = mask.is_some() && self.configs.unet.in_channels == 9;
+        // The generator's draws, in diffusers' order: the image's posterior sample, the noise, the masked image's.
+        let (image_latents, noise, masked_latents) = {
             let mut slot = None;
             let encoder = component(&self.resident.vae_encoder, &mut slot, progress, "loading vae encoder", || {
                 self.load_vae_encoder()
             })?;
             stage(progress, "encoding image")?;
-            let image = image.to_dtype(encoder.dtype())?.to_device(&self.device)?;
             let plan = BandPlan::for_vae(self.vae_tiling, &self.configs.vae);
-            encoder.latents_from_image(&image, request.samples as usize, &plan, &mut rng)?
+            let encode = |x: &Tensor, rng: &mut TorchRng| -> Result<Tensor> {
+                let x = x.to_dtype(encoder.dtype())?.to_device(&self.device)?;
+                encoder.latents_from_image(&x, samples, &plan, rng)
+            };
+            let image_latents = if nine_channels && strength_max { None } else { Some(encode(image, &mut rng)?) };
+            let scale = self.vae_scale_factor();
+            let (_, _, h, w) = image.dims4()?;
+            let shape = [samples, self.configs.vae.latent_channels, h / scale, w / scale];
+            let noise = rng.randn_tensor(&shape, &self.device)?;
+            let masked_latents = match mask {
+                // The masked image, `image · (mask < 0.5)`, is encoded (a draw) though a 4-channel UNet leaves it
+                // unused: there only the draw is made.
+                Some(mask) if nine_channels => Some(encode(&image.broadcast_mul(&mask.affine(-1.0, 1.0)?)?, &mut rng)?),
+                Some(_) => {
+                    rng.randn(shape[1..].iter().product());
+                    None
+                }
+                None => None,
+            };
+            (image_latents, noise, masked_latents)
         };
-        let noise = rng.randn_tensor(latents.dims(), &self.device)?;
+        let start_latents = match &image_latents {
+            Some(latents) if !strength_max => scheduler.add_noise(latents, &noise, start)?,
+            _ => (&noise * scheduler.init_noise_sigma())?,
+        };
         let Some(mask) = mask else {
-            let latents = scheduler.add_noise(&latents, &noise, start)?;
-            return self.run_loop(request, conditioning, scheduler, (latents, start), None, &mut rng, progress);
+            return self.run_loop(
+                request,
+                conditioning,
+                scheduler,
+                (start_latents, start),
+                Inpainting::None,
+                &mut rng,
+                progress,
+            );
         };
-        // Inpainting (diffusers' StableDiffusionXLInpaintPipeline with a 4-channel UNet): at full strength the run
-        // starts from pure noise; the masked image's latents are encoded (a third draw) though a 4-channel UNet does
-        // not use them, so only the draw is made.
-        let image_latents = latents;
-        let start_latents = if request.strength == Some(1.0) {
-            (&noise * scheduler.init_noise_sigma())?
-        } else {
-            scheduler.add_noise(&image_latents, &noise, start)?
-        };
-        let (_, c, h, w) = image_latents.dims4()?;
-        rng.randn(c * h * w);
-        let samples = image_latents.dim(0)?;
         let mask = input_image::mask_to_latents(mask, self.vae_scale_factor())?.repeat((samples, 1, 1, 1))?;
-        let blend = sampling::InpaintBlend { image_latents, noise, mask: mask.to_device(&self.device)? };
-        self.run_loop(request, conditioning, scheduler, (start_latents, start), Some(&blend), &mut rng, progress)
+        let mask = mask.to_device(&self.device)?;
+        match (masked_latents, image_latents) {
+            (Some(masked), _) => {
+                let channels = Tensor::cat(&[&mask, &masked], 1)?;
+                let inpainting = Inpainting::Channels(&channels);
+                self.run_loop(request, conditioning, scheduler, (start_latents, start), inpainting, &mut rng, progress)
+            }
+            (None, Some(image_latents)) => {
+                let blend = sampling::InpaintBlend { image_latents, noise, mask };
+                let inpainting = Inpainting::Blend(&blend);
+                self.run_loop(request, conditioning, scheduler, (start_latents, start), inpainting, &mut rng, progress)
+            }
+            (None, None) => unreachable!("a 4-channel UNet always has the image latents"),
+        }
     }
 
     /// The denoising loop from `latents` at evaluation `start` (with inpainting's blend).
@@ -506,7 +540,7 @@ impl Pipeline {
         conditioning: &ConditioningSchedule,
         scheduler: &mut dyn Scheduler,
         (latents, start): (Tensor, usize),
-        inpaint: Option<&sampling::InpaintBlend>,
+        inpaint: Inpainting,
         rng: &mut TorchRng,
         progress: &mut ProgressFn,
     ) -> Result<Tensor> {
@@ -612,13 +646,17 @@ impl Pipeline {
             }
             None => None,
         };
-        if image.as_ref().is_some_and(|(_, mask)| mask.is_some()) && self.configs.unet.in_channels != 4 {
+        let channels = self.configs.unet.in_channels;
+        if image.as_ref().is_some_and(|(_, mask)| mask.is_some()) && channels != 4 && channels != 9 {
             return Err(Error::invalid(
                 "mask",
-                format!(
-                    "this model's UNet takes {} input channels: only regular (4-channel) UNets inpaint here so far",
-                    self.configs.unet.in_channels
-                ),
+                format!("this model's UNet takes {channels} input channels: inpainting needs 4 (regular) or 9"),
+            ));
+        }
+        if channels != 4 && image.as_ref().is_none_or(|(_, mask)| mask.is_none()) {
+            return Err(Error::invalid(
+                "mask",
+                format!("this model's UNet takes {channels} input channels: it is an inpainting model, give an image and a mask"),
             ));
         }
         Ok(image)
@@ -653,8 +691,15 @@ impl Pipeline {
         let mut rng = TorchRng::new(seed);
         let noise = rng.randn_tensor(upscaled.dims(), &self.device)?;
         let noised = scheduler.add_noise(&upscaled, &noise, start)?;
-        let latents =
-            self.run_loop(&second, &conditioning, scheduler.as_mut(), (noised, start), None, &mut rng, progress)?;
+        let latents = self.run_loop(
+            &second,
+            &conditioning,
+            scheduler.as_mut(),
+            (noised, start),
+            Inpainting::None,
+            &mut rng,
+            progress,
+        )?;
         Ok((latents, conditioning.warnings.clone()))
     }
 }

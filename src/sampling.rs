@@ -118,8 +118,21 @@ pub struct Guidance<'a> {
     /// The first model evaluation to run: 0, or image-to-image's `t_start · order`
     /// ([`crate::schedulers::img2img_start`]), the latents then being the input image's noised to that level.
     pub start: usize,
-    /// Inpainting with a regular (4-channel) UNet: after every step, what lies outside the mask is put back.
-    pub inpaint: Option<&'a InpaintBlend>,
+    /// Inpainting: the blend of a regular UNet, or the channels of an inpainting UNet.
+    pub inpaint: Inpainting<'a>,
+}
+
+/// How an inpainting run keeps the unmasked image.
+#[derive(Debug, Clone, Copy, Default)]
+pub enum Inpainting<'a> {
+    /// Not inpainting.
+    #[default]
+    None,
+    /// A regular (4-channel) UNet: after every step, what lies outside the mask is put back ([`InpaintBlend`]).
+    Blend(&'a InpaintBlend),
+    /// An inpainting (9-channel) UNet: the mask and the masked image's latents, (samples, 1 + 4, h, w), appended to
+    /// the scaled latents as the UNet's input channels at every evaluation (both guidance halves).
+    Channels(&'a Tensor),
 }
 
 /// diffusers' inpainting blend for a 4-channel UNet: after each step the sample outside the mask is replaced by the
@@ -170,7 +183,15 @@ pub fn denoise(
     for (index, &t) in timesteps.iter().enumerate().skip(start) {
         let input = if conditioning.guided { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
         let input = scheduler.scale_model_input(input, index)?;
-        let prediction = predict(unet, &input, t, conditioning.at(index), &time_ids)?.to_dtype(latents.dtype())?;
+        let prediction = match inpaint {
+            Inpainting::Channels(channels) => {
+                let channels = channels.to_dtype(input.dtype())?;
+                let channels = if conditioning.guided { Tensor::cat(&[&channels, &channels], 0)? } else { channels };
+                predict(unet, &Tensor::cat(&[&input, &channels], 1)?, t, conditioning.at(index), &time_ids)?
+            }
+            _ => predict(unet, &input, t, conditioning.at(index), &time_ids)?,
+        };
+        let prediction = prediction.to_dtype(latents.dtype())?;
         let prediction = if conditioning.guided {
             let half = prediction.dim(0)? / 2;
             let uncond = prediction.narrow(0, 0, half)?;
@@ -180,7 +201,7 @@ pub fn denoise(
             prediction
         };
         latents = scheduler.step(&prediction, index, &latents, rng)?;
-        if let Some(blend) = inpaint {
+        if let Inpainting::Blend(blend) = inpaint {
             let next = (index + 1 < timesteps.len()).then_some(index + 1);
             latents = blend.apply(scheduler, &latents, next)?.to_dtype(latents.dtype())?;
         }

@@ -29,10 +29,13 @@ fn img2img_matches_diffusers() {
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("img2img_refs.json")).unwrap()).unwrap();
     let pipeline = pipeline();
+    let dir9 = common::TempDir::new("inpaint-unet");
+    let inpainting = inpainting_model(&dir9);
     let image = input_base64();
     let cases = json["cases"].as_array().unwrap();
     assert!(cases.len() >= 9);
-    assert!(cases.iter().filter(|c| c["request"]["mask"].is_string()).count() >= 3, "inpainting cases");
+    assert!(cases.iter().filter(|c| c["request"]["mask"].is_string()).count() >= 5, "inpainting cases");
+    assert!(cases.iter().filter(|c| c["unet"].is_string()).count() >= 2, "9-channel inpainting cases");
     assert!(cases.iter().filter(|c| c["request"]["hires"].is_object()).count() >= 2, "hires-fix cases");
     for case in cases {
         let name = case["name"].as_str().unwrap();
@@ -47,6 +50,7 @@ fn img2img_matches_diffusers() {
             request.mask = Some(base64::engine::general_purpose::STANDARD.encode(bytes));
         }
         let mut evaluations = 0;
+        let pipeline = if case.get("unet").is_some() { &inpainting } else { &pipeline };
         let generation = pipeline
             .generate(&request, &mut |p| {
                 if let Progress::Step { evaluation, .. } = p {
@@ -69,6 +73,37 @@ fn img2img_matches_diffusers() {
         eprintln!("{name}: mean abs pixel diff {diff:.4}/255");
         assert!(diff <= 0.5, "{name}: {diff}/255");
     }
+}
+
+/// The tiny model with the 9-channel inpainting UNet of tests/fixtures/inpaint_unet (scripts/make_inpaint_unet.py):
+/// a folder whose other components link to the tiny model's.
+fn inpainting_model(dir: &common::TempDir) -> Pipeline {
+    let model = dir.join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for entry in std::fs::read_dir(tiny_model()).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_name() != "unet" {
+            std::os::unix::fs::symlink(entry.path(), model.join(entry.file_name())).unwrap();
+        }
+    }
+    std::os::unix::fs::symlink(root().join("tests/fixtures/inpaint_unet"), model.join("unet")).unwrap();
+    let options = PipelineOptions { residency: Residency::Resident, ..Default::default() };
+    Pipeline::load(model.to_str().unwrap(), options).unwrap()
+}
+
+/// An inpainting (9-channel) model refuses what it cannot do: text to image, image to image without a mask.
+#[test]
+fn an_inpainting_unet_needs_an_image_and_a_mask() {
+    let dir = common::TempDir::new("inpaint-unet-refusals");
+    let pipeline = inpainting_model(&dir);
+    let mut request = GenerateRequest::new("a cat");
+    (request.scheduler, request.num_inference_steps, request.img_width, request.img_height) =
+        ("Euler".into(), 2, 64, 64);
+    let e = pipeline.generate(&request, &mut |_| Control::Continue).unwrap_err().to_string();
+    assert!(e.contains("9 input channels") && e.contains("mask"), "{e}");
+    request.image = Some(input_base64());
+    let e = pipeline.generate(&request, &mut |_| Control::Continue).unwrap_err().to_string();
+    assert!(e.contains("9 input channels") && e.contains("mask"), "{e}");
 }
 
 #[test]
