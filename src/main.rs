@@ -265,6 +265,10 @@ struct ServeArgs {
     /// as hosted). `--relaxed-ranges` is an alias.
     #[arg(long, alias = "relaxed-ranges")]
     open_ranges: bool,
+    /// Fetch `image` / `mask` sent as http(s) URLs (as the hosted API accepts them); never from loopback, private or
+    /// other non-public addresses. Without it such requests get 400.
+    #[arg(long)]
+    allow_image_urls: bool,
 }
 
 #[derive(Args)]
@@ -577,6 +581,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_queue: args.max_queue,
         max_body_bytes: args.max_body_bytes,
         ranges: if args.open_ranges { Ranges::Open } else { Ranges::Hosted },
+        allow_image_urls: args.allow_image_urls,
         model_name: args.model.model.clone(),
         shutdown_grace: server::DEFAULT_SHUTDOWN_GRACE,
         handle_signals: true,

@@ -953,3 +953,28 @@ fn small_png_base64() -> String {
     image::GrayImage::new(8, 8).write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
     base64::engine::general_purpose::STANDARD.encode(png)
 }
+
+/// Image URLs: refused naming `--allow-image-urls` without it; with it, still never fetched from loopback or private
+/// addresses (the hosted API fetches them; a local server must not become a proxy into its own network).
+#[test]
+fn image_urls_need_the_flag_and_never_reach_private_addresses() {
+    let body = |image: &str| json!({"prompt": "x", "scheduler": "Euler", "image": image}).to_string();
+    let post = |server: &Server, image: &str| {
+        call(server.addr(), "POST", "/v1/sdxl-img2img", &[("content-type", "application/json")], body(image).as_bytes())
+    };
+    let plain = stand_in_server(config(Ranges::Open, 2));
+    let r = post(&plain, "https://example.com/cat.png");
+    assert_eq!(r.status, 400);
+    assert!(r.error().contains("`image`") && r.error().contains("--allow-image-urls"), "{}", r.error());
+    plain.shutdown().unwrap();
+
+    let fetching = stand_in_server(ServerConfig { allow_image_urls: true, ..config(Ranges::Open, 2) });
+    // The server's own address, other loopback and private ones: refused before any connection.
+    let own = format!("http://{}/health", fetching.addr());
+    for url in [own.as_str(), "http://localhost:1/x.png", "http://10.0.0.1/x.png", "http://169.254.169.254/latest"] {
+        let r = post(&fetching, url);
+        assert_eq!(r.status, 400, "{url}: {}", r.text());
+        assert!(r.error().contains("image") && r.error().contains("not a public address"), "{url}: {}", r.error());
+    }
+    fetching.shutdown().unwrap();
+}

@@ -160,7 +160,11 @@ pub fn decode(body: &[u8], ranges: Ranges) -> Result<GenerateRequest, ApiError> 
 /// header: the pixels are decoded by the worker) stands for `img_width` / `img_height` and is held to the same
 /// ranges, so an oversized input is refused before it is queued.
 pub fn decode_for(body: &[u8], ranges: Ranges, mode: Mode) -> Result<GenerateRequest, ApiError> {
-    let mut request = parse(body)?;
+    check(parse(body)?, ranges, mode)
+}
+
+/// [`validate`] for the endpoint `mode` (see [`decode_for`]), an already parsed request.
+pub fn check(mut request: GenerateRequest, ranges: Ranges, mode: Mode) -> Result<GenerateRequest, ApiError> {
     match mode {
         Mode::TextToImage => (request.image, request.strength, request.mask) = (None, None, None),
         Mode::ImageToImage | Mode::Inpaint => {

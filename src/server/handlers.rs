@@ -29,6 +29,7 @@ pub struct AppState {
     pub keys: ApiKeys,
     pub max_body_bytes: usize,
     pub ranges: Ranges,
+    pub allow_image_urls: bool,
     pub model_name: Arc<str>,
 }
 
@@ -56,7 +57,11 @@ async fn serve(
     state.keys.check(&headers)?;
     decode::check_content_type(&headers)?;
     let bytes = decode::read_body(body, &headers, state.max_body_bytes).await?;
-    let request = decode::decode_for(&bytes, state.ranges, mode)?;
+    let mut request = decode::parse(&bytes)?;
+    if mode != Mode::TextToImage {
+        fetch_urls(&mut request, &state).await?;
+    }
+    let request = decode::check(request, state.ranges, mode)?;
     let base64 = request.base64;
     let ticket = state.queue.submit(request).map_err(|rejected| match rejected {
         Rejected::Full { capacity, retry_after } => ApiError::queue_full(capacity, retry_after),
@@ -82,6 +87,29 @@ async fn serve(
         }
         Outcome::ShuttingDown => Err(ApiError::shutting_down()),
     }
+}
+
+/// Replaces `image` / `mask` URLs by the fetched images (base64), when the server allows it; otherwise 400.
+async fn fetch_urls(request: &mut crate::GenerateRequest, state: &AppState) -> Result<(), ApiError> {
+    for (field, slot) in [("image", &mut request.image), ("mask", &mut request.mask)] {
+        let Some(url) = slot.clone().filter(|v| super::fetch::is_url(v)) else {
+            continue;
+        };
+        if !state.allow_image_urls {
+            return Err(ApiError::bad_request(format!(
+                "invalid request: `{field}` is a URL: this server fetches images only when started with \
+                 --allow-image-urls; send the image itself, base64-encoded"
+            )));
+        }
+        let limit = state.max_body_bytes;
+        let fetched = tokio::task::spawn_blocking(move || super::fetch::fetch(field, &url, limit))
+            .await
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("fetching `{field}` failed: {e}")))?;
+        let bytes = fetched.map_err(|e| ApiError::bad_request(e.to_string()))?;
+        use base64::Engine;
+        *slot = Some(base64::engine::general_purpose::STANDARD.encode(bytes));
+    }
+    Ok(())
 }
 
 /// Any other path under `/v1/`: a model this server does not serve (after the key check, like the real one).

@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod decode;
 pub mod errors;
+pub mod fetch;
 pub mod handlers;
 pub mod logging;
 pub mod queue;
@@ -59,6 +60,8 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Shut down on Ctrl-C / SIGTERM (the binary), rather than only on [`Server::shutdown`] (tests, embedding).
     pub handle_signals: bool,
+    /// Fetch `image` / `mask` given as URLs (public addresses only, see [`fetch`]); off: such requests get 400.
+    pub allow_image_urls: bool,
 }
 
 impl Default for ServerConfig {
@@ -72,6 +75,7 @@ impl Default for ServerConfig {
             model_name: String::new(),
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             handle_signals: false,
+            allow_image_urls: false,
         }
     }
 }
@@ -124,6 +128,7 @@ impl Server {
             keys: config.api_keys.clone(),
             max_body_bytes: config.max_body_bytes,
             ranges: config.ranges,
+            allow_image_urls: config.allow_image_urls,
             model_name: config.model_name.clone().into(),
         };
         let app = router(state);
