@@ -34,7 +34,7 @@ impl Ddim {
         let final_alpha_cumprod =
             if config.bool_or("set_alpha_to_one", true) { 1.0 } else { schedule.alphas_cumprod[0] };
         Ok(Box::new(Self {
-            table: Timetable::unscaled(schedule.spaced_timesteps(steps), None),
+            table: Timetable::variance_preserving(schedule.spaced_timesteps(steps), &schedule),
             final_alpha_cumprod,
             step_ratio: schedule.num_train_timesteps / steps,
             clip_sample: config.bool_or("clip_sample", true).then(|| config.f64_or("clip_sample_range", 1.0) as f32),
@@ -47,11 +47,6 @@ impl Ddim {
 impl Scheduler for Ddim {
     fn timetable(&self) -> &Timetable {
         &self.table
-    }
-
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
-        let (alpha, sigma) = self.schedule.alpha_sigma_at(self.table.timesteps[index] as usize);
-        Ok((scale(original, alpha)? + scale(noise, sigma)?)?)
     }
 
     fn set_eta(&mut self, eta: f64) -> Result<bool> {

@@ -39,7 +39,7 @@ impl Ddpm {
         ];
         let schedule = NoiseSchedule::new(config, &CLASS)?;
         Ok(Box::new(Self {
-            table: Timetable::unscaled(schedule.spaced_timesteps(steps), None),
+            table: Timetable::variance_preserving(schedule.spaced_timesteps(steps), &schedule),
             clip_sample: config.bool_or("clip_sample", true).then(|| config.f64_or("clip_sample_range", 1.0) as f32),
             variance: config.choice(CLASS.name, "variance_type", "fixed_small", &variances)?,
             schedule,
@@ -50,11 +50,6 @@ impl Ddpm {
 impl Scheduler for Ddpm {
     fn timetable(&self) -> &Timetable {
         &self.table
-    }
-
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
-        let (alpha, sigma) = self.schedule.alpha_sigma_at(self.table.timesteps[index] as usize);
-        Ok((scale(original, alpha)? + scale(noise, sigma)?)?)
     }
 
     fn update(&mut self, out: &Tensor, index: usize, sample: &Tensor, rng: &mut TorchRng) -> Result<Tensor> {

@@ -130,6 +130,7 @@ impl DpmSde {
             init_noise_sigma: schedule.init_noise_sigma(&listed) as f64,
             input_sigmas: Some(input_sigmas),
             sigmas: Some(widen(&listed)),
+            alphas_cumprod: None,
         };
         Ok(Self { table, sigmas: listed, prediction: schedule.prediction, seed, noise: None, pending: None })
     }

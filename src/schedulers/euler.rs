@@ -64,6 +64,7 @@ pub(super) fn sigma_timetable(timesteps: Vec<f64>, sigmas: &[f32], init_noise_si
         init_noise_sigma: init_noise_sigma as f64,
         input_sigmas: Some(sigmas.to_vec()),
         sigmas: Some(widen(sigmas)),
+        alphas_cumprod: None,
     }
 }
 

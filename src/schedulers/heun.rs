@@ -43,6 +43,7 @@ impl Heun {
                 init_noise_sigma: t.init_noise_sigma as f64,
                 input_sigmas: Some(sigmas.clone()),
                 sigmas: Some(widen(&sigmas)),
+                alphas_cumprod: None,
             },
             sigmas,
             prediction: schedule.prediction,

@@ -104,6 +104,7 @@ impl Kdpm2 {
             init_noise_sigma: schedule.init_noise_sigma(&sigmas) as f64,
             input_sigmas: Some(input_sigmas),
             sigmas: Some(listed),
+            alphas_cumprod: None,
         };
         Ok(Self { table, sigmas, midpoints, down, up, prediction: schedule.prediction, pending: None })
     }

@@ -59,7 +59,7 @@ impl Lcm {
         let schedule = NoiseSchedule::new(config, &CLASS)?;
         let timesteps = consistency_timesteps(config, &schedule, steps, CLASS.name)?;
         Ok(Box::new(Self {
-            table: Timetable::unscaled(timesteps, None),
+            table: Timetable::variance_preserving(timesteps, &schedule),
             timestep_scaling: config.f64_or("timestep_scaling", 10.0) as f32,
             clip_sample: config.bool_or("clip_sample", false).then(|| config.f64_or("clip_sample_range", 1.0) as f32),
             schedule,
@@ -78,11 +78,6 @@ impl Lcm {
 impl Scheduler for Lcm {
     fn timetable(&self) -> &Timetable {
         &self.table
-    }
-
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
-        let (alpha, sigma) = self.schedule.alpha_sigma_at(self.table.timesteps[index] as usize);
-        Ok((scale(original, alpha)? + scale(noise, sigma)?)?)
     }
 
     fn update(&mut self, out: &Tensor, index: usize, sample: &Tensor, rng: &mut TorchRng) -> Result<Tensor> {

@@ -51,12 +51,36 @@ pub struct Timetable {
     pub input_sigmas: Option<Vec<f32>>,
     /// diffusers' `scheduler.sigmas` (final level included), for the classes that have them.
     pub sigmas: Option<Vec<f64>>,
+    /// ᾱ at each evaluation's timestep, for the variance-preserving classes without σ tables (DDIM, DDPM, PNDM,
+    /// LCM, TCD): what their `add_noise` scales by.
+    pub alphas_cumprod: Option<Vec<f32>>,
 }
 
 impl Timetable {
-    /// A variance-preserving scheduler's table: one evaluation per step, unscaled input, initial noise × 1.
-    fn unscaled(timesteps: Vec<f64>, sigmas: Option<Vec<f64>>) -> Self {
-        Self { num_inference_steps: timesteps.len(), timesteps, init_noise_sigma: 1.0, input_sigmas: None, sigmas }
+    /// A multistep solver's table: one evaluation per step, unscaled input, initial noise × 1, its σ per step.
+    fn multistep(timesteps: Vec<f64>, sigmas: Vec<f64>) -> Self {
+        Self {
+            num_inference_steps: timesteps.len(),
+            timesteps,
+            init_noise_sigma: 1.0,
+            input_sigmas: None,
+            sigmas: Some(sigmas),
+            alphas_cumprod: None,
+        }
+    }
+
+    /// The table of a variance-preserving class on integer timesteps: unscaled input, initial noise × 1, ᾱ of each
+    /// evaluation's timestep.
+    fn variance_preserving(timesteps: Vec<f64>, schedule: &schedule::NoiseSchedule) -> Self {
+        let alphas_cumprod = timesteps.iter().map(|&t| schedule.alphas_cumprod[t as usize]).collect();
+        Self {
+            num_inference_steps: timesteps.len(),
+            timesteps,
+            init_noise_sigma: 1.0,
+            input_sigmas: None,
+            sigmas: None,
+            alphas_cumprod: Some(alphas_cumprod),
+        }
     }
 }
 
@@ -82,20 +106,25 @@ pub trait Scheduler: Send {
 
     /// The forward process to evaluation `index`'s noise level (diffusers' `add_noise`, as image-to-image calls it
     /// with the scheduler's begin index): `x₀ + σ·noise` in σ-space, `α·x₀ + σ_t·noise` with (α, σ_t) of the level
-    /// for the multistep solvers. The variance-preserving schedulers without σ tables (DDIM, DDPM, PNDM, LCM, TCD)
-    /// override it with √ᾱ_t, √(1 − ᾱ_t) of the evaluation's timestep.
+    /// for the multistep solvers, and √ᾱ_t, √(1 − ᾱ_t) of the evaluation's timestep for the variance-preserving
+    /// classes without σ tables.
     fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
         let table = self.timetable();
-        let sigmas = table.sigmas.as_deref().ok_or_else(|| {
-            Error::Tensor(candle_core::Error::Msg("this scheduler must implement add_noise itself".into()))
-        })?;
-        let level = sigmas[index] as f32;
-        if table.input_sigmas.is_some() {
-            Ok((original + sigma::scale(noise, level)?)?)
-        } else {
-            let (alpha, sigma_t) = sigma::alpha_sigma(level);
-            Ok((sigma::scale(original, alpha)? + sigma::scale(noise, sigma_t)?)?)
-        }
+        let (alpha, sigma_t) = match (&table.alphas_cumprod, &table.sigmas) {
+            (Some(alphas_cumprod), _) => {
+                let a = alphas_cumprod[index];
+                (a.sqrt(), (1f32 - a).sqrt())
+            }
+            (None, Some(sigmas)) if table.input_sigmas.is_some() => {
+                return Ok((original + sigma::scale(noise, sigmas[index] as f32)?)?);
+            }
+            (None, Some(sigmas)) => sigma::alpha_sigma(sigmas[index] as f32),
+            (None, None) => {
+                let message = "a scheduler table without noise levels has no add_noise";
+                return Err(Error::Tensor(candle_core::Error::Msg(message.into())));
+            }
+        };
+        Ok((sigma::scale(original, alpha)? + sigma::scale(noise, sigma_t)?)?)
     }
 
     /// Sets η, the noise weight diffusers passes to `step(eta=…)`: DDIM's (default 0) and TCD's γ (default 0.3).

@@ -53,7 +53,7 @@ impl Multistep {
         let schedule = NoiseSchedule::new(config, class)?;
         let (timesteps, sigmas) = tables(&schedule, config, class.name, steps, final_sigma)?;
         Ok(Self {
-            table: Timetable::unscaled(timesteps, Some(widen(&sigmas))),
+            table: Timetable::multistep(timesteps, widen(&sigmas)),
             sigmas,
             prediction: schedule.prediction,
             solver_order,

@@ -73,7 +73,8 @@ impl Pndm {
             (prk, ascending[..steps - (ORDER - 1)].iter().rev().copied().collect())
         };
         let prk_evaluations = prk.len();
-        let mut table = Timetable::unscaled(prk.into_iter().chain(plms).map(|t| t as f64).collect(), None);
+        let mut table =
+            Timetable::variance_preserving(prk.into_iter().chain(plms).map(|t| t as f64).collect(), &schedule);
         table.num_inference_steps = steps;
         Ok(Box::new(Self {
             schedule,
@@ -172,11 +173,6 @@ impl Pndm {
 impl Scheduler for Pndm {
     fn timetable(&self) -> &Timetable {
         &self.table
-    }
-
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
-        let (alpha, sigma) = self.schedule.alpha_sigma_at(self.table.timesteps[index] as usize);
-        Ok((scale(original, alpha)? + scale(noise, sigma)?)?)
     }
 
     fn update(&mut self, out: &Tensor, index: usize, sample: &Tensor, _rng: &mut TorchRng) -> Result<Tensor> {

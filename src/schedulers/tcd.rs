@@ -34,18 +34,13 @@ impl Tcd {
         config.refuse_enabled(CLASS.name, &[THRESHOLDING, RESCALE])?;
         let schedule = NoiseSchedule::new(config, &CLASS)?;
         let timesteps = consistency_timesteps(config, &schedule, steps, CLASS.name)?;
-        Ok(Box::new(Self { table: Timetable::unscaled(timesteps, None), schedule, eta: DEFAULT_ETA }))
+        Ok(Box::new(Self { table: Timetable::variance_preserving(timesteps, &schedule), schedule, eta: DEFAULT_ETA }))
     }
 }
 
 impl Scheduler for Tcd {
     fn timetable(&self) -> &Timetable {
         &self.table
-    }
-
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
-        let (alpha, sigma) = self.schedule.alpha_sigma_at(self.table.timesteps[index] as usize);
-        Ok((scale(original, alpha)? + scale(noise, sigma)?)?)
     }
 
     fn set_eta(&mut self, eta: f64) -> Result<bool> {
