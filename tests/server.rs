@@ -978,3 +978,28 @@ fn image_urls_need_the_flag_and_never_reach_private_addresses() {
     }
     fetching.shutdown().unwrap();
 }
+
+/// A 2048² input (the hosted ranges' largest) is served: encoded and decoded in bands of rows (the tiny VAE's
+/// `sample_size` is 128), one step of a 20-step schedule at strength 0.05.
+#[test]
+fn a_2048_image_to_image_request_is_served() {
+    let server = tiny_server(config(Ranges::Hosted, 1));
+    let big =
+        image::RgbImage::from_fn(2048, 2048, |x, y| image::Rgb([(x / 8) as u8, (y / 8) as u8, ((x + y) / 16) as u8]));
+    let mut png = Vec::new();
+    big.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+    let body = json!({"prompt": "a cat", "image": base64::engine::general_purpose::STANDARD.encode(&png),
+        "strength": 0.05, "scheduler": "Euler", "num_inference_steps": 20, "guidance_scale": 1.0, "seed": 3});
+    let started = Instant::now();
+    let r = call(
+        server.addr(),
+        "POST",
+        "/v1/sdxl-img2img",
+        &[("content-type", "application/json")],
+        body.to_string().as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.jpeg_size(), (2048, 2048));
+    eprintln!("2048² image to image on the tiny model: {:.1} s", started.elapsed().as_secs_f64());
+    server.shutdown().unwrap();
+}
