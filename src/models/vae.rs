@@ -194,6 +194,22 @@ struct UpDecoderBlock {
     upsampler: Option<Upsample2D>,
 }
 
+/// A VAE block's `resnets.0 … resnets.{count−1}`: the first from `c_in` channels, all to `c_out` (no time embedding).
+pub(super) fn resnet_chain(
+    vb: &VarBuilder,
+    count: usize,
+    c_in: usize,
+    c_out: usize,
+    groups: usize,
+    eps: f64,
+) -> Result<Vec<ResnetBlock2D>> {
+    (0..count)
+        .map(|j| {
+            ResnetBlock2D::new(vb.pp("resnets").pp(j), if j == 0 { c_in } else { c_out }, c_out, None, groups, eps)
+        })
+        .collect()
+}
+
 #[derive(Debug, Clone)]
 pub struct VaeDecoder {
     post_quant_conv: Option<Conv2d>,
@@ -225,12 +241,7 @@ impl VaeDecoder {
         let mut c_prev = reversed[0];
         for (i, &c_out) in reversed.iter().enumerate() {
             let vb = dec.pp("up_blocks").pp(i);
-            let resnets = (0..cfg.layers_per_block + 1)
-                .map(|j| {
-                    let c_in = if j == 0 { c_prev } else { c_out };
-                    ResnetBlock2D::new(vb.pp("resnets").pp(j), c_in, c_out, None, groups, eps)
-                })
-                .collect::<Result<Vec<_>>>()?;
+            let resnets = resnet_chain(&vb, cfg.layers_per_block + 1, c_prev, c_out, groups, eps)?;
             let upsampler =
                 if i + 1 < reversed.len() { Some(Upsample2D::new(vb.pp("upsamplers").pp(0), c_out)?) } else { None };
             up_blocks.push(UpDecoderBlock { resnets, upsampler });

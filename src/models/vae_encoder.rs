@@ -7,7 +7,7 @@ use candle_nn::{Module, VarBuilder};
 use super::bands::Bands;
 use super::layers::{activation_dtype, conv1x1, conv3x3, group_norm, Conv2d, GroupNorm};
 use super::resnet::{Downsample2D, ResnetBlock2D};
-use super::vae::{VaeConfig, VaeMidBlock};
+use super::vae::{resnet_chain, VaeConfig, VaeMidBlock};
 use super::vae_bands::{encode_in_bands, BandPlan};
 use crate::rng::TorchRng;
 
@@ -83,12 +83,7 @@ impl VaeEncoder {
         let mut c_prev = channels[0];
         for (i, &c_out) in channels.iter().enumerate() {
             let vb = enc.pp("down_blocks").pp(i);
-            let resnets = (0..cfg.layers_per_block)
-                .map(|j| {
-                    let c_in = if j == 0 { c_prev } else { c_out };
-                    ResnetBlock2D::new(vb.pp("resnets").pp(j), c_in, c_out, None, groups, eps)
-                })
-                .collect::<Result<Vec<_>>>()?;
+            let resnets = resnet_chain(&vb, cfg.layers_per_block, c_prev, c_out, groups, eps)?;
             let downsampler = if i + 1 < channels.len() {
                 Some(Downsample2D::padded_after(vb.pp("downsamplers").pp(0), c_out)?)
             } else {
