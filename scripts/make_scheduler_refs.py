@@ -68,7 +68,7 @@ DEIS_ONLY_KEYS = ("algorithm_type", "solver_type")
 # fine-tunes whose scheduler config was written for another class.
 SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")
 BARE = {k: BASE[k] for k in SCHEDULE_KEYS}
-BARE_VARIATIONS = ("bare", "bare_clip_sample")
+BARE_VARIATIONS = ("bare", "bare_clip_sample", "bare_img2img")
 
 VARIATIONS = {
     "dreamshaper": {},
@@ -81,10 +81,12 @@ VARIATIONS = {
     "eta_0": {},
     "eta_1": {},
     "img2img": {},
+    "bare_img2img": {},
 }
 
-# Image-to-image (the "img2img" variation): as the SDXL img2img pipeline runs a scheduler at `strength`
+# Image-to-image (the "img2img" variations, on the model's config and on the bare one): as the SDXL img2img pipeline runs a scheduler at `strength`
 # (`get_timesteps`, `set_begin_index`, `add_noise` of a clean sample with noise from its own seeded generator).
+IMG2IMG_VARIATIONS = ("img2img", "bare_img2img")
 STRENGTH = 0.6
 IMG2IMG_NOISE_SEED = 99
 
@@ -161,7 +163,7 @@ def run(name, variation, steps):
     generator = torch.Generator("cpu").manual_seed(SEED)
     x = initial_sample() * s.init_noise_sigma
     begin = 0
-    if variation == "img2img":
+    if variation in IMG2IMG_VARIATIONS:
         begin = img2img_start(s, steps)
         noise = torch.randn(SHAPE, generator=torch.Generator("cpu").manual_seed(IMG2IMG_NOISE_SEED))
         x = s.add_noise(initial_sample(), noise, s.timesteps[begin : begin + 1])
