@@ -1,4 +1,5 @@
-//! The routes: the hosted endpoints (text to image, image to image), other model slugs, `/health`, and JSON 404/405 for everything else.
+//! The routes: the hosted endpoints (text to image, image to image, inpainting), other model slugs, `/health`
+//! (liveness), `/ready` (readiness), and JSON 404/405 for everything else.
 
 use std::sync::Arc;
 
@@ -134,6 +135,31 @@ pub async fn health(State(state): State<AppState>) -> Response {
         "cancelled": status.cancelled,
     });
     let code = if status.closed { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+    (code, [(axum::http::header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+}
+
+/// `GET /ready`: whether this replica should be sent work (for load balancers and readiness probes). 200 while the
+/// model is loaded (it is, once the server listens), the server is not shutting down and a request would be queued
+/// rather than answered 429; 503 with the reason otherwise. `/health` is liveness: it stays 200 while the queue is
+/// full.
+pub async fn ready(State(state): State<AppState>) -> Response {
+    let status = state.queue.status();
+    let in_system = status.waiting + usize::from(status.running);
+    let reason = if status.closed {
+        Some("shutting_down")
+    } else if in_system > status.capacity {
+        Some("queue_full")
+    } else {
+        None
+    };
+    let body = serde_json::json!({
+        "ready": reason.is_none(),
+        "reason": reason,
+        "queue_length": status.waiting,
+        "running": status.running,
+        "max_queue": status.capacity,
+    });
+    let code = if reason.is_none() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (code, [(axum::http::header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
 }
 

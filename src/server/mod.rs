@@ -85,6 +85,7 @@ pub fn router(state: handlers::AppState) -> Router {
     let ids = Arc::new(logging::RequestIds::default());
     Router::new()
         .route("/health", get(handlers::health))
+        .route("/ready", get(handlers::ready))
         .route(MODEL_PATH, post(handlers::generate))
         .route(IMG2IMG_PATH, post(handlers::img2img))
         .route(INPAINT_PATH, post(handlers::inpaint))
