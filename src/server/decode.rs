@@ -54,6 +54,12 @@ fn accepted(field: &str) -> Option<String> {
         "image" => "must be a string: the base64 of a PNG, JPEG or WebP image".into(),
         "strength" => "must be a number in (0, 1]".into(),
         "mask" => "must be a string: the base64 of a PNG, JPEG or WebP mask".into(),
+        "prompt_syntax" => "must be \"a1111\" or \"none\"".into(),
+        "emphasis" => "must be \"original\" or \"no-norm\"".into(),
+        "eta" => "must be a number".into(),
+        "loras" => "must be a list of {\"name\": string, \"weight\": number}".into(),
+        "scheduler_options" => "must be an object of scheduler config keys".into(),
+        "hires" => "must be an object {\"scale\", \"strength\", \"steps\"}".into(),
         _ => return None,
     })
 }
@@ -62,8 +68,23 @@ fn scheduler_list() -> String {
     crate::schedulers::names().iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", ")
 }
 
-/// Parses a JSON body into a request (unknown fields are ignored). Errors name the field at fault.
+/// Parses a JSON body into a request (unknown fields are ignored). Errors name the field at fault. The body must be
+/// a JSON object: serde would otherwise read an array as the fields in declaration order.
 pub fn parse(body: &[u8]) -> Result<GenerateRequest, ApiError> {
+    match body.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'{') | None => {}
+        Some(_) => {
+            let kind = match serde_json::from_slice::<serde_json::Value>(body) {
+                Ok(serde_json::Value::Array(_)) => "an array",
+                Ok(serde_json::Value::String(_)) => "a string",
+                Ok(serde_json::Value::Number(_)) => "a number",
+                Ok(serde_json::Value::Bool(_)) => "a boolean",
+                Ok(_) => "null",
+                Err(e) => return Err(ApiError::bad_request(format!("malformed JSON: {e}"))),
+            };
+            return Err(ApiError::bad_request(format!("invalid request: the body must be a JSON object, got {kind}")));
+        }
+    }
     let mut deserializer = serde_json::Deserializer::from_slice(body);
     let request: GenerateRequest = match serde_path_to_error::deserialize(&mut deserializer) {
         Ok(r) => r,
@@ -83,7 +104,10 @@ fn json_error(e: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
         Some((field, accepted)) => ApiError::bad_request(format!("invalid request: `{field}` {accepted} ({inner})")),
         None => {
             let text = inner.to_string();
-            if text.starts_with("invalid type") {
+            if let Some(field) = field.filter(|f| !f.is_empty() && f != "?") {
+                // A field without a description above (e.g. inside `loras`): still say which one.
+                ApiError::bad_request(format!("invalid request: `{field}`: {text}"))
+            } else if text.starts_with("invalid type") {
                 ApiError::bad_request(format!("invalid request: the body must be a JSON object ({text})"))
             } else {
                 // "missing field `prompt`", "duplicate field `seed`": serde names the field itself.
@@ -223,12 +247,22 @@ mod tests {
         assert!(m.contains("`img_width`") && m.contains("512 and 2048"), "{m}");
         let m = message(r#"{"prompt": 3}"#);
         assert!(m.contains("`prompt`"), "{m}");
+        let m = message(r#"{"prompt": "x", "prompt_syntax": "compel"}"#);
+        assert!(m.contains("`prompt_syntax`") && m.contains("a1111"), "{m}");
+        let m = message(r#"{"prompt": "x", "emphasis": "strong"}"#);
+        assert!(m.contains("`emphasis`") && m.contains("no-norm"), "{m}");
+        let m = message(r#"{"prompt": "x", "loras": [{"name": 3}]}"#);
+        assert!(m.contains("`loras`"), "{m}");
     }
 
     #[test]
     fn structure_errors() {
         assert!(message(r#"{"samples": 2}"#).contains("missing field `prompt`"));
         assert!(message("[1, 2]").contains("JSON object"));
+        // An array is not read as the fields in order (serde's default for structs).
+        assert!(message(r#"["a cat", "", 1]"#).contains("must be a JSON object, got an array"));
+        assert!(message(r#" "a cat""#).contains("got a string"));
+        assert!(message("[1, 2").contains("malformed JSON"));
         assert!(message(r#"{"prompt": "x"#).contains("malformed JSON"));
         assert!(message(r#"{"prompt": "x"} trailing"#).contains("malformed JSON"));
         assert!(message("").contains("malformed JSON"));
