@@ -249,8 +249,8 @@ struct ServeArgs {
     /// Listening address; loopback by default.
     #[arg(long, default_value = server::DEFAULT_ADDR)]
     addr: SocketAddr,
-    /// Require this key in the `x-api-key` header.
-    #[arg(long, conflicts_with = "api_keys_file")]
+    /// Require this key in the `x-api-key` header (or set DREAMSHAPER_API_KEY, which `ps` does not show).
+    #[arg(long, conflicts_with = "api_keys_file", env = "DREAMSHAPER_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
     /// Require one of the keys in this file (one per line, `#` comments) in the `x-api-key` header.
     #[arg(long)]
@@ -269,6 +269,32 @@ struct ServeArgs {
     /// other non-public addresses. Without it such requests get 400.
     #[arg(long)]
     allow_image_urls: bool,
+    /// Open connections at most (default: half the open-file limit, at most 1024). At the cap the oldest idle
+    /// connection is closed to make room; only if every one has a request in progress is a new one refused (503).
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Seconds a client has to send a request's headers; also how long an idle keep-alive connection stays open.
+    #[arg(long, default_value_t = server::connections::DEFAULT_HEADER_TIMEOUT.as_secs_f64())]
+    header_timeout: f64,
+    /// Larger request heads (request line and headers) are answered 431.
+    #[arg(long, default_value_t = server::connections::DEFAULT_MAX_HEADER_BYTES)]
+    max_header_bytes: usize,
+    /// Host names answered besides loopback ones, comma-separated (`*`: any). Without it, a server without an API
+    /// key answers only `Host: localhost / 127.0.0.1 / [::1]` (a defence against DNS rebinding); with a key, any.
+    #[arg(long, value_delimiter = ',')]
+    allowed_hosts: Option<Vec<String>>,
+    /// Also serve `GET /metrics` (Prometheus) without a key on this address; on the main address it needs the key.
+    #[arg(long)]
+    metrics_addr: Option<SocketAddr>,
+    /// Log lines as text or as one JSON object per line.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormatArg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormatArg {
+    Text,
+    Json,
 }
 
 #[derive(Args)]
@@ -569,7 +595,26 @@ impl LivePreview {
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    server::init_logging();
+    server::logging::init(match args.log_format {
+        LogFormatArg::Text => server::LogFormat::Text,
+        LogFormatArg::Json => server::LogFormat::Json,
+    });
+    // Before the default connection cap is taken from it.
+    server::connections::raise_open_file_limit();
+    if !(args.header_timeout.is_finite() && args.header_timeout > 0.0 && args.header_timeout <= 3600.0) {
+        anyhow::bail!("--header-timeout must be a number of seconds in (0, 3600], got {}", args.header_timeout);
+    }
+    if args.max_header_bytes < 1024 {
+        anyhow::bail!("--max-header-bytes must be at least 1024, got {}", args.max_header_bytes);
+    }
+    if args.max_connections == Some(0) {
+        anyhow::bail!("--max-connections must be at least 1");
+    }
+    let limits = server::Limits {
+        max_connections: args.max_connections.unwrap_or_else(server::connections::default_max_connections),
+        header_timeout: std::time::Duration::from_secs_f64(args.header_timeout),
+        max_header_bytes: args.max_header_bytes,
+    };
     let api_keys = match (&args.api_key, &args.api_keys_file) {
         (Some(key), _) => ApiKeys::new([key]).map_err(|e| anyhow::anyhow!("--api-key: {e}"))?,
         (None, Some(path)) => ApiKeys::from_file(path).map_err(anyhow::Error::msg)?,
@@ -582,7 +627,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_body_bytes: args.max_body_bytes,
         ranges: if args.open_ranges { Ranges::Open } else { Ranges::Hosted },
         allow_image_urls: args.allow_image_urls,
-        model_name: args.model.model.clone(),
+        // A hub id's or a file's name: `/health` is unauthenticated and must not show file-system paths.
+        model_name: model_name(&args.model.model),
+        limits,
+        allowed_hosts: args.allowed_hosts.clone(),
+        metrics_addr: args.metrics_addr,
         shutdown_grace: server::DEFAULT_SHUTDOWN_GRACE,
         handle_signals: true,
     };

@@ -9,8 +9,10 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use super::auth::ApiKeys;
+use super::connections::Connections;
 use super::decode::{self, Mode, Ranges};
 use super::errors::ApiError;
+use super::metrics::{Failure, Metrics};
 use super::queue::{Outcome, Queue, Rejected};
 use super::respond;
 
@@ -31,7 +33,10 @@ pub struct AppState {
     pub max_body_bytes: usize,
     pub ranges: Ranges,
     pub allow_image_urls: bool,
+    /// Shown by `/health`: a hub id or a file name, never a path.
     pub model_name: Arc<str>,
+    pub metrics: Arc<Metrics>,
+    pub connections: Arc<Connections>,
 }
 
 /// `POST /v1/sdxl1.0-dreamshaper`: key, content type, body, checks, queue, generation, answer.
@@ -69,7 +74,15 @@ async fn serve(
         Rejected::Closed => ApiError::shutting_down(),
     })?;
     // If the client disconnects, this future is dropped here, and with it the ticket, which cancels the job.
-    match ticket.outcome().await {
+    let outcome = ticket.outcome().await;
+    let metrics = &state.metrics;
+    match &outcome {
+        Outcome::Done(f) => metrics.record_generation(f.waited, f.elapsed, f.evaluations),
+        Outcome::Failed(_) => metrics.record_failure(Failure::Error),
+        Outcome::Panicked(_) => metrics.record_failure(Failure::Panic),
+        Outcome::ShuttingDown => metrics.record_failure(Failure::ShuttingDown),
+    }
+    match outcome {
         Outcome::Done(finished) => {
             tokio::task::spawn_blocking(move || respond::success(&finished, base64)).await.map_err(|e| {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding the answer failed: {e}"))
@@ -161,6 +174,18 @@ pub async fn ready(State(state): State<AppState>) -> Response {
     });
     let code = if reason.is_none() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (code, [(axum::http::header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+}
+
+/// `GET /metrics`: Prometheus text; behind the key when one is set (or served key-less on `--metrics-addr`).
+pub async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    state.keys.check(&headers)?;
+    Ok(metrics_text(&state))
+}
+
+/// The exposition answer, for `/metrics` on either listener.
+pub fn metrics_text(state: &AppState) -> Response {
+    let text = state.metrics.render(state.queue.status(), state.connections.stats());
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }
 
 pub async fn not_found() -> ApiError {

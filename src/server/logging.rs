@@ -1,16 +1,18 @@
-//! One log line per request (method, path, status, time, seed, request id), and the `x-request-id` header on every
-//! answer. A request whose client went away before the answer is logged as such.
+//! One log line per request (method, path, status, time, seed, request id), the `x-request-id` header on every
+//! answer, and the request counted in `/metrics` by its route pattern. A request whose client went away before the
+//! answer is logged as such. Lines are text or, with `--log-format json`, one JSON object each ([`init`]).
 
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::{Request, State};
+use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderName, HeaderValue, Method};
 use axum::middleware::Next;
 use axum::response::Response;
 
+use super::metrics::Metrics;
 use super::respond::SEED_HEADER;
 
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
@@ -58,7 +60,38 @@ impl Drop for Pending {
     }
 }
 
-pub async fn log_requests(State(ids): State<Arc<RequestIds>>, request: Request, next: Next) -> Response {
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// Human-readable lines (colours on a terminal).
+    #[default]
+    Text,
+    /// One JSON object per line (`timestamp`, `level`, `message`, and each field: `request_id`, `status`, …).
+    Json,
+}
+
+/// Log lines to stderr; `RUST_LOG` filters (default `info`).
+pub fn init(format: LogFormat) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
+    };
+}
+
+/// What the logging layer shares.
+#[derive(Clone)]
+pub struct RequestLog {
+    pub ids: Arc<RequestIds>,
+    pub metrics: Arc<Metrics>,
+}
+
+pub async fn log_requests(State(log): State<RequestLog>, request: Request, next: Next) -> Response {
+    let ids = &log.ids;
+    let route = request.extensions().get::<MatchedPath>().map_or("(unmatched)", |m| m.as_str()).to_string();
     let mut pending = Pending {
         id: ids.next_id(),
         method: request.method().clone(),
@@ -69,6 +102,7 @@ pub async fn log_requests(State(ids): State<Arc<RequestIds>>, request: Request, 
     let mut response = next.run(request).await;
     pending.answered = true;
     let status = response.status().as_u16();
+    log.metrics.record_request(&route, status);
     let seed = response.headers().get(SEED_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("-").to_string();
     tracing::info!(
         request_id = %pending.id,

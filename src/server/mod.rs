@@ -2,15 +2,20 @@
 //! hosted request body, `x-api-key` header, ranges, answers and error statuses.
 //!
 //! The model is loaded once, at start-up, on a dedicated worker thread that runs one generation at a time
-//! ([`queue`]); the HTTP side ([`handlers`]) runs on a small tokio runtime. Shutdown (Ctrl-C, SIGTERM, or
-//! [`Server::shutdown`]) finishes the running generation, answers queued requests 503 and then returns.
+//! ([`queue`]); the HTTP side ([`handlers`]) runs on a small tokio runtime behind the server's own accept loop
+//! ([`connections`]: connection cap, header timeout and size cap). Shutdown (Ctrl-C, SIGTERM, or
+//! [`Server::shutdown`]) answers queued requests 503, finishes the running generation (meanwhile `/health` and
+//! `/ready` say so) and then returns.
 
 pub mod auth;
+pub mod connections;
 pub mod decode;
 pub mod errors;
 pub mod fetch;
 pub mod handlers;
+pub mod hosts;
 pub mod logging;
+pub mod metrics;
 pub mod queue;
 pub mod respond;
 
@@ -21,12 +26,15 @@ use std::time::Duration;
 
 use axum::routing::{any, get, post};
 use axum::Router;
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::oneshot;
 
 pub use auth::ApiKeys;
+pub use connections::Limits;
 pub use decode::Ranges;
 pub use errors::ApiError;
 pub use handlers::{IMG2IMG_PATH, INPAINT_PATH, MODEL_PATH};
+pub use hosts::AllowedHosts;
+pub use logging::LogFormat;
 pub use queue::{Engine, Queue};
 
 use crate::{Error, Result};
@@ -53,8 +61,15 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// Exactly the hosted ranges unless relaxed for tests.
     pub ranges: Ranges,
-    /// Shown by `/health`.
+    /// Shown by `/health` (unauthenticated): a hub id or a file name, never a file-system path.
     pub model_name: String,
+    /// Connection cap, header timeout and header size cap.
+    pub limits: Limits,
+    /// `Host` names answered besides loopback ones (`*`: any); `None`: loopback only without a key, any with one
+    /// (see [`hosts`]).
+    pub allowed_hosts: Option<Vec<String>>,
+    /// Also serve `GET /metrics`, without a key, on this address (for a scraper on a private network).
+    pub metrics_addr: Option<SocketAddr>,
     /// After shutdown starts and the last generation has finished, how long connections may take to finish their
     /// answers before they are closed anyway (a stalled client must not keep the server up).
     pub shutdown_grace: Duration,
@@ -73,6 +88,9 @@ impl Default for ServerConfig {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             ranges: Ranges::Hosted,
             model_name: String::new(),
+            limits: Limits::default(),
+            allowed_hosts: None,
+            metrics_addr: None,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             handle_signals: false,
             allow_image_urls: false,
@@ -80,12 +98,13 @@ impl Default for ServerConfig {
     }
 }
 
-/// The routes, for a running queue.
-pub fn router(state: handlers::AppState) -> Router {
-    let ids = Arc::new(logging::RequestIds::default());
+/// The routes, for a running queue: the `Host` check in front of them, the request log (and `x-request-id`) in
+/// front of everything.
+pub fn router(state: handlers::AppState, log: logging::RequestLog, hosts: AllowedHosts) -> Router {
     Router::new()
         .route("/health", get(handlers::health))
         .route("/ready", get(handlers::ready))
+        .route("/metrics", get(handlers::metrics))
         .route(MODEL_PATH, post(handlers::generate))
         .route(IMG2IMG_PATH, post(handlers::img2img))
         .route(INPAINT_PATH, post(handlers::inpaint))
@@ -93,7 +112,8 @@ pub fn router(state: handlers::AppState) -> Router {
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed)
         .with_state(state)
-        .layer(axum::middleware::from_fn_with_state(ids, logging::log_requests))
+        .layer(axum::middleware::from_fn_with_state(Arc::new(hosts), hosts::check_host))
+        .layer(axum::middleware::from_fn_with_state(log, logging::log_requests))
 }
 
 /// A running server: HTTP on its own thread and runtime, generations on the worker thread.
@@ -122,8 +142,27 @@ impl Server {
             .block_on(tokio::net::TcpListener::bind(config.addr))
             .map_err(|e| Error::Service(format!("could not listen on {}: {e}", config.addr)))?;
         let addr = listener.local_addr().map_err(|e| Error::Service(format!("listening socket: {e}")))?;
+        let metrics_listener = match config.metrics_addr {
+            Some(metrics_addr) => Some(
+                runtime
+                    .block_on(tokio::net::TcpListener::bind(metrics_addr))
+                    .map_err(|e| Error::Service(format!("could not listen on {metrics_addr} (--metrics-addr): {e}")))?,
+            ),
+            None => None,
+        };
+        if config.limits.max_connections == 0 {
+            return Err(Error::Service("the connection cap (--max-connections) must be at least 1".into()));
+        }
+        if !addr.ip().is_loopback() && !config.api_keys.is_enabled() {
+            tracing::warn!(
+                "listening on {addr}, which is not a loopback address, without an API key: anyone who can reach \
+                 it can use it (set --api-key, --api-keys-file or DREAMSHAPER_API_KEY)"
+            );
+        }
         tracing::info!(model = %config.model_name, "loading the model");
         let (queue, worker) = Queue::start(config.max_queue, load)?;
+        let metrics = Arc::new(metrics::Metrics::default());
+        let connections = Arc::new(connections::Connections::default());
         let state = handlers::AppState {
             queue: queue.clone(),
             keys: config.api_keys.clone(),
@@ -131,8 +170,13 @@ impl Server {
             ranges: config.ranges,
             allow_image_urls: config.allow_image_urls,
             model_name: config.model_name.clone().into(),
+            metrics: metrics.clone(),
+            connections: connections.clone(),
         };
-        let app = router(state);
+        let log = logging::RequestLog { ids: Arc::new(logging::RequestIds::default()), metrics: metrics.clone() };
+        let hosts = AllowedHosts::for_server(config.allowed_hosts.as_deref(), config.api_keys.is_enabled());
+        let app = router(state.clone(), log.clone(), hosts);
+        let limits = config.limits;
         let (trigger, triggered) = oneshot::channel::<()>();
         let handle_signals = config.handle_signals;
         let grace = config.shutdown_grace;
@@ -140,12 +184,14 @@ impl Server {
             let _context = runtime.enter();
             Termination::new(handle_signals)
         };
-        let stopping = Arc::new(Notify::new());
+        let (stopped_tx, stopped) = tokio::sync::watch::channel(false);
         let thread = std::thread::Builder::new()
             .name("http-server".into())
             .spawn(move || {
-                let shutdown = {
-                    let (queue, stopping) = (queue.clone(), stopping.clone());
+                // Until the last generation has finished, connections are still accepted so that `/health` and
+                // `/ready` answer 503 "shutting_down" (and new requests 503) rather than nothing.
+                let stop_accepting = {
+                    let queue = queue.clone();
                     async move {
                         tokio::select! {
                             _ = triggered => {}
@@ -155,7 +201,6 @@ impl Server {
                             "shutting down: finishing the running generation, answering queued requests 503"
                         );
                         queue.close();
-                        stopping.notify_one();
                         if handle_signals {
                             // A second Ctrl-C / SIGTERM does not wait for the running generation.
                             tokio::spawn(async move {
@@ -164,27 +209,27 @@ impl Server {
                                 std::process::exit(130);
                             });
                         }
+                        while queue.status().running {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
                     }
                 };
-                let served = runtime.block_on(async move {
-                    let graceful = axum::serve(listener, app).with_graceful_shutdown(shutdown);
-                    let deadline = async {
-                        stopping.notified().await;
-                        while queue.status().running {
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                        }
-                        tokio::time::sleep(grace).await;
-                    };
-                    tokio::select! {
-                        served = graceful => served,
-                        _ = deadline => {
-                            tracing::warn!("closing connections still open {grace:?} after the last generation");
-                            Ok(())
-                        }
+                runtime.block_on(async move {
+                    if let Some(listener) = metrics_listener {
+                        tokio::spawn(serve_metrics(listener, state, stopped));
                     }
+                    let accepting = connections::Accepting {
+                        listener,
+                        router: app,
+                        limits,
+                        ids: log.ids,
+                        metrics: log.metrics,
+                        connections,
+                    };
+                    connections::serve(accepting, stop_accepting, grace).await;
+                    let _ = stopped_tx.send(true);
                 });
                 let joined = worker.join();
-                served.map_err(|e| Error::Service(format!("server error: {e}")))?;
                 joined.map_err(|_| Error::Service("the generation worker panicked".into()))?;
                 tracing::info!("stopped");
                 Ok(())
@@ -227,6 +272,27 @@ impl Drop for Server {
             let _ = trigger.send(());
         }
         let _ = self.join();
+    }
+}
+
+/// `GET /metrics` without a key on its own listener (`--metrics-addr`), until the main server has stopped.
+async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    state: handlers::AppState,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) {
+    let app = Router::new().route(
+        "/metrics",
+        get(|axum::extract::State(state): axum::extract::State<handlers::AppState>| async move {
+            handlers::metrics_text(&state)
+        }),
+    );
+    let app = app.fallback(handlers::not_found).with_state(state);
+    let shutdown = async move {
+        let _ = stopped.wait_for(|stopped| *stopped).await;
+    };
+    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+        tracing::warn!("the metrics listener stopped: {e}");
     }
 }
 
@@ -286,14 +352,7 @@ impl Termination {
     }
 }
 
-/// Log lines to stderr; `RUST_LOG` filters (default `info`).
+/// Text log lines to stderr; `RUST_LOG` filters (default `info`). See [`logging::init`] for JSON lines.
 pub fn init_logging() {
-    use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .try_init();
+    logging::init(LogFormat::Text);
 }

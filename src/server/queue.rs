@@ -36,6 +36,10 @@ pub struct Finished {
     pub seed: u64,
     /// Time spent generating (not waiting).
     pub elapsed: Duration,
+    /// Time spent in the queue before the worker took it.
+    pub waited: Duration,
+    /// Model evaluations made (progress reports of finished evaluations).
+    pub evaluations: usize,
 }
 
 /// How a job ended.
@@ -77,6 +81,9 @@ pub struct QueueStatus {
 struct Job {
     id: u64,
     request: GenerateRequest,
+    submitted: Instant,
+    /// [`work`] of the request.
+    work: f64,
     cancel: Arc<AtomicBool>,
     reply: oneshot::Sender<Outcome>,
 }
@@ -84,13 +91,42 @@ struct Job {
 #[derive(Default)]
 struct State {
     waiting: VecDeque<Job>,
-    running: Option<u64>,
+    /// The running job: its id, [`work`] and start.
+    running: Option<(u64, f64, Instant)>,
     closed: bool,
     next_id: u64,
     completed: u64,
     cancelled: u64,
-    /// Moving average of generation time, for `Retry-After`.
-    average_secs: Option<f64>,
+    /// Moving average of seconds per unit of [`work`], learned from finished jobs, for `Retry-After`.
+    seconds_per_work: Option<f64>,
+}
+
+/// How much denoising a request asks for, in megapixel-evaluations: samples × steps × megapixels, plus the hires
+/// pass's. Generation time is close to proportional to it on a given machine and model, so one learned rate turns
+/// the queue's contents into a wait.
+pub fn work(request: &GenerateRequest) -> f64 {
+    let megapixels = |w: f64, h: f64| w * h / 1e6;
+    let (w, h) = (f64::from(request.img_width), f64::from(request.img_height));
+    let strength = request.strength.unwrap_or(1.0).clamp(0.0, 1.0);
+    let mut per_sample = f64::from(request.num_inference_steps) * strength.max(0.05) * megapixels(w, h);
+    if let Some(hires) = &request.hires {
+        let steps = if hires.steps == 0 { request.num_inference_steps } else { hires.steps };
+        per_sample += f64::from(steps) * hires.strength.clamp(0.0, 1.0) * megapixels(w * hires.scale, h * hires.scale);
+    }
+    f64::from(request.samples.max(1)) * per_sample.max(1e-3)
+}
+
+/// Seconds until the queue has room again: what is left of the running job plus the waiting jobs, at the learned
+/// rate. Before any job has finished there is no rate: a guess of 5 s per job.
+fn estimate_wait(seconds_per_work: Option<f64>, running: Option<(f64, Duration)>, waiting: &[f64]) -> u64 {
+    let seconds = match seconds_per_work {
+        Some(rate) => {
+            let running = running.map_or(0.0, |(work, elapsed)| (work * rate - elapsed.as_secs_f64()).max(0.0));
+            running + waiting.iter().sum::<f64>() * rate
+        }
+        None => 5.0 * (waiting.len() + usize::from(running.is_some())) as f64,
+    };
+    seconds.ceil().clamp(1.0, 3600.0) as u64
 }
 
 struct Shared {
@@ -159,15 +195,17 @@ impl Queue {
         // capacity is 0.
         let in_system = state.waiting.len() + usize::from(state.running.is_some());
         if in_system > self.shared.capacity {
-            let per_job = state.average_secs.unwrap_or(5.0);
-            let retry_after = (per_job * in_system as f64).ceil().clamp(1.0, 3600.0) as u64;
+            let running = state.running.map(|(_, work, started)| (work, started.elapsed()));
+            let waiting: Vec<f64> = state.waiting.iter().map(|job| job.work).collect();
+            let retry_after = estimate_wait(state.seconds_per_work, running, &waiting);
             return Err(Rejected::Full { capacity: self.shared.capacity, retry_after });
         }
         let id = state.next_id;
         state.next_id += 1;
         let cancel = Arc::new(AtomicBool::new(false));
         let (reply, receiver) = oneshot::channel();
-        state.waiting.push_back(Job { id, request, cancel: cancel.clone(), reply });
+        let work = work(&request);
+        state.waiting.push_back(Job { id, request, submitted: Instant::now(), work, cancel: cancel.clone(), reply });
         drop(state);
         self.shared.wake.notify_one();
         Ok(Ticket { id, cancel, receiver: Some(receiver), queue: self.clone() })
@@ -247,7 +285,7 @@ fn run_worker<E: Engine>(mut engine: E, shared: &Shared) {
             let mut state = shared.lock();
             loop {
                 if let Some(job) = state.waiting.pop_front() {
-                    state.running = Some(job.id);
+                    state.running = Some((job.id, job.work, Instant::now()));
                     break job;
                 }
                 if state.closed {
@@ -257,8 +295,13 @@ fn run_worker<E: Engine>(mut engine: E, shared: &Shared) {
             }
         };
         let started = Instant::now();
+        let waited = started.duration_since(job.submitted);
         let cancel = job.cancel.clone();
-        let mut progress = |_: &crate::Progress| {
+        let mut evaluations = 0;
+        let mut progress = |p: &crate::Progress| {
+            if matches!(p, crate::Progress::Step { .. }) {
+                evaluations += 1;
+            }
             if cancel.load(Ordering::SeqCst) {
                 Control::Stop
             } else {
@@ -269,7 +312,13 @@ fn run_worker<E: Engine>(mut engine: E, shared: &Shared) {
             Outcome::Failed(Error::Cancelled)
         } else {
             match catch_unwind(AssertUnwindSafe(|| engine.generate(&job.request, &mut progress))) {
-                Ok(Ok(g)) => Outcome::Done(Finished { images: g.images, seed: g.seed, elapsed: started.elapsed() }),
+                Ok(Ok(g)) => Outcome::Done(Finished {
+                    images: g.images,
+                    seed: g.seed,
+                    elapsed: started.elapsed(),
+                    waited,
+                    evaluations,
+                }),
                 Ok(Err(e)) => Outcome::Failed(e),
                 Err(panic) => Outcome::Panicked(panic_message(&*panic)),
             }
@@ -284,12 +333,25 @@ fn run_worker<E: Engine>(mut engine: E, shared: &Shared) {
             } else {
                 state.completed += 1;
                 if matches!(outcome, Outcome::Done(_)) {
-                    let secs = elapsed.as_secs_f64();
-                    state.average_secs = Some(state.average_secs.map_or(secs, |avg| 0.7 * avg + 0.3 * secs));
+                    let rate = elapsed.as_secs_f64() / job.work;
+                    state.seconds_per_work = Some(state.seconds_per_work.map_or(rate, |avg| 0.7 * avg + 0.3 * rate));
                 }
             }
         }
         let _ = job.reply.send(outcome);
+        // The generation's buffers are free now; give the pages back so the server's memory returns to its
+        // baseline between requests instead of staying at the largest request's peak.
+        release_free_memory();
+    }
+}
+
+/// Returns freed heap memory to the operating system (glibc keeps freed blocks below its mmap threshold, which
+/// grows with each large free, in its arenas otherwise).
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
@@ -391,6 +453,27 @@ mod tests {
         }
         assert!(matches!(block_on(running.outcome()), Outcome::Done(_)));
         handle.join().unwrap();
+    }
+
+    #[test]
+    fn retry_after_follows_the_queued_work() {
+        let request = |size: u32, steps: u32, samples: u32| {
+            let mut r = GenerateRequest::new("x");
+            (r.img_width, r.img_height, r.num_inference_steps, r.samples) = (size, size, steps, samples);
+            r
+        };
+        let small = work(&request(512, 20, 1));
+        let large = work(&request(1024, 50, 4));
+        assert!((large / small - 40.0).abs() < 1e-9, "4× the pixels, 2.5× the steps, 4× the samples");
+        // A rate learned from 1-second small jobs; queued: four large jobs (~40 s each).
+        let rate = Some(1.0 / small);
+        assert_eq!(estimate_wait(rate, None, &[small]), 1);
+        assert_eq!(estimate_wait(rate, Some((large, Duration::from_secs(10))), &[large; 4]), 190);
+        // Before any job has finished: 5 s per job.
+        assert_eq!(estimate_wait(None, Some((large, Duration::ZERO)), &[large; 2]), 15);
+        let mut img2img = request(512, 20, 1);
+        img2img.strength = Some(0.5);
+        assert!((work(&img2img) / small - 0.5).abs() < 1e-9, "image to image runs strength × steps");
     }
 
     #[test]

@@ -69,7 +69,13 @@ mod tests {
     use std::time::Duration;
 
     fn finished(n: usize) -> Finished {
-        Finished { images: vec![RgbImage::new(16, 8); n], seed: 42, elapsed: Duration::from_millis(1234) }
+        Finished {
+            images: vec![RgbImage::new(16, 8); n],
+            seed: 42,
+            elapsed: Duration::from_millis(1234),
+            waited: Duration::ZERO,
+            evaluations: 0,
+        }
     }
 
     #[test]
