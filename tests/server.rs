@@ -4,11 +4,16 @@
 //! Only 127.0.0.1 is ever contacted; every request has a read timeout and every loop a bound in count and time.
 
 mod common;
+#[path = "common/serve_binary.rs"]
+mod serve_binary;
+
+use common::http::*;
+use serve_binary::{serve, wait_exit};
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -19,152 +24,6 @@ use dreamshaper::sampling::ProgressFn;
 use dreamshaper::server::{ApiKeys, Engine, Ranges, Server, ServerConfig};
 use dreamshaper::{Error, GenerateRequest, Generation, Pipeline, PipelineOptions, Residency};
 use serde_json::{json, Value};
-
-const PATH: &str = "/v1/sdxl1.0-dreamshaper";
-/// No single answer in these tests may take longer.
-const READ_TIMEOUT: Duration = Duration::from_secs(120);
-
-// ---------------------------------------------------------------------------------------------------------------
-// A minimal HTTP/1.1 client on std's TcpStream: full control over headers, bodies and disconnects.
-
-#[derive(Debug)]
-struct Reply {
-    status: u16,
-    headers: HashMap<String, String>,
-    body: Vec<u8>,
-}
-
-impl Reply {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).map(String::as_str)
-    }
-
-    fn json(&self) -> Value {
-        assert_eq!(self.header("content-type"), Some("application/json"), "status {}", self.status);
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.text()))
-    }
-
-    /// The message of a JSON error answer (exactly one field, `error`).
-    fn error(&self) -> String {
-        let v = self.json();
-        let obj = v.as_object().expect("JSON object");
-        assert_eq!(obj.len(), 1, "{v}");
-        obj["error"].as_str().expect("error string").to_string()
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-
-    fn jpeg_size(&self) -> (u32, u32) {
-        assert_eq!(self.header("content-type"), Some("image/jpeg"), "{}: {}", self.status, self.text());
-        jpeg_size(&self.body)
-    }
-}
-
-fn jpeg_size(bytes: &[u8]) -> (u32, u32) {
-    let image = image::load_from_memory_with_format(bytes, image::ImageFormat::Jpeg).expect("a decodable JPEG");
-    (image.width(), image.height())
-}
-
-fn connect(addr: SocketAddr) -> TcpStream {
-    assert!(addr.ip().is_loopback(), "tests only talk to loopback");
-    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).unwrap();
-    stream.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
-    stream.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
-    stream
-}
-
-fn request_bytes(method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
-    let mut head = format!("{method} {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n");
-    for (name, value) in headers {
-        head.push_str(&format!("{name}: {value}\r\n"));
-    }
-    head.push_str(&format!("content-length: {}\r\n\r\n", body.len()));
-    let mut bytes = head.into_bytes();
-    bytes.extend_from_slice(body);
-    bytes
-}
-
-/// Sends a request and leaves the connection open (the caller reads the answer, or hangs up).
-fn send(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> TcpStream {
-    let mut stream = connect(addr);
-    // The server may answer (413, 401) and close before the whole body is written: that is fine.
-    let _ = stream.write_all(&request_bytes(method, path, headers, body));
-    stream
-}
-
-fn read_reply(mut stream: TcpStream) -> Reply {
-    let mut raw = Vec::new();
-    if let Err(e) = stream.read_to_end(&mut raw) {
-        assert!(!raw.is_empty(), "no answer: {e}");
-    }
-    parse_reply(&raw)
-}
-
-fn parse_reply(raw: &[u8]) -> Reply {
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or_else(|| panic!("no HTTP head in {raw:?}"));
-    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
-    let mut lines = head.split("\r\n");
-    let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
-    let headers: HashMap<String, String> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    let mut body = raw[split + 4..].to_vec();
-    if headers.get("transfer-encoding").is_some_and(|t| t.contains("chunked")) {
-        body = dechunk(&body);
-    } else if let Some(n) = headers.get("content-length").and_then(|n| n.parse::<usize>().ok()) {
-        assert_eq!(body.len(), n, "body length");
-    }
-    Reply { status, headers, body }
-}
-
-fn dechunk(mut data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let line_end = data.windows(2).position(|w| w == b"\r\n").expect("chunk size line");
-        let size = usize::from_str_radix(std::str::from_utf8(&data[..line_end]).unwrap().trim(), 16).unwrap();
-        if size == 0 {
-            return out;
-        }
-        out.extend_from_slice(&data[line_end + 2..line_end + 2 + size]);
-        data = &data[line_end + 2 + size + 2..];
-    }
-}
-
-fn call(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Reply {
-    read_reply(send(addr, method, path, headers, body))
-}
-
-fn post_json(addr: SocketAddr, body: &Value) -> Reply {
-    post_with(addr, &[], body)
-}
-
-fn post_with(addr: SocketAddr, extra: &[(&str, &str)], body: &Value) -> Reply {
-    let mut headers = vec![("content-type", "application/json")];
-    headers.extend_from_slice(extra);
-    call(addr, "POST", PATH, &headers, body.to_string().as_bytes())
-}
-
-fn health(addr: SocketAddr) -> Value {
-    let r = call(addr, "GET", "/health", &[], b"");
-    assert!(r.status == 200 || r.status == 503, "{}", r.status);
-    r.json()
-}
-
-/// Polls `/health` until `condition` holds; panics after `limit`.
-fn wait_for_health(addr: SocketAddr, limit: Duration, what: &str, condition: impl Fn(&Value) -> bool) -> Value {
-    let start = Instant::now();
-    loop {
-        let h = health(addr);
-        if condition(&h) {
-            return h;
-        }
-        assert!(start.elapsed() < limit, "timed out waiting for {what}: {h}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 // ---------------------------------------------------------------------------------------------------------------
 // Servers.
@@ -397,7 +256,7 @@ fn bad_inputs_get_their_status_and_a_json_error_naming_the_field() {
     let r = read_reply({
         let mut s = connect(addr);
         let head = format!(
-            "POST {PATH} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            "POST {PATH} HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
             2 << 20
         );
         s.write_all(head.as_bytes()).unwrap();
@@ -408,7 +267,7 @@ fn bad_inputs_get_their_status_and_a_json_error_naming_the_field() {
     let huge = format!(r#"{{"prompt": "{}"}}"#, "a".repeat((1 << 20) + 10));
     let r = read_reply({
         let mut s = connect(addr);
-        let head = format!("POST {PATH} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n");
+        let head = format!("POST {PATH} HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n");
         s.write_all(head.as_bytes()).unwrap();
         for chunk in huge.as_bytes().chunks(64 << 10) {
             if s.write_all(format!("{:x}\r\n", chunk.len()).as_bytes()).is_err()
@@ -712,61 +571,6 @@ fn in_process_shutdown_answers_queued_requests_503() {
 // ---------------------------------------------------------------------------------------------------------------
 // The binary.
 
-struct Serve {
-    child: Child,
-    addr: SocketAddr,
-    log: mpsc::Receiver<String>,
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        // Only our own child, by its handle.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn serve(args: &[&str]) -> Serve {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dreamshaper"))
-        .arg("serve")
-        .arg("--model")
-        .arg(common::tiny_model())
-        .args(["--addr", "127.0.0.1:0"])
-        .args(args)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, log) = mpsc::channel();
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let addr = loop {
-        let line = log.recv_timeout(deadline.saturating_duration_since(Instant::now())).expect("a listening line");
-        if let Some(rest) = line.split("listening on http://").nth(1) {
-            break rest.split_whitespace().next().unwrap().parse().unwrap();
-        }
-    };
-    Serve { child, addr, log }
-}
-
-fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(start.elapsed() < limit, "the server did not exit within {limit:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn serve_binary_with_a_key_file_and_sigterm() {
     // Declared before the server: the child is killed (Serve's drop) before the folder goes.
@@ -1002,4 +806,190 @@ fn a_2048_image_to_image_request_is_served() {
     assert_eq!(r.jpeg_size(), (2048, 2048));
     eprintln!("2048² image to image on the tiny model: {:.1} s", started.elapsed().as_secs_f64());
     server.shutdown().unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Hardening: what hyper rejects itself, the Host check, readiness, metrics, logs, the key from the environment.
+
+/// Requests hyper cannot parse are answered by it before any route runs; they get JSON errors and a request id
+/// like every other answer.
+#[test]
+fn requests_the_http_parser_rejects_get_json_errors_with_a_request_id() {
+    let server = stand_in_server(config(Ranges::Hosted, 2));
+    let addr = server.addr();
+    let raw = |bytes: &[u8]| {
+        let mut stream = connect(addr);
+        let _ = stream.write_all(bytes);
+        read_reply(stream)
+    };
+    let big_header = format!("GET /health HTTP/1.1\r\nhost: localhost\r\nx-pad: {}\r\n\r\n", "a".repeat(40_000));
+    let cases: [(&[u8], u16, &str); 4] = [
+        (big_header.as_bytes(), 431, "at most 16384 bytes"),
+        (
+            b"POST /v1/sdxl1.0-dreamshaper HTTP/1.1\r\nhost: localhost\r\ncontent-length: abc\r\n\r\n{}",
+            400,
+            "Content-Length",
+        ),
+        (b"GET /health HTTP/1.1\r\nhost: localhost\r\nx-nul: a\0b\r\n\r\n", 400, "malformed HTTP request"),
+        (b"GET /he alth HTTP/1.1\r\nhost: localhost\r\n\r\n", 400, "malformed HTTP request"),
+    ];
+    for (request, status, needle) in cases {
+        let r = raw(request);
+        let shown = String::from_utf8_lossy(&request[..request.len().min(60)]).into_owned();
+        assert_eq!(r.status, status, "{shown}: {}", r.text());
+        assert!(r.error().contains(needle), "{shown}: {}", r.error());
+        assert!(r.header("x-request-id").is_some_and(|id| id.len() > 8), "{shown}: {:?}", r.headers);
+    }
+    // The server is unharmed.
+    assert_eq!(health(addr)["status"], "ok");
+}
+
+/// DNS rebinding: without a key only loopback host names are answered, unless `--allowed-hosts` says otherwise.
+#[test]
+fn host_names_are_checked_without_a_key() {
+    let host = |addr: SocketAddr, host: &str| call(addr, "GET", "/health", &[("host", host)], b"");
+    let open = stand_in_server(config(Ranges::Hosted, 2));
+    let r = host(open.addr(), "evil.example:7860");
+    assert_eq!(r.status, 403);
+    assert!(r.error().contains("evil.example") && r.error().contains("--allowed-hosts"), "{}", r.error());
+    assert!(r.header("x-request-id").is_some());
+    let r =
+        call(open.addr(), "POST", PATH, &[("host", "rebound.example"), ("content-type", "application/json")], b"{}");
+    assert_eq!(r.status, 403, "generation routes too");
+    for ok in ["localhost", "127.0.0.1:7860", "[::1]:7860"] {
+        assert_eq!(host(open.addr(), ok).status, 200, "{ok}");
+    }
+    let listed =
+        stand_in_server(ServerConfig { allowed_hosts: Some(vec!["gpu-box.lan".into()]), ..config(Ranges::Hosted, 2) });
+    assert_eq!(host(listed.addr(), "gpu-box.lan:7860").status, 200);
+    assert_eq!(host(listed.addr(), "other.lan").status, 403);
+    let keyed = stand_in_server(ServerConfig { api_keys: ApiKeys::new(["k"]).unwrap(), ..config(Ranges::Hosted, 2) });
+    assert_eq!(host(keyed.addr(), "gpu-box.lan").status, 200, "with a key the key protects it");
+}
+
+/// `/health` and `/ready` while shutting down (the running generation still finishing) and with the queue full.
+#[test]
+fn health_and_ready_show_shutdown_and_a_full_queue() {
+    /// Holds each generation until told to go.
+    struct Held(std::sync::Mutex<mpsc::Receiver<()>>);
+    impl Engine for Held {
+        fn generate(&mut self, r: &GenerateRequest, p: &mut ProgressFn) -> dreamshaper::Result<Generation> {
+            self.0.lock().unwrap().recv_timeout(Duration::from_secs(30)).unwrap();
+            StandIn.generate(r, p)
+        }
+    }
+    let (go, held) = mpsc::channel();
+    let server = Server::start(config(Ranges::Hosted, 1), move || Ok(Held(std::sync::Mutex::new(held)))).unwrap();
+    let addr = server.addr();
+    let ready = || call(addr, "GET", "/ready", &[], b"");
+    assert_eq!(ready().status, 200);
+    assert_eq!(ready().json()["ready"], true);
+    let body = json!({"prompt": "x", "scheduler": "Euler"}).to_string();
+    let json = [("content-type", "application/json")];
+    let running = send(addr, "POST", PATH, &json, body.as_bytes());
+    wait_for_health(addr, Duration::from_secs(10), "running", |h| h["running"] == true);
+    assert_eq!(ready().status, 200, "one place left in the queue");
+    let queued = send(addr, "POST", PATH, &json, body.as_bytes());
+    wait_for_health(addr, Duration::from_secs(10), "queued", |h| h["queue_length"] == 1);
+    let r = ready();
+    assert_eq!((r.status, r.json()["reason"].as_str()), (503, Some("queue_full")));
+    assert_eq!(call(addr, "GET", "/health", &[], b"").status, 200, "/health is liveness: still 200");
+
+    let stopping = std::thread::spawn(move || server.shutdown());
+    assert_eq!(read_reply(queued).status, 503);
+    // The running generation is still finishing: the server says so instead of not answering.
+    let h = wait_for_health(addr, Duration::from_secs(10), "shutting down", |h| h["status"] == "shutting_down");
+    assert_eq!(h["running"], true);
+    let r = ready();
+    assert_eq!((r.status, r.json()["reason"].as_str()), (503, Some("shutting_down")));
+    let late = post_json(addr, &json!({"prompt": "late", "scheduler": "Euler"}));
+    assert_eq!(late.status, 503, "{}", late.text());
+    go.send(()).unwrap();
+    assert_eq!(read_reply(running).status, 200);
+    stopping.join().unwrap().unwrap();
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+        .parse()
+        .unwrap()
+}
+
+/// `/metrics` in Prometheus text: behind the key on the main address, key-less on `--metrics-addr`.
+#[test]
+fn metrics_count_requests_generations_and_the_queue() {
+    // A free port (bound and released; nothing else on this machine picks ports from the ephemeral range by hand).
+    let metrics_addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let server = tiny_server(ServerConfig {
+        api_keys: ApiKeys::new(["k"]).unwrap(),
+        metrics_addr: Some(metrics_addr),
+        ..config(Ranges::Open, 2)
+    });
+    let addr = server.addr();
+    let key = [("x-api-key", "k")];
+    assert_eq!(call(addr, "GET", "/metrics", &[], b"").status, 401);
+    let r = post_with(addr, &key, &small("a cat", 64, 3));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(post_json(addr, &small("no key", 64, 3)).status, 401);
+    assert_eq!(post_with(addr, &key, &json!({"prompt": "x", "samples": 9})).status, 400);
+    let r = call(addr, "GET", "/metrics", &key, b"");
+    assert_eq!(r.status, 200);
+    assert!(r.header("content-type").unwrap().starts_with("text/plain; version=0.0.4"));
+    let text = r.text();
+    let requests = |status: u16| {
+        metric(&text, &format!("dreamshaper_http_requests_total{{route=\"{PATH}\",status=\"{status}\"}}"))
+    };
+    assert_eq!((requests(200), requests(401), requests(400)), (1.0, 1.0, 1.0));
+    assert_eq!(metric(&text, "dreamshaper_http_requests_total{route=\"/metrics\",status=\"401\"}"), 1.0);
+    assert_eq!(metric(&text, "dreamshaper_generation_seconds_count"), 1.0);
+    assert_eq!(metric(&text, "dreamshaper_model_evaluations_total"), 3.0, "3 Euler steps");
+    assert!(metric(&text, "dreamshaper_model_evaluations_per_second") > 0.0);
+    assert_eq!(metric(&text, "dreamshaper_queue_length"), 0.0);
+    assert_eq!(metric(&text, "dreamshaper_queue_capacity"), 2.0);
+    assert!(metric(&text, "dreamshaper_connections_open") >= 1.0);
+    // The separate address needs no key (it is for a scraper on a private network).
+    let r = call(metrics_addr, "GET", "/metrics", &[], b"");
+    assert_eq!(r.status, 200);
+    assert!(r.text().contains("dreamshaper_generation_seconds_bucket{le=\"+Inf\"} 1"));
+}
+
+/// The key from `DREAMSHAPER_API_KEY` (not on the command line, where `ps` shows it), JSON log lines, no file-system
+/// path in `/health`, and a warning for a key-less server on a non-loopback address.
+#[test]
+fn serve_binary_key_from_the_environment_json_logs_and_no_paths_in_health() {
+    let server = serve_binary::serve_with(
+        &["--log-format", "json", "--relaxed-ranges"],
+        &[("DREAMSHAPER_API_KEY", "env-secret")],
+        None,
+    );
+    let addr = server.addr;
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", server.child.id())).unwrap_or_default();
+    assert!(!String::from_utf8_lossy(&cmdline).contains("env-secret"));
+    assert_eq!(post_json(addr, &small("x", 64, 2)).status, 401);
+    let r = post_with(addr, &[("x-api-key", "env-secret")], &small("x", 64, 2));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let request_id = r.header("x-request-id").unwrap().to_string();
+    let h = call(addr, "GET", "/health", &[], b"");
+    assert_eq!(h.json()["model"], "tiny-sdxl");
+    let root = common::root();
+    assert!(!h.text().contains(root.to_str().unwrap()) && !h.text().contains('/'), "{}", h.text());
+    // One JSON object per line; the request line carries the request id and the status.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let line = loop {
+        let line = server.log.recv_timeout(deadline.saturating_duration_since(Instant::now())).expect("log line");
+        let value: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        if value["request_id"] == request_id.as_str() {
+            break value;
+        }
+    };
+    assert_eq!((line["status"].as_u64(), line["path"].as_str()), (Some(200), Some(PATH)), "{line}");
+    assert!(line["timestamp"].is_string() && line["level"] == "INFO", "{line}");
+
+    // Key-less on a non-loopback address: a warning (the port is closed again at once).
+    let mut open = serve_binary::serve(&["--addr", "0.0.0.0:0"]);
+    let warned = open.startup.iter().any(|l| l.contains("not a loopback address") && l.contains("without an API key"));
+    let _ = open.child.kill();
+    assert!(warned, "no warning for a key-less non-loopback server");
 }
