@@ -619,7 +619,7 @@ def phase_fd(args, tmp, res):
         big["after closing: generation"] = summarize(
             http_request(srv.port, "POST", GEN_PATH, json.dumps(SMALL_GEN).encode(), timeout=40))
         out["server alive at end"] = srv.proc.poll() is None
-        out["rss MiB at end"] = srv.rss()
+        out["rss MiB at end"] = {k: round(v, 1) for k, v in srv.rss().items() if v is not None}
     finally:
         if crowd is not None:
             crowd.close()
