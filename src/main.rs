@@ -614,6 +614,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_connections: args.max_connections.unwrap_or_else(server::connections::default_max_connections),
         header_timeout: std::time::Duration::from_secs_f64(args.header_timeout),
         max_header_bytes: args.max_header_bytes,
+        body_timeout: server::connections::DEFAULT_BODY_TIMEOUT,
     };
     let api_keys = match (&args.api_key, &args.api_keys_file) {
         (Some(key), _) => ApiKeys::new([key]).map_err(|e| anyhow::anyhow!("--api-key: {e}"))?,

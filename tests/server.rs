@@ -993,3 +993,36 @@ fn serve_binary_key_from_the_environment_json_logs_and_no_paths_in_health() {
     let _ = open.child.kill();
     assert!(warned, "no warning for a key-less non-loopback server");
 }
+
+/// A client that stops half-way through its request head is disconnected after the header timeout (also the idle
+/// keep-alive timeout); one that stops half-way through its body gets 408 after the body timeout.
+#[test]
+fn slow_heads_and_bodies_time_out() {
+    let limits = dreamshaper::server::Limits {
+        header_timeout: Duration::from_millis(500),
+        body_timeout: Duration::from_millis(500),
+        ..Default::default()
+    };
+    let server = stand_in_server(ServerConfig { limits, ..config(Ranges::Hosted, 2) });
+    let addr = server.addr();
+    let start = Instant::now();
+    let mut slow_head = connect(addr);
+    slow_head.write_all(b"GET /health HTTP/1.1\r\nhost: localhost\r\n").unwrap();
+    let mut idle = connect(addr);
+    let mut rest = Vec::new();
+    assert_eq!(slow_head.read_to_end(&mut rest).unwrap_or(0), 0, "closed without an answer");
+    assert_eq!(idle.read_to_end(&mut rest).unwrap_or(0), 0);
+    let took = start.elapsed();
+    assert!(took >= Duration::from_millis(400) && took < Duration::from_secs(5), "{took:?}");
+    let mut slow_body = connect(addr);
+    slow_body
+        .write_all(
+            format!("POST {PATH} HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{{\"prompt\"")
+                .as_bytes(),
+        )
+        .unwrap();
+    let r = read_reply(slow_body);
+    assert_eq!(r.status, 408, "{}", r.text());
+    assert!(r.error().contains("did not arrive"), "{}", r.error());
+    assert_eq!(health(addr)["status"], "ok");
+}

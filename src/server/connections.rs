@@ -48,6 +48,8 @@ pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// The default [`Limits::max_header_bytes`]: the request line and every header together (nginx's default buffers
 /// hold 32 KiB; a hosted-API request's head is a few hundred bytes).
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 16 << 10;
+/// The default [`Limits::body_timeout`].
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
 /// The most connections [`default_max_connections`] allows, however high the descriptor limit.
 pub const MAX_DEFAULT_CONNECTIONS: usize = 1024;
 
@@ -60,6 +62,9 @@ pub struct Limits {
     pub header_timeout: Duration,
     /// Larger request heads are answered 431.
     pub max_header_bytes: usize,
+    /// A request body must arrive within this, or the request is answered 408 (a slow-body client would otherwise
+    /// hold its connection, and a place under the cap, as long as it likes).
+    pub body_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -68,6 +73,7 @@ impl Default for Limits {
             max_connections: default_max_connections(),
             header_timeout: DEFAULT_HEADER_TIMEOUT,
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            body_timeout: DEFAULT_BODY_TIMEOUT,
         }
     }
 }

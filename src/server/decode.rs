@@ -26,14 +26,23 @@ pub fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
 }
 
 /// The whole body, or 413 as soon as it is known to be over `limit` bytes (a `Content-Length` above it is refused
-/// before anything is read).
-pub async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Vec<u8>, ApiError> {
+/// before anything is read), or 408 when it has not all arrived within `timeout`.
+pub async fn read_body(
+    body: Body,
+    headers: &HeaderMap,
+    limit: usize,
+    timeout: std::time::Duration,
+) -> Result<Vec<u8>, ApiError> {
     let declared =
         headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ApiError::too_large(limit));
     }
-    match Limited::new(body, limit).collect().await {
+    let collected = tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await.map_err(|_| {
+        let message = format!("the request body did not arrive within {timeout:?}");
+        ApiError::new(axum::http::StatusCode::REQUEST_TIMEOUT, message)
+    })?;
+    match collected {
         Ok(collected) => Ok(collected.to_bytes().to_vec()),
         Err(e) if e.is::<LengthLimitError>() => Err(ApiError::too_large(limit)),
         Err(e) => Err(ApiError::bad_request(format!("could not read the request body: {e}"))),

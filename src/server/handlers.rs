@@ -31,6 +31,8 @@ pub struct AppState {
     pub queue: Queue,
     pub keys: ApiKeys,
     pub max_body_bytes: usize,
+    /// A request body must arrive within this (408).
+    pub body_timeout: std::time::Duration,
     pub ranges: Ranges,
     pub allow_image_urls: bool,
     /// Shown by `/health`: a hub id or a file name, never a path.
@@ -62,7 +64,7 @@ async fn serve(
 ) -> Result<Response, ApiError> {
     state.keys.check(&headers)?;
     decode::check_content_type(&headers)?;
-    let bytes = decode::read_body(body, &headers, state.max_body_bytes).await?;
+    let bytes = decode::read_body(body, &headers, state.max_body_bytes, state.body_timeout).await?;
     let mut request = decode::parse(&bytes)?;
     if mode != Mode::TextToImage {
         fetch_urls(&mut request, &state).await?;

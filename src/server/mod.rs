@@ -167,6 +167,7 @@ impl Server {
             queue: queue.clone(),
             keys: config.api_keys.clone(),
             max_body_bytes: config.max_body_bytes,
+            body_timeout: config.limits.body_timeout,
             ranges: config.ranges,
             allow_image_urls: config.allow_image_urls,
             model_name: config.model_name.clone().into(),
