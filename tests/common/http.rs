@@ -10,8 +10,8 @@ use serde_json::Value;
 
 /// The hosted text-to-image route.
 pub const PATH: &str = "/v1/sdxl1.0-dreamshaper";
-/// No single answer in these tests may take longer.
-pub const READ_TIMEOUT: Duration = Duration::from_secs(120);
+/// No single answer in these tests may take longer (the 2048² request takes ~80 s on two busy cores).
+pub const READ_TIMEOUT: Duration = Duration::from_secs(300);
 
 #[derive(Debug)]
 pub struct Reply {
