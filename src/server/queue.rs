@@ -4,6 +4,10 @@
 //! the request's future) cancels the job: a waiting job leaves the queue at once, freeing its place; a running one
 //! is stopped at the next progress callback (the next denoising step). Closing the queue (shutdown) answers every
 //! waiting job [`Outcome::ShuttingDown`] and lets the running one finish.
+//!
+//! Every job has a [`JobProgress`] that the worker updates at each model evaluation and status routes read without
+//! waiting on the generation: its step, its evaluations, an ETA, and, on request, a preview of the image forming
+//! (made by the worker at the next evaluation, with the queue's [`Previewer`]).
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -15,6 +19,7 @@ use std::time::{Duration, Instant};
 use image::RgbImage;
 use tokio::sync::oneshot;
 
+use crate::preview::Previewer;
 use crate::sampling::ProgressFn;
 use crate::{Control, Error, GenerateRequest, Generation, Pipeline, Result};
 
@@ -80,6 +85,7 @@ pub struct QueueStatus {
 
 struct Job {
     id: u64,
+    progress: Arc<JobProgress>,
     request: GenerateRequest,
     submitted: Instant,
     /// [`work`] of the request.
@@ -91,8 +97,8 @@ struct Job {
 #[derive(Default)]
 struct State {
     waiting: VecDeque<Job>,
-    /// The running job: its id, [`work`] and start.
-    running: Option<(u64, f64, Instant)>,
+    /// The running job: its id, [`work`] and start, and its cancellation flag.
+    running: Option<(u64, f64, Instant, Arc<AtomicBool>)>,
     closed: bool,
     next_id: u64,
     completed: u64,
@@ -133,6 +139,127 @@ struct Shared {
     state: Mutex<State>,
     wake: Condvar,
     capacity: usize,
+    /// Makes previews for [`JobProgress::request_preview`].
+    previewer: Option<Previewer>,
+}
+
+/// Where a job is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobState {
+    Queued,
+    Running,
+    /// Answered (any outcome).
+    Finished,
+}
+
+/// A job's progress: written by the worker, read by status routes (short locks only, never across a generation).
+#[derive(Debug)]
+pub struct JobProgress {
+    state: Mutex<ProgressState>,
+    wants_preview: AtomicBool,
+}
+
+#[derive(Debug, Clone)]
+struct ProgressState {
+    job: JobState,
+    stage: &'static str,
+    step: usize,
+    steps: usize,
+    evaluation: usize,
+    evaluations: usize,
+    started: Option<Instant>,
+    preview: Option<Arc<RgbImage>>,
+    preview_evaluation: usize,
+}
+
+/// A copy of a job's progress.
+#[derive(Debug, Clone)]
+pub struct ProgressSnapshot {
+    pub state: JobState,
+    /// The pipeline stage under way (`"encoding prompt"`, `"denoising"`, `"decoding"` …); empty before it starts.
+    pub stage: &'static str,
+    /// The inference step under way and the number of steps (0 of 0 before denoising starts).
+    pub step: usize,
+    pub steps: usize,
+    /// Model evaluations finished and planned (Heun-like schedulers evaluate twice per step).
+    pub evaluation: usize,
+    pub evaluations: usize,
+    /// Time since the worker took the job.
+    pub elapsed: Option<Duration>,
+    /// Seconds left, from the pace of the evaluations so far; `None` until one has finished.
+    pub eta_seconds: Option<f64>,
+    /// The latest preview and the evaluation it shows.
+    pub preview: Option<(Arc<RgbImage>, usize)>,
+}
+
+impl ProgressSnapshot {
+    /// Evaluations done, as a fraction (0 before denoising, 1 when finished).
+    pub fn fraction(&self) -> f64 {
+        match self.state {
+            JobState::Finished => 1.0,
+            _ if self.evaluations == 0 => 0.0,
+            _ => self.evaluation as f64 / self.evaluations as f64,
+        }
+    }
+}
+
+impl Default for JobProgress {
+    fn default() -> Self {
+        Self {
+            state: Mutex::new(ProgressState {
+                job: JobState::Queued,
+                stage: "",
+                step: 0,
+                steps: 0,
+                evaluation: 0,
+                evaluations: 0,
+                started: None,
+                preview: None,
+                preview_evaluation: 0,
+            }),
+            wants_preview: AtomicBool::new(false),
+        }
+    }
+}
+
+impl JobProgress {
+    fn lock(&self) -> MutexGuard<'_, ProgressState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn snapshot(&self) -> ProgressSnapshot {
+        let s = self.lock().clone();
+        let elapsed = s.started.map(|t| t.elapsed());
+        let eta_seconds = match (s.job, elapsed) {
+            (JobState::Finished, _) => Some(0.0),
+            (JobState::Running, Some(elapsed)) if s.evaluation > 0 && s.evaluations >= s.evaluation => {
+                let per_evaluation = elapsed.as_secs_f64() / s.evaluation as f64;
+                Some(per_evaluation * (s.evaluations - s.evaluation) as f64)
+            }
+            _ => None,
+        };
+        ProgressSnapshot {
+            state: s.job,
+            stage: s.stage,
+            step: s.step,
+            steps: s.steps,
+            evaluation: s.evaluation,
+            evaluations: s.evaluations,
+            elapsed,
+            eta_seconds,
+            preview: s.preview.map(|p| (p, s.preview_evaluation)),
+        }
+    }
+
+    /// Asks the worker for a preview at the job's next model evaluation (previews cost a decode, so they are made
+    /// only when someone looks). No effect without a previewer.
+    pub fn request_preview(&self) {
+        self.wants_preview.store(true, Ordering::Relaxed);
+    }
+
+    fn set(&self, update: impl FnOnce(&mut ProgressState)) {
+        update(&mut self.lock());
+    }
 }
 
 impl Shared {
@@ -156,7 +283,21 @@ impl Queue {
         E: Engine + 'static,
         F: FnOnce() -> Result<E> + Send + 'static,
     {
-        let shared = Arc::new(Shared { state: Mutex::new(State::default()), wake: Condvar::new(), capacity });
+        Self::start_with_previews(capacity, None, load)
+    }
+
+    /// [`Queue::start`], with `previewer` making the previews that [`JobProgress::request_preview`] asks for.
+    pub fn start_with_previews<E, F>(
+        capacity: usize,
+        previewer: Option<Previewer>,
+        load: F,
+    ) -> Result<(Queue, JoinHandle<()>)>
+    where
+        E: Engine + 'static,
+        F: FnOnce() -> Result<E> + Send + 'static,
+    {
+        let shared =
+            Arc::new(Shared { state: Mutex::new(State::default()), wake: Condvar::new(), capacity, previewer });
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let worker_shared = shared.clone();
         let handle = std::thread::Builder::new()
@@ -195,7 +336,7 @@ impl Queue {
         // capacity is 0.
         let in_system = state.waiting.len() + usize::from(state.running.is_some());
         if in_system > self.shared.capacity {
-            let running = state.running.map(|(_, work, started)| (work, started.elapsed()));
+            let running = state.running.as_ref().map(|(_, work, started, _)| (*work, started.elapsed()));
             let waiting: Vec<f64> = state.waiting.iter().map(|job| job.work).collect();
             let retry_after = estimate_wait(state.seconds_per_work, running, &waiting);
             return Err(Rejected::Full { capacity: self.shared.capacity, retry_after });
@@ -205,10 +346,35 @@ impl Queue {
         let cancel = Arc::new(AtomicBool::new(false));
         let (reply, receiver) = oneshot::channel();
         let work = work(&request);
-        state.waiting.push_back(Job { id, request, submitted: Instant::now(), work, cancel: cancel.clone(), reply });
+        let progress = Arc::new(JobProgress::default());
+        let submitted = Instant::now();
+        let job = Job { id, progress: progress.clone(), request, submitted, work, cancel: cancel.clone(), reply };
+        state.waiting.push_back(job);
         drop(state);
         self.shared.wake.notify_one();
-        Ok(Ticket { id, cancel, receiver: Some(receiver), queue: self.clone() })
+        Ok(Ticket { id, cancel, progress, receiver: Some(receiver), queue: self.clone() })
+    }
+
+    /// A waiting job's place: 0 is next. `None` once it runs or has left the queue.
+    pub fn position(&self, id: u64) -> Option<usize> {
+        self.shared.lock().waiting.iter().position(|job| job.id == id)
+    }
+
+    /// Stops the running job at its next checkpoint (A1111's "interrupt"); its client gets the cancellation as its
+    /// outcome. False when nothing runs.
+    pub fn interrupt_running(&self) -> bool {
+        match &self.shared.lock().running {
+            Some((_, _, _, cancel)) => {
+                cancel.store(true, Ordering::SeqCst);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The running job's id.
+    pub fn running_id(&self) -> Option<u64> {
+        self.shared.lock().running.as_ref().map(|(id, ..)| *id)
     }
 
     /// Refuses new jobs, answers the waiting ones [`Outcome::ShuttingDown`]; the running job finishes and the worker
@@ -237,6 +403,24 @@ impl Queue {
         }
     }
 
+    /// Takes a waiting job out of the queue and answers it cancelled (a job API's cancel). False if the worker
+    /// already has it.
+    fn cancel_waiting(&self, id: u64) -> bool {
+        let job = {
+            let mut state = self.shared.lock();
+            let Some(index) = state.waiting.iter().position(|job| job.id == id) else {
+                return false;
+            };
+            state.cancelled += 1;
+            state.waiting.remove(index)
+        };
+        if let Some(job) = job {
+            job.progress.set(|p| p.job = JobState::Finished);
+            let _ = job.reply.send(Outcome::Failed(Error::Cancelled));
+        }
+        true
+    }
+
     /// Takes a waiting job out of the queue (its client went away). False if the worker already has it.
     fn withdraw(&self, id: u64) -> bool {
         let mut state = self.shared.lock();
@@ -255,11 +439,43 @@ impl Queue {
 pub struct Ticket {
     id: u64,
     cancel: Arc<AtomicBool>,
+    progress: Arc<JobProgress>,
     receiver: Option<oneshot::Receiver<Outcome>>,
     queue: Queue,
 }
 
+/// Cancels a job from elsewhere than its ticket's holder (a job API's cancel route).
+#[derive(Clone)]
+pub struct Canceller {
+    id: u64,
+    cancel: Arc<AtomicBool>,
+    queue: Queue,
+}
+
+impl Canceller {
+    /// A waiting job leaves the queue at once; a running one stops at its next checkpoint. Its ticket's outcome
+    /// is then [`Outcome::Failed`] with [`Error::Cancelled`] (or `ShuttingDown` / its real outcome if it had already
+    /// ended).
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::SeqCst);
+        self.queue.cancel_waiting(self.id);
+    }
+}
+
 impl Ticket {
+    /// The queue's id of this job.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub fn progress(&self) -> Arc<JobProgress> {
+        self.progress.clone()
+    }
+
+    pub fn canceller(&self) -> Canceller {
+        Canceller { id: self.id, cancel: self.cancel.clone(), queue: self.queue.clone() }
+    }
+
     /// Waits for the job to finish.
     pub async fn outcome(mut self) -> Outcome {
         let receiver = self.receiver.as_mut().expect("a ticket is awaited once");
@@ -279,13 +495,16 @@ impl Drop for Ticket {
     }
 }
 
+/// The longest side of a job preview (a thumbnail for progress displays).
+const PREVIEW_SIDE: usize = 256;
+
 fn run_worker<E: Engine>(mut engine: E, shared: &Shared) {
     loop {
         let job = {
             let mut state = shared.lock();
             loop {
                 if let Some(job) = state.waiting.pop_front() {
-                    state.running = Some((job.id, job.work, Instant::now()));
+                    state.running = Some((job.id, job.work, Instant::now(), job.cancel.clone()));
                     break job;
                 }
                 if state.closed {
@@ -296,11 +515,31 @@ fn run_worker<E: Engine>(mut engine: E, shared: &Shared) {
         };
         let started = Instant::now();
         let waited = started.duration_since(job.submitted);
+        job.progress.set(|p| (p.job, p.started) = (JobState::Running, Some(started)));
         let cancel = job.cancel.clone();
+        let job_progress = job.progress.clone();
         let mut evaluations = 0;
         let mut progress = |p: &crate::Progress| {
-            if matches!(p, crate::Progress::Step { .. }) {
-                evaluations += 1;
+            match p {
+                crate::Progress::Stage(stage) => job_progress.set(|s| s.stage = stage),
+                crate::Progress::Step { step, steps, evaluation, evaluations: planned, latents } => {
+                    evaluations += 1;
+                    job_progress.set(|s| {
+                        (s.stage, s.step, s.steps, s.evaluation, s.evaluations) =
+                            ("denoising", *step, *steps, *evaluation, *planned);
+                    });
+                    if let (Some(previewer), Some(latents)) = (&shared.previewer, latents) {
+                        if job_progress.wants_preview.swap(false, Ordering::Relaxed) {
+                            let image = latents.denoised().and_then(|x0| previewer.preview_at_most(&x0, PREVIEW_SIDE));
+                            match image {
+                                Ok(image) => job_progress.set(|s| {
+                                    (s.preview, s.preview_evaluation) = (Some(Arc::new(image)), *evaluation);
+                                }),
+                                Err(e) => tracing::debug!("preview failed: {e}"),
+                            }
+                        }
+                    }
+                }
             }
             if cancel.load(Ordering::SeqCst) {
                 Control::Stop
@@ -338,6 +577,7 @@ fn run_worker<E: Engine>(mut engine: E, shared: &Shared) {
                 }
             }
         }
+        job.progress.set(|p| p.job = JobState::Finished);
         let _ = job.reply.send(outcome);
         // The generation's buffers are free now; give the pages back so the server's memory returns to its
         // baseline between requests instead of staying at the largest request's peak.
@@ -452,6 +692,49 @@ mod tests {
             go.send(()).unwrap();
         }
         assert!(matches!(block_on(running.outcome()), Outcome::Done(_)));
+        handle.join().unwrap();
+    }
+
+    #[test]
+    fn progress_positions_and_cancellation_from_a_job_api() {
+        let (queue, go, started, handle) = gated(3);
+        let first = queue.submit(GenerateRequest::new("first")).unwrap();
+        assert_eq!(started.recv_timeout(Duration::from_secs(10)).unwrap(), "first");
+        let second = queue.submit(GenerateRequest::new("second")).unwrap();
+        let third = queue.submit(GenerateRequest::new("third")).unwrap();
+        assert_eq!(
+            (queue.position(first.id()), queue.position(second.id()), queue.position(third.id())),
+            (None, Some(0), Some(1))
+        );
+        assert_eq!(second.progress().snapshot().state, JobState::Queued);
+        let progress = first.progress();
+        assert_eq!(progress.snapshot().state, JobState::Running);
+        go.send(()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while progress.snapshot().evaluation != 0 || progress.snapshot().steps != 3 {
+            assert!(Instant::now() < deadline, "{:?}", progress.snapshot());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let snapshot = progress.snapshot();
+        assert_eq!((snapshot.step, snapshot.stage), (0, "denoising"));
+        // A job API cancels the waiting second job: answered at once, its place freed.
+        second.canceller().cancel();
+        assert!(matches!(block_on(second.outcome()), Outcome::Failed(Error::Cancelled)));
+        assert_eq!(queue.position(third.id()), Some(0));
+        // A1111's interrupt stops the running job at its next step.
+        assert_eq!(queue.running_id(), Some(first.id()));
+        assert!(queue.interrupt_running());
+        go.send(()).unwrap();
+        assert!(matches!(block_on(first.outcome()), Outcome::Failed(Error::Cancelled)));
+        assert_eq!(progress.snapshot().state, JobState::Finished);
+        assert_eq!(started.recv_timeout(Duration::from_secs(10)).unwrap(), "third");
+        for _ in 0..3 {
+            go.send(()).unwrap();
+        }
+        let done = third.progress();
+        assert!(matches!(block_on(third.outcome()), Outcome::Done(_)));
+        assert_eq!((done.snapshot().state, done.snapshot().fraction()), (JobState::Finished, 1.0));
+        queue.close();
         handle.join().unwrap();
     }
 
