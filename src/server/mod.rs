@@ -10,6 +10,7 @@
 pub mod auth;
 pub mod connections;
 pub mod decode;
+pub mod dialects;
 pub mod errors;
 pub mod fetch;
 pub mod handlers;
@@ -108,6 +109,7 @@ pub fn router(state: handlers::AppState, log: logging::RequestLog, hosts: Allowe
         .route(MODEL_PATH, post(handlers::generate))
         .route(IMG2IMG_PATH, post(handlers::img2img))
         .route(INPAINT_PATH, post(handlers::inpaint))
+        .merge(dialects::routes())
         .route("/v1/{*model}", any(handlers::other_model))
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed)
