@@ -1,4 +1,6 @@
-//! API keys: the hosted API's `x-api-key` header, checked in constant time against the configured keys.
+//! API keys, checked in constant time against the configured keys, as each dialect's clients send them: the hosted
+//! API's `x-api-key` header, OpenAI's `Authorization: Bearer KEY`, and HTTP Basic (`--api-auth user:KEY` in A1111's
+//! clients: the password is the key, the user name is not checked).
 
 use std::path::Path;
 
@@ -74,16 +76,38 @@ impl ApiKeys {
         any.into()
     }
 
-    /// Ok when no key is configured or the request's `x-api-key` is one of the keys; 401 otherwise.
+    /// Ok when no key is configured or the request presents one of the keys (see [`presented_key`]); 401
+    /// otherwise.
     pub fn check(&self, headers: &HeaderMap) -> Result<(), ApiError> {
         if !self.is_enabled() {
             return Ok(());
         }
-        match headers.get(API_KEY_HEADER) {
-            Some(value) if self.accepts(value.as_bytes()) => Ok(()),
+        match presented_key(headers) {
+            Some(key) if self.accepts(&key) => Ok(()),
             _ => Err(ApiError::unauthorized()),
         }
     }
+}
+
+/// The key a request presents: `x-api-key`, else `Authorization: Bearer KEY`, else the password of
+/// `Authorization: Basic base64(user:password)`.
+pub fn presented_key(headers: &HeaderMap) -> Option<Vec<u8>> {
+    if let Some(value) = headers.get(API_KEY_HEADER) {
+        return Some(value.as_bytes().to_vec());
+    }
+    let authorization = headers.get(axum::http::header::AUTHORIZATION)?.as_bytes();
+    let (scheme, credentials) = authorization.split_at(authorization.iter().position(|&b| b == b' ')?);
+    let credentials = credentials.trim_ascii();
+    if scheme.eq_ignore_ascii_case(b"bearer") {
+        return Some(credentials.to_vec());
+    }
+    if scheme.eq_ignore_ascii_case(b"basic") {
+        use base64::Engine;
+        let decoded = base64::engine::general_purpose::STANDARD.decode(credentials).ok()?;
+        let colon = decoded.iter().position(|&b| b == b':')?;
+        return Some(decoded[colon + 1..].to_vec());
+    }
+    None
 }
 
 /// Byte-wise equality whose running time depends on the two lengths, never on the contents.
@@ -128,6 +152,22 @@ mod tests {
         assert!(keys.check(&headers).is_err());
         headers.insert(API_KEY_HEADER, "k1".parse().unwrap());
         assert!(keys.check(&headers).is_ok());
+    }
+
+    #[test]
+    fn bearer_and_basic_credentials_are_keys_too() {
+        let keys = ApiKeys::new(["k1"]).unwrap();
+        let with = |name: &str, value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(axum::http::HeaderName::from_bytes(name.as_bytes()).unwrap(), value.parse().unwrap());
+            keys.check(&headers).is_ok()
+        };
+        assert!(with("authorization", "Bearer k1") && with("authorization", "bearer  k1 "));
+        assert!(!with("authorization", "Bearer k2") && !with("authorization", "k1"));
+        // user:k1 and :k1, base64.
+        assert!(with("authorization", "Basic dXNlcjprMQ==") && with("authorization", "Basic Omsx"));
+        assert!(!with("authorization", "Basic dXNlcjprMg==") && !with("authorization", "Basic !!"));
+        assert!(with("x-api-key", "k1"));
     }
 
     #[test]
