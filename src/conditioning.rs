@@ -131,7 +131,9 @@ pub struct PromptInputs<'a> {
 }
 
 impl TextEncoders {
-    /// The loop's conditioning for a request's prompts, read with `inputs.syntax`.
+    /// The loop's conditioning for a request's prompts, read with `inputs.syntax`. A1111 prompts are held to
+    /// [`crate::prompt::MAX_SCHEDULE_TEXTS`] and [`crate::prompt::MAX_PROMPT_CHUNKS`] (both prompts are read and
+    /// checked before either is encoded).
     pub fn condition_prompts(&self, inputs: &PromptInputs, device: &Device) -> Result<ConditioningSchedule> {
         match inputs.syntax {
             PromptSyntax::None => {
@@ -171,10 +173,15 @@ impl TextEncoders {
     /// A1111: each prompt's schedule, its distinct texts encoded once, combined per evaluation.
     fn schedule_a1111(&self, inputs: &PromptInputs, device: &Device) -> Result<ConditioningSchedule> {
         let tokenizers = [&self.tokenizer, &self.tokenizer_2];
-        let positive = PromptReading::new(inputs.prompt, inputs.evaluations, tokenizers)?;
+        let positive = PromptReading::limited(inputs.prompt, inputs.evaluations, tokenizers, "prompt")?;
+        let negative = match inputs.guided {
+            true => {
+                Some(PromptReading::limited(inputs.negative_prompt, inputs.evaluations, tokenizers, "negative_prompt")?)
+            }
+            false => None,
+        };
         let positive_embeddings = self.encode_a1111(&positive, inputs, device)?;
-        let negative = if inputs.guided {
-            let reading = PromptReading::new(inputs.negative_prompt, inputs.evaluations, tokenizers)?;
+        let negative = if let Some(reading) = negative {
             let embeddings = if reading.is_empty() && inputs.force_zeros_for_empty_prompt {
                 // Zeros shaped like the encoding of "": one chunk.
                 let like = &positive_embeddings[0];
@@ -192,8 +199,7 @@ impl TextEncoders {
         // Every evaluation index where either prompt may change; between two, both are constant.
         let last = inputs.evaluations.max(1) - 1;
         let readings = std::iter::once(&positive).chain(negative.as_ref().map(|(r, _)| r));
-        let mut bounds: Vec<usize> =
-            readings.flat_map(|r| r.schedule.entries.iter().map(|e| e.until.min(last))).collect();
+        let mut bounds: Vec<usize> = readings.flat_map(|r| r.entries.iter().map(|e| e.0.min(last))).collect();
         bounds.sort_unstable();
         bounds.dedup();
 
