@@ -99,6 +99,15 @@ pub fn report(progress: &mut ProgressFn, report: &Progress) -> Result<()> {
     }
 }
 
+/// Empties a UNet's cross-attention key/value caches when dropped.
+struct ContextCaches<'a>(&'a UNet2DConditionModel);
+
+impl Drop for ContextCaches<'_> {
+    fn drop(&mut self) {
+        self.0.clear_context_cache();
+    }
+}
+
 /// `torch.randn((samples, channels, h, w), generator)` × the scheduler's initial sigma, in `dtype`.
 pub fn initial_latents(
     rng: &mut TorchRng,
@@ -184,6 +193,9 @@ pub fn denoise(
     progress: &mut ProgressFn,
 ) -> Result<Tensor> {
     let Guidance { scale: guidance_scale, height, width, estimator, start, inpaint } = guidance;
+    // The cross-attention layers cache this loop's text contexts' keys and values for its steps; they are emptied
+    // when it ends, however it ends (done, failed, cancelled, unwinding), so no generation's memory outlives it.
+    let _caches = ContextCaches(unet);
     let device = latents.device().clone();
     let batch = latents.dim(0)? * if conditioning.guided { 2 } else { 1 };
     let time_ids = time_ids(height, width, batch, &device)?.to_dtype(unet.dtype())?;
