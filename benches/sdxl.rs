@@ -159,7 +159,7 @@ fn vae_encode(args: &Args, model: &str) -> Result<(), Box<dyn std::error::Error>
     let plan = BandPlan::for_vae(VaeTiling::Auto, &vae.config);
     let banded = plan.in_bands(args.size / 8, args.size / 8);
     let seconds = time(args.warmup, args.iters, || {
-        vae.encode_planned(&image, &plan).expect("VAE encode");
+        vae.encode_planned(&image, &plan, &mut |_, _| Ok(())).expect("VAE encode");
     });
     report("vae-encode", args, seconds, json!({ "encoder_load_s": load_s, "in_bands": banded }));
     Ok(())
@@ -248,7 +248,7 @@ fn run(args: &Args, process_start: Instant) -> Result<(), Box<dyn std::error::Er
             let bands = args.case == "vae-decode-bands";
             let seconds = time(args.warmup, args.iters, || {
                 if bands {
-                    dreamshaper::models::vae_bands::decode_in_bands(&vae, &z, &mut |_, _| {})
+                    dreamshaper::models::vae_bands::decode_in_bands(&vae, &z, &mut |_, _| Ok(()))
                         .expect("VAE decode in bands");
                 } else {
                     vae.decode(&z).expect("VAE decode");
@@ -297,7 +297,7 @@ fn run(args: &Args, process_start: Instant) -> Result<(), Box<dyn std::error::Er
                             first_step = Some(process_start.elapsed());
                         }
                     }
-                    Progress::Step { .. } => {}
+                    Progress::Step { .. } | Progress::Part { .. } => {}
                 }
                 Control::Continue
             })?;

@@ -12,6 +12,7 @@ use crate::prompt::encode::encode_reading;
 pub use crate::prompt::encode::{PromptEmbedding, TextEncoders};
 use crate::prompt::schedule::entry_at;
 use crate::prompt::{Emphasis, PromptReading, PromptSyntax};
+use crate::sampling::ProgressFn;
 use crate::Result;
 
 /// One UNet batch's text inputs, for the whole batch: with classifier-free guidance the first half of the rows is the
@@ -131,8 +132,16 @@ pub struct PromptInputs<'a> {
 }
 
 impl TextEncoders {
-    /// The loop's conditioning for a request's prompts, read with `inputs.syntax`.
-    pub fn condition_prompts(&self, inputs: &PromptInputs, device: &Device) -> Result<ConditioningSchedule> {
+    /// The loop's conditioning for a request's prompts, read with `inputs.syntax`. A1111 prompts are held to
+    /// [`crate::prompt::MAX_SCHEDULE_TEXTS`] and [`crate::prompt::MAX_PROMPT_CHUNKS`] (both prompts are read and
+    /// checked before either is encoded), and their encoding reports to `progress` after every batch of chunks,
+    /// stopping with [`crate::Error::Cancelled`] when it answers stop.
+    pub fn condition_prompts(
+        &self,
+        inputs: &PromptInputs,
+        device: &Device,
+        progress: &mut ProgressFn,
+    ) -> Result<ConditioningSchedule> {
         match inputs.syntax {
             PromptSyntax::None => {
                 let mut schedule: ConditioningSchedule = self
@@ -151,7 +160,7 @@ impl TextEncoders {
                 }
                 Ok(schedule)
             }
-            PromptSyntax::A1111 => self.schedule_a1111(inputs, device),
+            PromptSyntax::A1111 => self.schedule_a1111(inputs, device, progress),
         }
     }
 
@@ -169,12 +178,22 @@ impl TextEncoders {
     }
 
     /// A1111: each prompt's schedule, its distinct texts encoded once, combined per evaluation.
-    fn schedule_a1111(&self, inputs: &PromptInputs, device: &Device) -> Result<ConditioningSchedule> {
+    fn schedule_a1111(
+        &self,
+        inputs: &PromptInputs,
+        device: &Device,
+        progress: &mut ProgressFn,
+    ) -> Result<ConditioningSchedule> {
         let tokenizers = [&self.tokenizer, &self.tokenizer_2];
-        let positive = PromptReading::new(inputs.prompt, inputs.evaluations, tokenizers)?;
-        let positive_embeddings = self.encode_a1111(&positive, inputs, device)?;
-        let negative = if inputs.guided {
-            let reading = PromptReading::new(inputs.negative_prompt, inputs.evaluations, tokenizers)?;
+        let positive = PromptReading::limited(inputs.prompt, inputs.evaluations, tokenizers, "prompt")?;
+        let negative = match inputs.guided {
+            true => {
+                Some(PromptReading::limited(inputs.negative_prompt, inputs.evaluations, tokenizers, "negative_prompt")?)
+            }
+            false => None,
+        };
+        let positive_embeddings = self.encode_a1111(&positive, inputs, device, progress)?;
+        let negative = if let Some(reading) = negative {
             let embeddings = if reading.is_empty() && inputs.force_zeros_for_empty_prompt {
                 // Zeros shaped like the encoding of "": one chunk.
                 let like = &positive_embeddings[0];
@@ -182,7 +201,7 @@ impl TextEncoders {
                 let context = Tensor::zeros((samples, CLIP_TOKENS, width), like.context.dtype(), device)?;
                 vec![PromptEmbedding { context, pooled: like.pooled.zeros_like()? }; reading.texts.len()]
             } else {
-                self.encode_a1111(&reading, inputs, device)?
+                self.encode_a1111(&reading, inputs, device, progress)?
             };
             Some((reading, embeddings))
         } else {
@@ -192,8 +211,7 @@ impl TextEncoders {
         // Every evaluation index where either prompt may change; between two, both are constant.
         let last = inputs.evaluations.max(1) - 1;
         let readings = std::iter::once(&positive).chain(negative.as_ref().map(|(r, _)| r));
-        let mut bounds: Vec<usize> =
-            readings.flat_map(|r| r.schedule.entries.iter().map(|e| e.until.min(last))).collect();
+        let mut bounds: Vec<usize> = readings.flat_map(|r| r.entries.iter().map(|e| e.0.min(last))).collect();
         bounds.sort_unstable();
         bounds.dedup();
 
@@ -233,8 +251,9 @@ impl TextEncoders {
         reading: &PromptReading,
         inputs: &PromptInputs,
         device: &Device,
+        progress: &mut ProgressFn,
     ) -> Result<Vec<PromptEmbedding>> {
-        encode_reading(reading, self, inputs.emphasis, device)?
+        encode_reading(reading, self, inputs.emphasis, device, progress)?
             .into_iter()
             .map(|e| {
                 Ok(PromptEmbedding {

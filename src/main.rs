@@ -506,6 +506,12 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
                     bar.tick();
                 }
             }
+            Progress::Part { stage, done, total } => {
+                if !bar_is_steps {
+                    bar.set_message(format!("{stage} {done}/{total}"));
+                    bar.tick();
+                }
+            }
             Progress::Step { step, steps, evaluation, evaluations, .. } => {
                 let template = "{bar:30} step {msg} [{elapsed_precise}<{eta_precise}, {per_sec}]";
                 count_on(&bar, &mut bar_is_steps, template, *evaluation, *evaluations);

@@ -22,9 +22,10 @@ use crate::models::vae::VaeDecoder;
 pub use crate::models::vae_bands::VaeTiling;
 use crate::models::vae_bands::{decode_in_bands, BandPlan};
 use crate::models::vae_encoder::VaeEncoder;
+use crate::prompt::encode::ENCODING_PROMPT;
 use crate::request::{HiresFix, DEFAULT_IMG2IMG_STRENGTH, DEFAULT_INPAINT_STRENGTH};
 use crate::rng::TorchRng;
-use crate::sampling::{self, Control, Inpainting, Progress, ProgressFn};
+use crate::sampling::{self, report, Inpainting, Progress, ProgressFn};
 use crate::schedulers::{self, Scheduler};
 use crate::tokenizer::ClipTokenizer;
 use crate::{Error, GenerateRequest, PromptSyntax, Result};
@@ -370,7 +371,7 @@ impl Pipeline {
         let mut slot = None;
         let encoders =
             component(&self.resident.text, &mut slot, progress, "loading text encoders", || self.load_text_encoders())?;
-        stage(progress, "encoding prompt")?;
+        stage(progress, ENCODING_PROMPT)?;
         encoders.condition_prompts(
             &PromptInputs {
                 prompt: &request.prompt,
@@ -383,6 +384,7 @@ impl Pipeline {
                 evaluations,
             },
             &self.device,
+            progress,
         )
     }
 
@@ -477,11 +479,13 @@ impl Pipeline {
             let encoder = component(&self.resident.vae_encoder, &mut slot, progress, "loading vae encoder", || {
                 self.load_vae_encoder()
             })?;
-            stage(progress, "encoding image")?;
+            stage(progress, ENCODING_IMAGE)?;
             let plan = BandPlan::for_vae(self.vae_tiling, &self.configs.vae);
-            let encode = |x: &Tensor, rng: &mut TorchRng| -> Result<Tensor> {
+            let mut encode = |x: &Tensor, rng: &mut TorchRng| -> Result<Tensor> {
                 let x = x.to_dtype(encoder.dtype())?.to_device(&self.device)?;
-                encoder.latents_from_image(&x, samples, &plan, rng)
+                encoder.latents_from_image(&x, samples, &plan, rng, &mut |done, total| {
+                    report(progress, &Progress::Part { stage: ENCODING_IMAGE, done, total })
+                })
             };
             let image_latents = if nine_channels && strength_max { None } else { Some(encode(image, &mut rng)?) };
             let scale = self.vae_scale_factor();
@@ -560,9 +564,15 @@ impl Pipeline {
     /// [`FinalDecoder::Taesd`]).
     pub fn decode(&self, latents: &Tensor, progress: &mut ProgressFn) -> Result<Vec<RgbImage>> {
         if let Some(taesd) = &self.taesd {
-            stage(progress, "decoding with taesd")?;
-            return (0..latents.dim(0)?)
-                .map(|i| to_image(&taesd.decode_latents(&latents.narrow(0, i, 1)?.to_dtype(taesd.dtype())?)?))
+            const DECODING: &str = "decoding with taesd";
+            stage(progress, DECODING)?;
+            let samples = latents.dim(0)?;
+            return (0..samples)
+                .map(|i| {
+                    let image = to_image(&taesd.decode_latents(&latents.narrow(0, i, 1)?.to_dtype(taesd.dtype())?)?);
+                    report(progress, &Progress::Part { stage: DECODING, done: i + 1, total: samples })?;
+                    image
+                })
                 .collect();
         }
         let mut slot = None;
@@ -574,10 +584,15 @@ impl Pipeline {
             let z = latents.narrow(0, i, 1)?.to_dtype(compute_dtype(&self.device, self.vae_dtype()))?;
             let (_, _, h, w) = z.dims4()?;
             let decoded = if plan.in_bands(h, w) {
-                stage(progress, "decoding in bands")?;
-                decode_in_bands(vae, &vae.scale_latents(&z)?, &mut |_, _| {})?
+                const DECODING: &str = "decoding in bands";
+                stage(progress, DECODING)?;
+                decode_in_bands(vae, &vae.scale_latents(&z)?, &mut |done, total| {
+                    report(progress, &Progress::Part { stage: DECODING, done, total })
+                })?
             } else {
-                vae.decode_latents(&z)?
+                vae.decode_reporting(&vae.scale_latents(&z)?, &mut |done, total| {
+                    report(progress, &Progress::Part { stage: "decoding", done, total })
+                })?
             };
             images.push(to_image(&decoded)?);
         }
@@ -732,11 +747,11 @@ fn component<'a, T>(
 }
 
 fn stage(progress: &mut ProgressFn, name: &'static str) -> Result<()> {
-    match progress(&Progress::Stage(name)) {
-        Control::Continue => Ok(()),
-        Control::Stop => Err(Error::Cancelled),
-    }
+    report(progress, &Progress::Stage(name))
 }
+
+/// The stage name of image to image's VAE encode.
+const ENCODING_IMAGE: &str = "encoding image";
 
 /// diffusers' post-processing: `(x / 2 + 0.5).clamp(0, 1) · 255`, rounded half to even (numpy's `round`).
 pub fn to_image(decoded: &Tensor) -> Result<RgbImage> {

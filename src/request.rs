@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::adapters::LoraRequest;
-use crate::prompt::{Emphasis, PromptSyntax};
+use crate::prompt::{Emphasis, PromptSyntax, MAX_PROMPT_CHARS};
 use crate::{Error, Result};
 
 /// The largest seed the hosted API accepts.
@@ -173,6 +173,7 @@ impl GenerateRequest {
     /// What any model needs, whatever API is imitated: positive counts, a seed in range, a finite guidance
     /// scale, sizes that are positive multiples of `size_multiple` (the VAE's down-sampling factor).
     pub fn validate_for_model(&self, size_multiple: u32) -> Result<()> {
+        self.validate_prompts()?;
         if self.samples == 0 {
             return Err(Error::invalid("samples", "must be at least 1"));
         }
@@ -213,8 +214,24 @@ impl GenerateRequest {
         Ok(())
     }
 
+    /// The prompts' length: at most [`MAX_PROMPT_CHARS`] characters each (no tokenizer needed, so a server checks
+    /// it before queuing; [`Self::validate_for_model`] and [`Self::validate_hosted`] include it). The limits on
+    /// chunks and distinct texts ([`crate::prompt::MAX_PROMPT_CHUNKS`], [`crate::prompt::MAX_SCHEDULE_TEXTS`]) need
+    /// the tokenizers and are checked when the prompts are read, before any text encoder runs.
+    pub fn validate_prompts(&self) -> Result<()> {
+        for (field, text) in [("prompt", &self.prompt), ("negative_prompt", &self.negative_prompt)] {
+            let chars = text.chars().count();
+            if chars > MAX_PROMPT_CHARS {
+                let message = format!("must be at most {MAX_PROMPT_CHARS} characters long, got {chars}");
+                return Err(Error::invalid(field, message));
+            }
+        }
+        Ok(())
+    }
+
     /// The hosted API's own ranges (enforced where the hosted API is imitated: the HTTP server).
     pub fn validate_hosted(&self) -> Result<()> {
+        self.validate_prompts()?;
         if !(1..=4).contains(&self.samples) {
             return Err(Error::invalid("samples", format!("must be between 1 and 4, got {}", self.samples)));
         }

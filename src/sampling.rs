@@ -21,6 +21,10 @@ pub enum Progress<'a> {
     /// done (Heun-like schedulers evaluate the model twice for most steps). `latents`: the loop's state, lent
     /// (`None` where a caller reports steps without latents).
     Step { step: usize, steps: usize, evaluation: usize, evaluations: usize, latents: Option<StepLatents<'a>> },
+    /// Part `done` of `total` of a long stage finished (`stage` as its [`Progress::Stage`] named it): a batch of
+    /// prompt chunks through a text encoder, a layer of the VAE … Like every report, a point where a cancelled
+    /// generation stops.
+    Part { stage: &'static str, done: usize, total: usize },
 }
 
 /// The denoising loop's state after one model evaluation, lent to the progress callback: nothing is copied unless
@@ -86,6 +90,23 @@ pub enum Control {
 
 /// The callback type used throughout the pipeline.
 pub type ProgressFn<'a> = dyn for<'p> FnMut(&Progress<'p>) -> Control + 'a;
+
+/// Reports `report`; [`Error::Cancelled`] when the callback answers [`Control::Stop`].
+pub fn report(progress: &mut ProgressFn, report: &Progress) -> Result<()> {
+    match progress(report) {
+        Control::Continue => Ok(()),
+        Control::Stop => Err(Error::Cancelled),
+    }
+}
+
+/// Empties a UNet's cross-attention key/value caches when dropped.
+struct ContextCaches<'a>(&'a UNet2DConditionModel);
+
+impl Drop for ContextCaches<'_> {
+    fn drop(&mut self) {
+        self.0.clear_context_cache();
+    }
+}
 
 /// `torch.randn((samples, channels, h, w), generator)` × the scheduler's initial sigma, in `dtype`.
 pub fn initial_latents(
@@ -172,6 +193,9 @@ pub fn denoise(
     progress: &mut ProgressFn,
 ) -> Result<Tensor> {
     let Guidance { scale: guidance_scale, height, width, estimator, start, inpaint } = guidance;
+    // The cross-attention layers cache this loop's text contexts' keys and values for its steps; they are emptied
+    // when it ends, however it ends (done, failed, cancelled, unwinding), so no generation's memory outlives it.
+    let _caches = ContextCaches(unet);
     let device = latents.device().clone();
     let batch = latents.dim(0)? * if conditioning.guided { 2 } else { 1 };
     let time_ids = time_ids(height, width, batch, &device)?.to_dtype(unet.dtype())?;

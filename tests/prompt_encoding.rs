@@ -50,7 +50,7 @@ fn embeddings_match_the_a1111_reference() {
         let texts: Vec<&str> = reading.texts.iter().map(|t| t.text.as_str()).collect();
         let want_texts: Vec<&str> = case["texts"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
         assert_eq!(texts, want_texts, "{name}: distinct texts");
-        let embeddings = encode_reading(&reading, &enc, emphasis, &Device::Cpu).unwrap();
+        let embeddings = encode_reading(&reading, &enc, emphasis, &Device::Cpu, &mut |_| Control::Continue).unwrap();
         let context = Tensor::cat(&embeddings.iter().map(|e| e.context.clone()).collect::<Vec<_>>(), 0).unwrap();
         let pooled = Tensor::cat(&embeddings.iter().map(|e| e.pooled.clone()).collect::<Vec<_>>(), 0).unwrap();
         assert_close(&format!("{name} context"), &context, &tensors[case["context"].as_str().unwrap()], TOLERANCE);
@@ -124,10 +124,16 @@ fn unit_weights_give_the_plain_prompt_exactly() {
             wrapped.push_str(sep);
             i += span;
         }
-        let a =
-            enc.condition_prompts(&inputs(&plain, "blurry, low quality", PromptSyntax::A1111), &Device::Cpu).unwrap();
-        let b =
-            enc.condition_prompts(&inputs(&wrapped, "blurry, low quality", PromptSyntax::A1111), &Device::Cpu).unwrap();
+        let a = enc
+            .condition_prompts(&inputs(&plain, "blurry, low quality", PromptSyntax::A1111), &Device::Cpu, &mut |_| {
+                Control::Continue
+            })
+            .unwrap();
+        let b = enc
+            .condition_prompts(&inputs(&wrapped, "blurry, low quality", PromptSyntax::A1111), &Device::Cpu, &mut |_| {
+                Control::Continue
+            })
+            .unwrap();
         let (ca, pa) = positive(&a);
         let (cb, pb) = positive(&b);
         assert_eq!(ca.dims(), cb.dims(), "{wrapped}");
@@ -135,14 +141,20 @@ fn unit_weights_give_the_plain_prompt_exactly() {
         let tokens = enc.tokenizer.encode_tokens(&plain).unwrap().len();
         if tokens <= 75 {
             let d = enc
-                .condition_prompts(&inputs(&plain, "blurry, low quality", PromptSyntax::None), &Device::Cpu)
+                .condition_prompts(
+                    &inputs(&plain, "blurry, low quality", PromptSyntax::None),
+                    &Device::Cpu,
+                    &mut |_| Control::Continue,
+                )
                 .unwrap();
             let ((ca, pa), (cd, pd)) = (batched(&a), batched(&d));
             assert!(values(&ca) == values(&cd) && values(&pa) == values(&pd), "A1111 ≠ diffusers for {plain:?}");
             assert!(d.warnings.is_empty());
         } else {
             assert!(ca.dim(1).unwrap() >= 154 && ca.dim(1).unwrap() % 77 == 0, "{tokens} tokens");
-            let d = enc.condition_prompts(&inputs(&plain, "", PromptSyntax::None), &Device::Cpu).unwrap();
+            let d = enc
+                .condition_prompts(&inputs(&plain, "", PromptSyntax::None), &Device::Cpu, &mut |_| Control::Continue)
+                .unwrap();
             assert_eq!(d.warnings.len(), 1, "truncation warning");
             assert!(d.warnings[0].contains(&format!("last {} are ignored", tokens - 75)), "{}", d.warnings[0]);
         }

@@ -89,7 +89,7 @@ fn image_latents_and_draw_order_match_img2img() {
     for tiling in [VaeTiling::Never, VaeTiling::Always] {
         let mut rng = TorchRng::new(seed("img2img.seed"));
         let plan = BandPlan::for_vae(tiling, &vae.config);
-        let latents = vae.latents_from_image(&refs["image.a"], 2, &plan, &mut rng).unwrap();
+        let latents = vae.latents_from_image(&refs["image.a"], 2, &plan, &mut rng, &mut |_, _| Ok(())).unwrap();
         assert_eq!(latents.dtype(), DType::F32);
         common::assert_close(
             &format!("{tiling:?} img2img init latents"),
@@ -115,11 +115,15 @@ fn banded_encode_equals_the_whole_encode() {
         // Bands of one row (two for the down-samplers), of a few rows, of odd sizes, and of the whole image.
         for elements in [1, 3 * 96 * 5, 8 * 96 * 3 + 1, usize::MAX] {
             let bands = Bands::new(&Device::Cpu, elements);
-            let banded = vae.encode_down_in_bands(image, &bands, &mut |_, _| {}).unwrap();
+            let banded = vae.encode_down_in_bands(image, &bands, &mut |_, _| Ok(())).unwrap();
             common::assert_close(&format!("{name} bands of {elements} elements vs whole"), &banded, &whole, 1e-6);
         }
         let mut calls = Vec::new();
-        let dist = encode_in_bands(&vae, image, &mut |done, total| calls.push((done, total))).unwrap();
+        let dist = encode_in_bands(&vae, image, &mut |done, total| {
+            calls.push((done, total));
+            Ok(())
+        })
+        .unwrap();
         // conv_in, 4 down blocks of 2 ResNets, 3 down-samplers.
         assert_eq!(calls, (1..=12).map(|done| (done, 12)).collect::<Vec<_>>());
         let key = name.trim_start_matches("image.");
@@ -145,7 +149,7 @@ fn auto_plan_bands_images_larger_than_the_sample_size() {
         .unwrap()
         .reshape((1, 3, 136, 8))
         .unwrap();
-    let planned = vae.encode_planned(&image, &plan).unwrap();
+    let planned = vae.encode_planned(&image, &plan, &mut |_, _| Ok(())).unwrap();
     let whole = vae.encode(&image).unwrap();
     common::assert_close("auto-banded vs whole", &planned.mean, &whole.mean, 1e-6);
 }
@@ -165,8 +169,11 @@ fn bad_images_are_refused_clearly() {
     }
     let plan = BandPlan::for_vae(VaeTiling::Never, &vae.config);
     let mut rng = TorchRng::new(0);
-    let e = vae.latents_from_image(&zeros(&[2, 3, 64, 64]), 3, &plan, &mut rng).unwrap_err().to_string();
+    let e = vae
+        .latents_from_image(&zeros(&[2, 3, 64, 64]), 3, &plan, &mut rng, &mut |_, _| Ok(()))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("3 samples from 2 images"), "{e}");
-    let e = encode_in_bands(&vae, &zeros(&[1, 3, 64, 63]), &mut |_, _| {}).unwrap_err().to_string();
+    let e = encode_in_bands(&vae, &zeros(&[1, 3, 64, 63]), &mut |_, _| Ok(())).unwrap_err().to_string();
     assert!(e.contains("multiples of 8"), "{e}");
 }

@@ -34,7 +34,11 @@ fn banded_decode_gives_the_untiled_image() {
     common::assert_close("untiled decode vs diffusers", &whole, untiled, 1e-4);
 
     let mut calls = Vec::new();
-    let tiled = decode_in_bands(&vae, z, &mut |done, total| calls.push((done, total))).unwrap();
+    let tiled = decode_in_bands(&vae, z, &mut |done, total| {
+        calls.push((done, total));
+        Ok(())
+    })
+    .unwrap();
     // 4 up blocks of 3 ResNets, 3 up-samplers, the output layer.
     assert_eq!(calls, (1..=16).map(|done| (done, 16)).collect::<Vec<_>>());
     assert_eq!(tiled.dims(), untiled.dims());
@@ -62,7 +66,7 @@ fn bands_of_any_height_give_the_whole_layer() {
     let whole = vae.decode_upper(&middle).unwrap();
     for elements in [1, 3 * 32 * 28, usize::MAX] {
         let bands = Bands::new(&Device::Cpu, elements);
-        let banded = vae.decode_upper_in_bands(&middle, &bands, &mut |_, _| {}).unwrap();
+        let banded = vae.decode_upper_in_bands(&middle, &bands, &mut |_, _| Ok(())).unwrap();
         common::assert_close(&format!("bands of {elements} elements vs whole"), &banded, &whole, 1e-5);
     }
 }

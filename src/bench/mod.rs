@@ -475,7 +475,7 @@ pub fn run(pipeline: &Pipeline, options: &BenchOptions, on_event: &mut BenchEven
     let t = Instant::now();
     let conditioning = pipeline.condition(&request, &mut |p: &Progress| match p {
         Progress::Stage(name) => on_event(&BenchEvent::Stage(name)),
-        Progress::Step { .. } => Control::Continue,
+        Progress::Step { .. } | Progress::Part { .. } => Control::Continue,
     })?;
     let conditioning_seconds = t.elapsed().as_secs_f64();
 
@@ -592,6 +592,7 @@ fn execute(
     let mut progress = |p: &Progress| match p {
         Progress::Stage(name) => on_event(&BenchEvent::Stage(name)),
         Progress::Step { evaluation, .. } => on_event(&BenchEvent::Evaluations { done: done + evaluation, total }),
+        Progress::Part { .. } => Control::Continue,
     };
     let t = Instant::now();
     let latents = pipeline.denoise(&request, conditioning, seed, &mut progress)?;

@@ -76,7 +76,8 @@ const CACHED_CONTEXTS: usize = 2;
 /// The keys and values (heads split) of the most recent cross-attention contexts, by the context tensor's id.
 /// A denoising loop passes the same text-context tensor at every step, so its projections, which do not depend on
 /// the step, are computed once per generation instead of once per step. Tensor ids are never reused, so an entry
-/// cannot be mistaken for another context.
+/// cannot be mistaken for another context. The entries belong to one generation: the pipeline empties them when its
+/// denoising loop ends ([`Attention::clear_context_cache`]), so they never pin a finished request's memory.
 #[derive(Debug, Default)]
 struct ContextProjections {
     recent: Mutex<Vec<(TensorId, Tensor, Tensor)>>,
@@ -147,6 +148,16 @@ impl Attention {
         let (b, _, n, _) = out.dims4()?;
         let out = out.transpose(1, 2)?.reshape((b, n, ()))?;
         self.to_out.forward(&out)
+    }
+
+    /// Drops the cached cross-attention keys and values (see `ContextProjections`).
+    pub fn clear_context_cache(&self) {
+        self.context_projections.recent().clear();
+    }
+
+    /// How many contexts' keys and values are cached.
+    pub fn cached_contexts(&self) -> usize {
+        self.context_projections.recent().len()
     }
 
     fn context_keys_values(&self, context: &Tensor) -> Result<(Tensor, Tensor)> {

@@ -120,6 +120,11 @@ impl Transformer2DModel {
         })
     }
 
+    /// The cross-attention layers, for their key/value caches.
+    pub fn cross_attentions(&self) -> impl Iterator<Item = &Attention> {
+        self.blocks.iter().map(|block| &block.attn2)
+    }
+
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let normed = self.norm.forward(x)?;

@@ -6,6 +6,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{Module, VarBuilder};
 use serde::Deserialize;
 
+use super::attention::Attention;
 use super::embeddings::{TimestepEmbedding, Timesteps};
 use super::layers::{conv3x3, group_norm, Conv2d, GroupNorm};
 use super::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
@@ -500,6 +501,25 @@ impl UNet2DConditionModel {
 
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// Every transformer block's cross-attention.
+    fn cross_attentions(&self) -> impl Iterator<Item = &Attention> {
+        let down = self.down_blocks.iter().flat_map(|b| &b.attentions);
+        let mid = self.mid_block.iter().flat_map(|m| &m.attentions);
+        let up = self.up_blocks.iter().flat_map(|b| &b.attentions);
+        down.chain(mid).chain(up).flat_map(Transformer2DModel::cross_attentions)
+    }
+
+    /// Drops the cross-attention key/value caches (computed once per text context and reused across a denoising
+    /// loop's steps): a generation's contexts are of no use to the next, and would keep its memory.
+    pub fn clear_context_cache(&self) {
+        self.cross_attentions().for_each(Attention::clear_context_cache);
+    }
+
+    /// How many text contexts' keys and values the cross-attention layers hold, summed over the layers.
+    pub fn cached_contexts(&self) -> usize {
+        self.cross_attentions().map(Attention::cached_contexts).sum()
     }
 
     /// The time embedding plus the added (pooled text + time ids) embedding, with SiLU applied once for all

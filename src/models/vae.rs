@@ -276,51 +276,82 @@ impl VaeDecoder {
 
     /// The rest, from [`Self::decode_middle`]'s output: the up blocks, the output norm and conv.
     pub fn decode_upper(&self, x: &Tensor) -> Result<Tensor> {
+        self.upper_layers(x, &mut |_, _| Ok(()))
+    }
+
+    /// [`Self::decode`] with `on_layer(done, total)` called after each layer of the
+    /// upper decoder; an error it returns (a cancellation) ends the decode there.
+    pub fn decode_reporting(
+        &self,
+        z: &Tensor,
+        on_layer: &mut dyn FnMut(usize, usize) -> crate::Result<()>,
+    ) -> crate::Result<Tensor> {
+        self.upper_layers(&self.decode_middle(z)?, on_layer)
+    }
+
+    /// The upper decoder's layers: each up block's resnets and up-sampler, then the output norm and conv as one.
+    fn upper_layer_count(&self) -> usize {
+        self.up_blocks.iter().map(|b| b.resnets.len() + usize::from(b.upsampler.is_some())).sum::<usize>() + 1
+    }
+
+    fn upper_layers<E: From<candle_core::Error>>(
+        &self,
+        x: &Tensor,
+        on_layer: &mut dyn FnMut(usize, usize) -> std::result::Result<(), E>,
+    ) -> std::result::Result<Tensor, E> {
+        let total = self.upper_layer_count();
+        let mut done = 0;
+        let mut step = || {
+            done += 1;
+            on_layer(done, total)
+        };
         let mut x = x.clone();
         for block in &self.up_blocks {
             for resnet in &block.resnets {
                 x = resnet.forward(&x, None)?;
+                step()?;
             }
             if let Some(up) = &block.upsampler {
                 x = up.forward(&x, None)?;
+                step()?;
             }
         }
-        let x = self.conv_norm_out.forward_silu(&x)?;
-        self.conv_out.forward(&x)
+        let x = self.conv_out.forward(&self.conv_norm_out.forward_silu(&x)?)?;
+        step()?;
+        Ok(x)
     }
 
     /// [`Self::decode_upper`] layer by layer over an image held in host memory, each layer computed in bands of
     /// rows on the VAE's device, every GroupNorm by the whole image's statistics (see [`crate::models::vae_bands`]).
-    /// `on_layer(done, total)` follows the layers.
+    /// `on_layer(done, total)` follows the layers; an error it returns (a cancellation) ends the decode there.
     pub fn decode_upper_in_bands(
         &self,
         x: &Tensor,
         bands: &Bands,
-        on_layer: &mut dyn FnMut(usize, usize),
-    ) -> Result<Tensor> {
-        let total =
-            self.up_blocks.iter().map(|b| b.resnets.len() + usize::from(b.upsampler.is_some())).sum::<usize>() + 1;
+        on_layer: &mut dyn FnMut(usize, usize) -> crate::Result<()>,
+    ) -> crate::Result<Tensor> {
+        let total = self.upper_layer_count();
         let mut done = 0;
         let mut step = || {
             done += 1;
-            on_layer(done, total);
+            on_layer(done, total)
         };
         let mut x = x.clone();
         for block in &self.up_blocks {
             for resnet in &block.resnets {
                 x = resnet.forward_in_bands(&x, bands)?;
-                step();
+                step()?;
             }
             if let Some(up) = &block.upsampler {
                 x = up.forward_in_bands(&x, bands)?;
-                step();
+                step()?;
             }
         }
         let stats = bands.statistics(&x, self.conv_norm_out.groups())?;
         let image = bands.map(&x, 1, 1, &mut |band, _, _| {
             self.conv_out.forward(&self.conv_norm_out.forward_given(band, &stats, true)?)
         })?;
-        step();
+        step()?;
         Ok(image)
     }
 

@@ -65,8 +65,13 @@ impl BandPlan {
 
 /// Decodes `z` (already divided by the scaling factor, as [`VaeDecoder::decode`] takes it) in bands, to the
 /// whole-image decode's picture (see the module's documentation). `on_layer(done, total)` is called after each
-/// layer of the upper decoder. Returns f32 RGB in about [-1, 1], (batch, channels, height, width), on `z`'s device.
-pub fn decode_in_bands(vae: &VaeDecoder, z: &Tensor, on_layer: &mut dyn FnMut(usize, usize)) -> Result<Tensor> {
+/// layer of the upper decoder; an error it returns (a cancellation) ends the
+/// decode there. Returns f32 RGB in about [-1, 1], (batch, channels, height, width), on `z`'s device.
+pub fn decode_in_bands(
+    vae: &VaeDecoder,
+    z: &Tensor,
+    on_layer: &mut dyn FnMut(usize, usize) -> Result<()>,
+) -> Result<Tensor> {
     let bands = Bands::new(z.device(), BAND_ELEMENTS);
     let middle = vae.decode_middle(z)?.to_device(&Device::Cpu)?;
     let image = vae.decode_upper_in_bands(&middle, &bands, on_layer)?;
@@ -79,11 +84,12 @@ pub fn decode_in_bands(vae: &VaeDecoder, z: &Tensor, on_layer: &mut dyn FnMut(us
 /// memory, in bands of rows on `image`'s device, each GroupNorm by the whole image's statistics and each
 /// down-sampler in bands of whole output rows ([`Bands::map_halving`]); the rest (the mid-block with its attention
 /// over all pixels, the output layers, `quant_conv`) runs whole on the device at the latents' size. `on_layer(done,
-/// total)` is called after each banded layer. The distribution is on `image`'s device, in the encoder's dtype.
+/// total)` is called after each banded layer; an error it returns (a cancellation) ends the encode there. The
+/// distribution is on `image`'s device, in the encoder's dtype.
 pub fn encode_in_bands(
     vae: &VaeEncoder,
     image: &Tensor,
-    on_layer: &mut dyn FnMut(usize, usize),
+    on_layer: &mut dyn FnMut(usize, usize) -> Result<()>,
 ) -> Result<DiagonalGaussian> {
     vae.check_image(image)?;
     let device = image.device();

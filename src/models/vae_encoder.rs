@@ -138,27 +138,57 @@ impl VaeEncoder {
     }
 
     /// [`Self::encode`], in bands of rows ([`encode_in_bands`]) when `plan` says so for the image's latent size.
-    pub fn encode_planned(&self, image: &Tensor, plan: &BandPlan) -> crate::Result<DiagonalGaussian> {
+    /// `on_layer(done, total)` is called after each layer of the full-resolution part (whole or banded); an error it
+    /// returns (a cancellation) ends the encode there.
+    pub fn encode_planned(
+        &self,
+        image: &Tensor,
+        plan: &BandPlan,
+        on_layer: &mut dyn FnMut(usize, usize) -> crate::Result<()>,
+    ) -> crate::Result<DiagonalGaussian> {
         self.check_image(image)?;
         let (_, _, h, w) = image.dims4()?;
         let scale = self.config.scale_factor();
         if plan.in_bands(h / scale, w / scale) {
-            encode_in_bands(self, image, &mut |_, _| {})
+            encode_in_bands(self, image, on_layer)
         } else {
-            Ok(self.encode(image)?)
+            let down = self.down_layers(&image.to_dtype(self.dtype)?, on_layer)?;
+            Ok(DiagonalGaussian::new(&self.encode_middle(&down)?)?)
         }
     }
 
     /// The encoder's first part, at the image's resolution and below, where the memory goes: `conv_in` and the down
     /// blocks (ResNets, down-samplers). `x` is in the encoder's dtype.
     pub fn encode_down(&self, x: &Tensor) -> Result<Tensor> {
+        self.down_layers(x, &mut |_, _| Ok(()))
+    }
+
+    /// `conv_in`, then each down block's resnets and down-sampler.
+    fn down_layer_count(&self) -> usize {
+        1 + self.down_blocks.iter().map(|b| b.resnets.len() + usize::from(b.downsampler.is_some())).sum::<usize>()
+    }
+
+    fn down_layers<E: From<candle_core::Error>>(
+        &self,
+        x: &Tensor,
+        on_layer: &mut dyn FnMut(usize, usize) -> std::result::Result<(), E>,
+    ) -> std::result::Result<Tensor, E> {
+        let total = self.down_layer_count();
+        let mut done = 0;
+        let mut step = || {
+            done += 1;
+            on_layer(done, total)
+        };
         let mut x = self.conv_in.forward(x)?;
+        step()?;
         for block in &self.down_blocks {
             for resnet in &block.resnets {
                 x = resnet.forward(&x, None)?;
+                step()?;
             }
             if let Some(down) = &block.downsampler {
                 x = down.forward(&x)?;
+                step()?;
             }
         }
         Ok(x)
@@ -166,30 +196,29 @@ impl VaeEncoder {
 
     /// [`Self::encode_down`] layer by layer over an image held in host memory, each layer computed in bands of rows
     /// on the VAE's device, every GroupNorm by the whole image's statistics (see [`crate::models::vae_bands`]).
-    /// `on_layer(done, total)` follows the layers.
+    /// `on_layer(done, total)` follows the layers; an error it returns (a cancellation) ends the encode there.
     pub fn encode_down_in_bands(
         &self,
         x: &Tensor,
         bands: &Bands,
-        on_layer: &mut dyn FnMut(usize, usize),
-    ) -> Result<Tensor> {
-        let total =
-            1 + self.down_blocks.iter().map(|b| b.resnets.len() + usize::from(b.downsampler.is_some())).sum::<usize>();
+        on_layer: &mut dyn FnMut(usize, usize) -> crate::Result<()>,
+    ) -> crate::Result<Tensor> {
+        let total = self.down_layer_count();
         let mut done = 0;
         let mut step = || {
             done += 1;
-            on_layer(done, total);
+            on_layer(done, total)
         };
         let mut x = bands.map(x, 1, 1, &mut |band, _, _| self.conv_in.forward(band))?;
-        step();
+        step()?;
         for block in &self.down_blocks {
             for resnet in &block.resnets {
                 x = resnet.forward_in_bands(&x, bands)?;
-                step();
+                step()?;
             }
             if let Some(down) = &block.downsampler {
                 x = down.forward_in_bands(&x, bands)?;
-                step();
+                step()?;
             }
         }
         Ok(x)
@@ -254,6 +283,7 @@ impl VaeEncoder {
         samples: usize,
         plan: &BandPlan,
         rng: &mut TorchRng,
+        on_layer: &mut dyn FnMut(usize, usize) -> crate::Result<()>,
     ) -> crate::Result<Tensor> {
         self.check_image(image)?;
         let batch = image.dim(0)?;
@@ -263,7 +293,7 @@ impl VaeEncoder {
             ))
             .into());
         }
-        let z = self.encode_planned(image, plan)?.sample(rng)?;
+        let z = self.encode_planned(image, plan, on_layer)?.sample(rng)?;
         let z = self.scale_latents(&z)?.to_dtype(DType::F32)?;
         let copies = samples / batch;
         Ok(if copies == 1 { z } else { Tensor::cat(&vec![&z; copies], 0)? })

@@ -9,6 +9,7 @@ use super::chunks::{encoder_ids, ChunkTokens, CHUNK_TOKENS};
 use super::emphasis::{self, Emphasis};
 use super::reading::PromptReading;
 use crate::models::clip::ClipTextModel;
+use crate::sampling::{report, Progress, ProgressFn};
 use crate::tokenizer::ClipTokenizer;
 use crate::{Error, Result};
 
@@ -43,17 +44,23 @@ impl TextEncoders {
     }
 }
 
+/// The stage name of prompt encoding's progress reports.
+pub const ENCODING_PROMPT: &str = "encoding prompt";
+
 /// The second encoder was built without its `text_projection` (the pooled embedding SDXL needs).
 fn no_projection() -> Error {
     Error::model("text_encoder_2", "no text_projection: SDXL's pooled embedding needs CLIPTextModelWithProjection")
 }
 
 /// One embedding per distinct text of `reading` (same order): (1, 77 · chunks, width₁ + width₂) and (1, projection).
+/// `progress` hears a [`Progress::Part`] of `"encoding prompt"` after each chunk index through each encoder (all
+/// the texts' chunks at that index in one batch), and stops the encoding there when it answers stop.
 pub fn encode_reading(
     reading: &PromptReading,
     encoders: &TextEncoders,
     emphasis: Emphasis,
     device: &Device,
+    progress: &mut ProgressFn,
 ) -> Result<Vec<PromptEmbedding>> {
     let uses: Vec<usize> = reading.texts.iter().map(|t| t.uses).collect();
     let rows = reading.texts.len();
@@ -74,6 +81,8 @@ pub fn encode_reading(
             }
             let weights: Vec<&[f64]> = chunks.iter().map(|chunk| chunk.weights.as_slice()).collect();
             per_chunk.push(emphasis::apply(emphasis, &out.penultimate, &weights, &uses)?);
+            let (done, total) = (e * reading.chunk_count + c + 1, 2 * reading.chunk_count);
+            report(progress, &Progress::Part { stage: ENCODING_PROMPT, done, total })?;
         }
         contexts.push(Tensor::cat(&per_chunk, 1)?);
     }

@@ -71,7 +71,7 @@ fn explain_reading(
         reading.chunk_count,
         plural(reading.chunk_count),
     );
-    if reading.schedule.literal {
+    if reading.literal {
         let _ = writeln!(
             out,
             "  note: no prompt editing or alternation (a `|` outside `[a|b]`, or a backslash at the end or before a \
@@ -84,9 +84,8 @@ fn explain_reading(
     // Steps (1-based, as the progress bar counts them) per run of schedule entries with the same text.
     let mut runs: Vec<(usize, usize, usize)> = Vec::new();
     let mut first = 0;
-    for (k, entry) in reading.schedule.entries.iter().enumerate() {
-        let last = entry.until.min(reading.steps - 1);
-        let text = reading.entry_texts[k];
+    for &(until, text) in &reading.entries {
+        let last = until.min(reading.steps - 1);
         if first > last {
             continue;
         }

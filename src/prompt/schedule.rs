@@ -52,16 +52,149 @@ pub fn entry_at<T>(entries: &[T], until: impl Fn(&T) -> usize, index: usize) -> 
 
 /// Reads `prompt` for `steps` model evaluations (at least 1).
 pub fn schedule(prompt: &str, steps: usize) -> Schedule {
+    match schedule_distinct(prompt, steps, usize::MAX) {
+        Ok(read) => read.into_schedule(),
+        Err(_) => unreachable!("no limit on the distinct texts"),
+    }
+}
+
+/// A prompt's schedule with each distinct text once: what encoding needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DistinctSchedule {
+    /// (`until`, index into `texts`): [`Schedule::entries`]' steps, ascending, the last one = `steps`.
+    pub entries: Vec<(usize, usize)>,
+    /// The distinct texts, in order of first use.
+    pub texts: Vec<String>,
+    /// The grammar rejected the prompt, so it is used literally (no editing, no alternation).
+    pub literal: bool,
+    /// Characters written while building the texts (the scheduling work, see [`schedule_distinct`]).
+    work: usize,
+}
+
+impl DistinctSchedule {
+    /// Every entry with its text (A1111's list).
+    pub fn into_schedule(self) -> Schedule {
+        let entries =
+            self.entries.iter().map(|&(until, t)| ScheduledText { until, text: self.texts[t].clone() }).collect();
+        Schedule { entries, literal: self.literal }
+    }
+}
+
+/// A prompt reads as more distinct texts over the steps than [`schedule_distinct`] was allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TooManyTexts {
+    pub limit: usize,
+    /// Characters written before the limit was passed.
+    work: usize,
+}
+
+/// [`schedule`] with each distinct text built once, refused as soon as there are more than `max_texts`.
+///
+/// The texts change only where an edit switches or an alternation turns, and which text a step gets depends only on
+/// how many distinct switch steps lie before it and on the step modulo the alternations' common period. Steps with
+/// the same pair share a text without building it again, so the work is the prompt's length times the number of
+/// distinct texts built (at most `max_texts + 1`), plus a little per step: linear in the prompt's length and its
+/// number of edits, however many steps and edits there are.
+pub fn schedule_distinct(prompt: &str, steps: usize, max_texts: usize) -> Result<DistinctSchedule, TooManyTexts> {
     let steps = steps.max(1);
     let chars: Vec<char> = prompt.chars().collect();
     let Some(items) = Reader::new(&chars).read() else {
-        return Schedule { entries: vec![ScheduledText { until: steps, text: prompt.to_string() }], literal: true };
+        let work = chars.len();
+        return if max_texts == 0 {
+            Err(TooManyTexts { limit: max_texts, work })
+        } else {
+            Ok(DistinctSchedule { entries: vec![(steps, 0)], texts: vec![prompt.to_string()], literal: true, work })
+        };
     };
-    let mut points = BTreeSet::from([steps]);
-    collect_points(&items, steps, &mut points);
-    let entries =
-        points.into_iter().map(|t| ScheduledText { until: t, text: text_at(&chars, &items, t, steps) }).collect();
-    Schedule { entries, literal: false }
+    let mut shape = Shape::default();
+    collect_shape(&items, steps, &mut shape);
+    let switches: Vec<usize> = shape.switches.into_iter().collect();
+    // Steps 1…steps when anything alternates, else the switch steps and the last.
+    let points: Vec<usize> = match shape.period {
+        Some(_) => (1..=steps).collect(),
+        None => switches.iter().copied().filter(|&t| t < steps).chain([steps]).collect(),
+    };
+    let period = shape.period.unwrap_or(1);
+
+    let mut by_key: HashMap<(usize, usize), usize> = HashMap::new();
+    let mut by_text: HashMap<u64, Vec<usize>> = HashMap::new();
+    let mut texts: Vec<String> = Vec::new();
+    let mut entries = Vec::with_capacity(points.len());
+    let mut work = 0;
+    for t in points {
+        let key = (switches.partition_point(|&w| w < t), (t - 1) % period);
+        let index = match by_key.get(&key) {
+            Some(&i) => i,
+            None => {
+                let text = text_at(&chars, &items, t, steps);
+                work += text.len();
+                let candidates = by_text.entry(hash(&text)).or_default();
+                let index = match candidates.iter().find(|&&i| texts[i] == text) {
+                    Some(&i) => i,
+                    None => {
+                        if texts.len() == max_texts {
+                            return Err(TooManyTexts { limit: max_texts, work });
+                        }
+                        texts.push(text);
+                        candidates.push(texts.len() - 1);
+                        texts.len() - 1
+                    }
+                };
+                by_key.insert(key, index);
+                index
+            }
+        };
+        entries.push((t, index));
+    }
+    Ok(DistinctSchedule { entries, texts, literal: false, work })
+}
+
+fn hash(text: &str) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    BuildHasherDefault::<DefaultHasher>::default().hash_one(text)
+}
+
+/// What makes a prompt's text change: the edits' switch steps (1 … steps) and the alternations' common period
+/// (`None` without alternation; at most `steps`, past which every step is its own phase anyway).
+#[derive(Debug, Default)]
+struct Shape {
+    switches: BTreeSet<usize>,
+    period: Option<usize>,
+}
+
+fn collect_shape(items: &[Item], steps: usize, shape: &mut Shape) {
+    for item in items {
+        let Item::Node(node) = item else { continue };
+        match node.as_ref() {
+            Node::Edit { before, after, when } => {
+                let when = when.step(steps);
+                if when >= 1 {
+                    shape.switches.insert(when as usize);
+                }
+                if let Some(before) = before {
+                    collect_shape(before, steps, shape);
+                }
+                collect_shape(after, steps, shape);
+            }
+            Node::Alternate(options) => {
+                let period = shape.period.unwrap_or(1);
+                let n = options.len();
+                let lcm = period / gcd(period, n) * n;
+                shape.period = Some(lcm.min(steps));
+                for option in options {
+                    collect_shape(option, steps, shape);
+                }
+            }
+        }
+    }
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
 }
 
 /// A piece of a read prompt: literal text (a range of the prompt's characters) or a step-dependent node.
@@ -77,7 +210,7 @@ enum Node {
     Edit {
         before: Option<Vec<Item>>,
         after: Vec<Item>,
-        number: String,
+        when: When,
     },
     Alternate(Vec<Vec<Item>>),
 }
@@ -216,16 +349,16 @@ impl<'a> Reader<'a> {
                 (self.at(j)? == ']').then(|| (vec![Item::Node(Rc::new(Node::Alternate(options)))], j + 1))
             }
             ':' => {
-                if let Some((number, end)) = self.number_tail(j + 1) {
-                    let node = Node::Edit { before: None, after: first, number };
+                if let Some((when, end)) = self.number_tail(j + 1) {
+                    let node = Node::Edit { before: None, after: first, when };
                     return Some((vec![Item::Node(Rc::new(node))], end));
                 }
                 let (second, k) = self.prompt(j + 1);
                 if self.at(k)? != ':' {
                     return None;
                 }
-                let (number, end) = self.number_tail(k + 1)?;
-                let node = Node::Edit { before: Some(first), after: second, number };
+                let (when, end) = self.number_tail(k + 1)?;
+                let node = Node::Edit { before: Some(first), after: second, when };
                 Some((vec![Item::Node(Rc::new(node))], end))
             }
             _ => None,
@@ -233,7 +366,7 @@ impl<'a> Reader<'a> {
     }
 
     /// `whitespace? NUMBER whitespace? ]` from `i` (lark's SIGNED_NUMBER, ASCII digits): the number and the end.
-    fn number_tail(&self, mut i: usize) -> Option<(String, usize)> {
+    fn number_tail(&self, mut i: usize) -> Option<(When, usize)> {
         while self.at(i).is_some_and(is_space) {
             i += 1;
         }
@@ -279,7 +412,7 @@ impl<'a> Reader<'a> {
         while self.at(k).is_some_and(is_space) {
             k += 1;
         }
-        (self.at(k)? == ']').then_some((number, k + 1))
+        (self.at(k)? == ']').then_some((When::new(&number), k + 1))
     }
 }
 
@@ -311,40 +444,26 @@ fn matched_openers(s: &[char]) -> Vec<bool> {
     matched
 }
 
-/// A1111's switch step for an edit's number: with a decimal point a fraction of `steps`, else a step number; capped
-/// at `steps`, truncated towards zero (Python fails on an infinite value; we saturate).
-fn switch_step(number: &str, steps: usize) -> i64 {
-    let mut v: f64 = number.parse().unwrap_or(0.0);
-    if number.contains('.') {
-        v *= steps as f64;
-    }
-    if v.is_nan() {
-        return 0;
-    }
-    (v.trunc().clamp(i64::MIN as f64, i64::MAX as f64) as i64).min(steps as i64)
+/// An edit's number, read once: its value and whether it has a decimal point.
+#[derive(Debug, Clone, Copy)]
+struct When {
+    value: f64,
+    fraction: bool,
 }
 
-fn collect_points(items: &[Item], steps: usize, points: &mut BTreeSet<usize>) {
-    for item in items {
-        let Item::Node(node) = item else { continue };
-        match node.as_ref() {
-            Node::Edit { before, after, number } => {
-                let when = switch_step(number, steps);
-                if when >= 1 {
-                    points.insert(when as usize);
-                }
-                if let Some(before) = before {
-                    collect_points(before, steps, points);
-                }
-                collect_points(after, steps, points);
-            }
-            Node::Alternate(options) => {
-                points.extend(1..=steps);
-                for option in options {
-                    collect_points(option, steps, points);
-                }
-            }
+impl When {
+    fn new(number: &str) -> Self {
+        Self { value: number.parse().unwrap_or(0.0), fraction: number.contains('.') }
+    }
+
+    /// A1111's switch step: with a decimal point a fraction of `steps`, else a step number; capped at `steps`,
+    /// truncated towards zero (Python fails on an infinite value; we saturate).
+    fn step(self, steps: usize) -> i64 {
+        let v = if self.fraction { self.value * steps as f64 } else { self.value };
+        if v.is_nan() {
+            return 0;
         }
+        (v.trunc().clamp(i64::MIN as f64, i64::MAX as f64) as i64).min(steps as i64)
     }
 }
 
@@ -359,8 +478,8 @@ fn append_at(s: &[char], items: &[Item], step: usize, steps: usize, out: &mut St
         match item {
             Item::Text(a, b) => out.extend(&s[*a..*b]),
             Item::Node(node) => match node.as_ref() {
-                Node::Edit { before, after, number } => {
-                    if (step as i64) <= switch_step(number, steps) {
+                Node::Edit { before, after, when } => {
+                    if (step as i64) <= when.step(steps) {
                         if let Some(before) = before {
                             append_at(s, before, step, steps, out);
                         }
@@ -450,5 +569,55 @@ mod tests {
         assert_eq!(s.entries.len(), 2);
         let stray = format!("{}[a:b:3]", "[ word ) ".repeat(20_000));
         assert_eq!(schedule(&stray, 10).entries.len(), 2);
+    }
+
+    /// `n` edits `[wN:xN:N]` switching at steps 1 … n, in a text about `n · 40` characters long.
+    fn edits(n: usize) -> String {
+        (1..=n).map(|k| format!("a long enough phrase number {k}, [w{k}:x{k}:{k}] ")).collect()
+    }
+
+    #[test]
+    fn distinct_schedule_is_the_schedule_with_each_text_once() {
+        for prompt in ["a [b:c:3] [d|e] f", "[a|b|c] [d|e]", "[x:[p|q]:4] y", "a | b [c:d:5]", "plain", ""] {
+            for steps in [1, 4, 10, 13] {
+                let full = schedule(prompt, steps);
+                let distinct = schedule_distinct(prompt, steps, usize::MAX).unwrap();
+                let unique: BTreeSet<&str> = full.entries.iter().map(|e| e.text.as_str()).collect();
+                assert_eq!(distinct.texts.len(), unique.len(), "{prompt:?} × {steps}");
+                assert_eq!(distinct.clone().into_schedule(), full, "{prompt:?} × {steps}");
+            }
+        }
+    }
+
+    #[test]
+    fn scheduling_work_is_linear_in_the_edits() {
+        // An alternation makes every step an entry, but only two texts: each is built once (building every step's
+        // text, as before, wrote 100 × the prompt).
+        let prompt = format!("{} [cat|dog]", "a painting of a lighthouse, ".repeat(100));
+        let read = schedule_distinct(&prompt, 100, usize::MAX).unwrap();
+        assert_eq!((read.entries.len(), read.texts.len()), (100, 2));
+        assert!(
+            read.work <= 2 * prompt.len(),
+            "{} characters written for a {}-character prompt",
+            read.work,
+            prompt.len()
+        );
+
+        // n edits at n different steps are n + 1 texts; with a limit on the texts, building stops past it, so twice
+        // the edits (twice the prompt) cost twice the work, not four times (n + 1 texts of a length ∝ n).
+        let work = |n: usize| {
+            let prompt = edits(n);
+            let refused = schedule_distinct(&prompt, 100, 16).unwrap_err();
+            assert_eq!(refused.limit, 16);
+            assert!(refused.work <= 17 * prompt.len());
+            refused.work
+        };
+        let (w50, w100) = (work(50), work(100));
+        assert!(w100 * 10 <= w50 * 21, "work {w50} for 50 edits, {w100} for 100");
+        // Within the limit everything is built once.
+        let prompt = edits(10);
+        let read = schedule_distinct(&prompt, 100, 16).unwrap();
+        assert_eq!(read.texts.len(), 11);
+        assert!(read.work <= 11 * prompt.len());
     }
 }
