@@ -521,7 +521,9 @@ fn run_worker<E: Engine>(mut engine: E, shared: &Shared) {
         let mut evaluations = 0;
         let mut progress = |p: &crate::Progress| {
             match p {
-                crate::Progress::Stage(stage) => job_progress.set(|s| s.stage = stage),
+                crate::Progress::Stage(stage) | crate::Progress::Part { stage, .. } => {
+                    job_progress.set(|s| s.stage = stage)
+                }
                 crate::Progress::Step { step, steps, evaluation, evaluations: planned, latents } => {
                     evaluations += 1;
                     job_progress.set(|s| {
