@@ -46,12 +46,14 @@ fi
 work=$(mktemp -d "${TMPDIR:-/tmp}/fleet-test.XXXXXX")
 replica_pids=()
 nginx_pid=
+load_pid=
 
-# Stops what this script started, by process id: the replicas, then nginx (TERM: a fast shutdown that also stops its
+# Stops what this script started, by process id: the load, the replicas, then nginx (TERM: a fast shutdown that also stops its
 # workers; KILL for the master and its workers if it has not exited within 5 s).
 cleanup() {
     local status=$? pid workers
     trap - EXIT INT TERM
+    [ -n "$load_pid" ] && kill -TERM "$load_pid" 2>/dev/null # timeout(1) passes it on to the load
     for pid in "${replica_pids[@]}"; do
         kill -KILL "$pid" 2>/dev/null || true
     done
@@ -389,9 +391,14 @@ say "$("$nginx_bin" -v 2>&1) on 127.0.0.1:$port_front (pid $nginx_pid), running 
 say "load: $requests requests, $clients clients, replica B killed (SIG$kill_signal) after $kill_after answers"
 echo
 
+# In the background and waited for, so that Ctrl-C or SIGTERM stops the test at once (bash runs a trap only once the
+# foreground command has finished).
 status=0
 timeout 170 python3 "$work/fleet.py" load "$port_front" "$port_a" "$port_b" "${replica_pids[1]}" "$kill_signal" \
-    "$requests" "$clients" "$kill_after" "$client_timeout" "$work/access.log" "$fail_timeout" || status=$?
+    "$requests" "$clients" "$kill_after" "$client_timeout" "$work/access.log" "$fail_timeout" &
+load_pid=$!
+wait "$load_pid" || status=$?
+load_pid=
 echo
 [ "$status" -eq 124 ] && die "the load did not finish within 170 s"
 [ "$status" -eq 0 ] || die "see above"
