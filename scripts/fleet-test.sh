@@ -48,8 +48,8 @@ replica_pids=()
 nginx_pid=
 load_pid=
 
-# Stops what this script started, by process id: the load, the replicas, then nginx (TERM: a fast shutdown that also stops its
-# workers; KILL for the master and its workers if it has not exited within 5 s).
+# Stops what this script started, by process id: the load, the replicas, then nginx (TERM: a fast shutdown that also
+# stops its workers; KILL for the master and its workers if it has not exited within 5 s).
 cleanup() {
     local status=$? pid workers
     trap - EXIT INT TERM
@@ -98,7 +98,7 @@ def body(seed):
                        "base64": False}).encode()
 
 def request(port, method, path, data=None, timeout=10.0):
-    """(status, headers, body) or (kind of failure, None, None): 'hung' on a client timeout, else the exception's name."""
+    """(status, headers, body), or (what went wrong, None, None): 'hung ...' on a client timeout, else the exception."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         headers = {"Content-Type": "application/json"} if data is not None else {}
@@ -302,7 +302,8 @@ def load(front, port_a, port_b, victim_pid, signame, n, clients, kill_after, tim
     gone, _, _ = request(port_b, "GET", "/ready", timeout=5)
     _, passed_on_after = read_access_log(access_log)
     passed_on_after = passed_on_after[len(passed_on):]
-    print(f"after the load, {fail_timeout:g} s (fail_timeout) + 1.5 s after the kill: 10 sequential requests through nginx: "
+    print(f"after the load, {fail_timeout:g} s (fail_timeout) + 1.5 s after the kill: 10 sequential requests "
+          f"through nginx: "
           f"{dict(seq)} ({t_seq:.2f} s); passed on to replica A: {len(passed_on_after)} "
           f"({'; '.join(passed_on_after) or 'none'})")
     print(f"GET /ready: replica A {ready}, replica B {gone}")
@@ -348,7 +349,8 @@ for name in a b; do
 done
 python3 "$work/fleet.py" wait-ready "$port_a" "${replica_pids[0]}" 60 || die "replica A did not become ready"
 python3 "$work/fleet.py" wait-ready "$port_b" "${replica_pids[1]}" 60 || die "replica B did not become ready"
-say "replica A 127.0.0.1:$port_a (pid ${replica_pids[0]}), replica B 127.0.0.1:$port_b (pid ${replica_pids[1]}): ready in $((SECONDS - t)) s"
+say "replica A 127.0.0.1:$port_a (pid ${replica_pids[0]}), replica B 127.0.0.1:$port_b (pid ${replica_pids[1]}):" \
+    "ready in $((SECONDS - t)) s"
 
 # nginx with the shipped conf: the replicas' ports, a loopback listen port and the access log in $work. Anything
 # else in the shipped file that these substitutions expect and do not find fails the test, so the tested file is the
@@ -356,9 +358,11 @@ say "replica A 127.0.0.1:$port_a (pid ${replica_pids[0]}), replica B 127.0.0.1:$
 sed -e "s/127\.0\.0\.1:7861/127.0.0.1:$port_a/" -e "s/127\.0\.0\.1:7862/127.0.0.1:$port_b/" \
     -e "s|^\( *\)listen 80;|\1listen 127.0.0.1:$port_front;|" \
     -e "s|/var/log/nginx/dreamshaper.access.log|$work/access.log|" "$conf_src" >"$work/dreamshaper.conf"
-grep -q "server 127.0.0.1:$port_a " "$work/dreamshaper.conf" && grep -q "server 127.0.0.1:$port_b " "$work/dreamshaper.conf" \
-    && grep -q "listen 127.0.0.1:$port_front;" "$work/dreamshaper.conf" && grep -q "$work/access.log" "$work/dreamshaper.conf" \
-    || die "$conf_src no longer has the lines this test substitutes (server 127.0.0.1:7861/7862, listen 80, the access log)"
+for line in "server 127.0.0.1:$port_a " "server 127.0.0.1:$port_b " "listen 127.0.0.1:$port_front;" \
+    "$work/access.log"; do
+    grep -qF "$line" "$work/dreamshaper.conf" \
+        || die "$conf_src no longer has a line this test substitutes (server 127.0.0.1:7861/7862, listen 80, the log)"
+done
 fail_timeout=$(grep -o -m1 'fail_timeout=[0-9]*s' "$work/dreamshaper.conf" | tr -dc 0-9)
 [ -n "$fail_timeout" ] || die "$conf_src: no fail_timeout=Ns on the upstream servers"
 mkdir -p "$work/temp"
