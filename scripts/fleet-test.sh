@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Fleet test: two `dreamshaper serve` replicas (the tiny model) behind nginx running deploy/nginx.conf itself (only
-# its ports and log path substituted), a bounded load through nginx, one replica killed mid-run. Fails (exit 1) on:
+# Fleet test: two `dreamshaper serve` replicas (the tiny model, `--allowed-hosts images.example.com`) behind nginx
+# running deploy/nginx.conf itself (only its ports and log path substituted), a bounded load through nginx with the
+# public Host name, one replica killed mid-run. Fails (exit 1) on:
 #   - a request that hung (no answer within the client's timeout),
 #   - a failure that is not an explicit 5xx or 429 from the fleet (a reset or closed connection, an empty reply, a
 #     4xx, a 200 that is not a JPEG),
@@ -97,11 +98,16 @@ def body(seed):
                        "img_width": 64, "img_height": 64, "scheduler": "Euler", "guidance_scale": 7.5,
                        "base64": False}).encode()
 
-def request(port, method, path, data=None, timeout=10.0):
+# The public name: deploy/nginx.conf's server_name, which the replicas accept (--allowed-hosts).
+PUBLIC_HOST = "images.example.com"
+
+def request(port, method, path, data=None, timeout=10.0, host=None):
     """(status, headers, body), or (what went wrong, None, None): 'hung ...' on a client timeout, else the exception."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         headers = {"Content-Type": "application/json"} if data is not None else {}
+        if host:
+            headers["Host"] = host
         conn.request(method, path, body=data, headers=headers)
         r = conn.getresponse()
         return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
@@ -112,8 +118,8 @@ def request(port, method, path, data=None, timeout=10.0):
     finally:
         conn.close()
 
-def generate(port, seed, timeout):
-    return request(port, "POST", PATH, body(seed), timeout)
+def generate(port, seed, timeout, host=None):
+    return request(port, "POST", PATH, body(seed), timeout, host)
 
 def is_image(status, headers, data):
     return status == 200 and headers.get("content-type") == "image/jpeg" and data[:2] == b"\xff\xd8"
@@ -180,14 +186,19 @@ def load(front, port_a, port_b, victim_pid, signame, n, clients, kill_after, tim
         problems.append(f"seed {seed}: replica A and replica B give different images")
     through = []
     for _ in range(4):
-        status, headers, data = generate(front, seed, timeout)
+        status, headers, data = generate(front, seed, timeout, PUBLIC_HOST)
         if not is_image(status, headers, data):
             sys.exit(f"through nginx: {status}, not a JPEG")
         through.append(hashlib.sha256(data).hexdigest())
     if set(through) != {direct["replica A"]}:
         problems.append(f"seed {seed}: an image through nginx differs from the replicas' own")
+    # nginx passes the client's Host on: a name the replicas were not given is refused by them (403), not by nginx.
+    status, headers, data = generate(front, seed, timeout, "elsewhere.example.com")
+    if status != 403 or "x-request-id" not in (headers or {}):
+        problems.append(f"Host elsewhere.example.com through nginx: {status}, not the replica's 403")
+    print(f"Host passed on: elsewhere.example.com through nginx is answered {status} by a replica")
     t_same = time.monotonic() - t0
-    print(f"same seed: replica A, replica B and 4 requests through nginx give one image "
+    print(f"same seed: replica A, replica B and 4 requests through nginx (Host {PUBLIC_HOST}) give one image "
           f"({len(set(through) | set(direct.values()))} distinct; {t_same:.2f} s)")
 
     # 2. The load: `clients` threads take requests 0..n-1 in turn; the one that completes request `kill_after`
@@ -206,7 +217,7 @@ def load(front, port_a, port_b, victim_pid, signame, n, clients, kill_after, tim
                 state["next"] += 1
             seed = 100 + i % 8
             t1 = time.monotonic()
-            status, headers, data = generate(front, seed, timeout)
+            status, headers, data = generate(front, seed, timeout, PUBLIC_HOST)
             t2 = time.monotonic()
             if status == 200 and not is_image(status, headers, data):
                 status = "200 but not a JPEG"
@@ -295,7 +306,7 @@ def load(front, port_a, port_b, victim_pid, signame, n, clients, kill_after, tim
     t3 = time.monotonic()
     seq = Counter()
     for k in range(10):
-        status, headers, data = generate(front, 100 + k % 8, timeout)
+        status, headers, data = generate(front, 100 + k % 8, timeout, PUBLIC_HOST)
         seq["200 image" if is_image(status, headers, data) else str(status)] += 1
     t_seq = time.monotonic() - t3
     ready, _, _ = request(port_a, "GET", "/ready", timeout=5)
@@ -343,7 +354,8 @@ t=$SECONDS
 for name in a b; do
     port=$port_a
     [ "$name" = b ] && port=$port_b
-    "$bin" serve --model "$model" --addr "127.0.0.1:$port" --open-ranges >"$work/replica-$name.log" 2>&1 &
+    "$bin" serve --model "$model" --addr "127.0.0.1:$port" --open-ranges --allowed-hosts images.example.com \
+        >"$work/replica-$name.log" 2>&1 &
     replica_pids+=("$!")
     disown "$!" # no "Killed" notice from bash when replica B is killed
 done
@@ -359,9 +371,9 @@ sed -e "s/127\.0\.0\.1:7861/127.0.0.1:$port_a/" -e "s/127\.0\.0\.1:7862/127.0.0.
     -e "s|^\( *\)listen 80;|\1listen 127.0.0.1:$port_front;|" \
     -e "s|/var/log/nginx/dreamshaper.access.log|$work/access.log|" "$conf_src" >"$work/dreamshaper.conf"
 for line in "server 127.0.0.1:$port_a " "server 127.0.0.1:$port_b " "listen 127.0.0.1:$port_front;" \
-    "$work/access.log"; do
+    "$work/access.log" "server_name images.example.com;"; do
     grep -qF "$line" "$work/dreamshaper.conf" \
-        || die "$conf_src no longer has a line this test substitutes (server 127.0.0.1:7861/7862, listen 80, the log)"
+        || die "$conf_src no longer has a line this test relies on: $line"
 done
 fail_timeout=$(grep -o -m1 'fail_timeout=[0-9]*s' "$work/dreamshaper.conf" | tr -dc 0-9)
 [ -n "$fail_timeout" ] || die "$conf_src: no fail_timeout=Ns on the upstream servers"
