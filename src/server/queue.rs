@@ -26,11 +26,21 @@ use crate::{Control, Error, GenerateRequest, Generation, Pipeline, Result};
 /// What the worker runs: the pipeline, or a stand-in in tests.
 pub trait Engine {
     fn generate(&mut self, request: &GenerateRequest, progress: &mut ProgressFn) -> Result<Generation>;
+
+    /// What makes job previews (see [`JobProgress::request_preview`]); none by default.
+    fn previewer(&self) -> Option<Previewer> {
+        None
+    }
 }
 
 impl Engine for Pipeline {
     fn generate(&mut self, request: &GenerateRequest, progress: &mut ProgressFn) -> Result<Generation> {
         Pipeline::generate_with_loras(self, request, progress)
+    }
+
+    /// The linear latent→RGB map: a preview costs a fraction of a model evaluation.
+    fn previewer(&self) -> Option<Previewer> {
+        Some(Previewer::LatentRgb(crate::preview::LatentRgb::sdxl(self.vae_scale_factor())))
     }
 }
 
@@ -139,8 +149,8 @@ struct Shared {
     state: Mutex<State>,
     wake: Condvar,
     capacity: usize,
-    /// Makes previews for [`JobProgress::request_preview`].
-    previewer: Option<Previewer>,
+    /// Makes previews for [`JobProgress::request_preview`] (the engine's, set once it is loaded).
+    previewer: std::sync::OnceLock<Previewer>,
 }
 
 /// Where a job is.
@@ -283,27 +293,21 @@ impl Queue {
         E: Engine + 'static,
         F: FnOnce() -> Result<E> + Send + 'static,
     {
-        Self::start_with_previews(capacity, None, load)
-    }
-
-    /// [`Queue::start`], with `previewer` making the previews that [`JobProgress::request_preview`] asks for.
-    pub fn start_with_previews<E, F>(
-        capacity: usize,
-        previewer: Option<Previewer>,
-        load: F,
-    ) -> Result<(Queue, JoinHandle<()>)>
-    where
-        E: Engine + 'static,
-        F: FnOnce() -> Result<E> + Send + 'static,
-    {
-        let shared =
-            Arc::new(Shared { state: Mutex::new(State::default()), wake: Condvar::new(), capacity, previewer });
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            wake: Condvar::new(),
+            capacity,
+            previewer: std::sync::OnceLock::new(),
+        });
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let worker_shared = shared.clone();
         let handle = std::thread::Builder::new()
             .name("generation-worker".into())
             .spawn(move || match catch_unwind(AssertUnwindSafe(load)) {
                 Ok(Ok(engine)) => {
+                    if let Some(previewer) = engine.previewer() {
+                        let _ = worker_shared.previewer.set(previewer);
+                    }
                     let _ = ready_tx.send(Ok(()));
                     run_worker(engine, &worker_shared);
                 }
@@ -530,7 +534,7 @@ fn run_worker<E: Engine>(mut engine: E, shared: &Shared) {
                         (s.stage, s.step, s.steps, s.evaluation, s.evaluations) =
                             ("denoising", *step, *steps, *evaluation, *planned);
                     });
-                    if let (Some(previewer), Some(latents)) = (&shared.previewer, latents) {
+                    if let (Some(previewer), Some(latents)) = (shared.previewer.get(), latents) {
                         if job_progress.wants_preview.swap(false, Ordering::Relaxed) {
                             let image = latents.denoised().and_then(|x0| previewer.preview_at_most(&x0, PREVIEW_SIDE));
                             match image {
