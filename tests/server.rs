@@ -76,6 +76,19 @@ fn stand_in_server(config: ServerConfig) -> Server {
     Server::start(config, || Ok(StandIn)).unwrap()
 }
 
+/// The stand-in, holding each generation until the returned sender says go.
+fn held_server(config: ServerConfig) -> (Server, mpsc::Sender<()>) {
+    struct Held(std::sync::Mutex<mpsc::Receiver<()>>);
+    impl Engine for Held {
+        fn generate(&mut self, r: &GenerateRequest, p: &mut ProgressFn) -> dreamshaper::Result<Generation> {
+            self.0.lock().unwrap().recv_timeout(Duration::from_secs(30)).unwrap();
+            StandIn.generate(r, p)
+        }
+    }
+    let (go, held) = mpsc::channel();
+    (Server::start(config, move || Ok(Held(std::sync::Mutex::new(held)))).unwrap(), go)
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Real generations with the tiny model.
 
@@ -538,16 +551,7 @@ fn body_is_base64_or_many(body: &[u8]) -> bool {
 
 #[test]
 fn in_process_shutdown_answers_queued_requests_503() {
-    /// Holds each generation until told to go.
-    struct Held(std::sync::Mutex<mpsc::Receiver<()>>);
-    impl Engine for Held {
-        fn generate(&mut self, r: &GenerateRequest, p: &mut ProgressFn) -> dreamshaper::Result<Generation> {
-            self.0.lock().unwrap().recv_timeout(Duration::from_secs(30)).unwrap();
-            StandIn.generate(r, p)
-        }
-    }
-    let (go, held) = mpsc::channel();
-    let server = Server::start(config(Ranges::Hosted, 4), move || Ok(Held(std::sync::Mutex::new(held)))).unwrap();
+    let (server, go) = held_server(config(Ranges::Hosted, 4));
     let addr = server.addr();
     let body = json!({"prompt": "x", "scheduler": "Euler"}).to_string();
     let json = [("content-type", "application/json")];
@@ -870,16 +874,7 @@ fn host_names_are_checked_without_a_key() {
 /// `/health` and `/ready` while shutting down (the running generation still finishing) and with the queue full.
 #[test]
 fn health_and_ready_show_shutdown_and_a_full_queue() {
-    /// Holds each generation until told to go.
-    struct Held(std::sync::Mutex<mpsc::Receiver<()>>);
-    impl Engine for Held {
-        fn generate(&mut self, r: &GenerateRequest, p: &mut ProgressFn) -> dreamshaper::Result<Generation> {
-            self.0.lock().unwrap().recv_timeout(Duration::from_secs(30)).unwrap();
-            StandIn.generate(r, p)
-        }
-    }
-    let (go, held) = mpsc::channel();
-    let server = Server::start(config(Ranges::Hosted, 1), move || Ok(Held(std::sync::Mutex::new(held)))).unwrap();
+    let (server, go) = held_server(config(Ranges::Hosted, 1));
     let addr = server.addr();
     let ready = || call(addr, "GET", "/ready", &[], b"");
     assert_eq!(ready().status, 200);
