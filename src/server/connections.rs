@@ -13,7 +13,7 @@
 //!   connection), so it is also the idle timeout.
 //! - **A header size cap** ([`Limits::max_header_bytes`]): larger heads are answered 431 before more is buffered.
 //! - **hyper's own rejections as JSON.** hyper answers requests it cannot parse (400, 414 URI too long, 431) itself,
-//!   with an empty body; [`AutoAnswers`] replaces those answers, on their way out, with the same status and a JSON
+//!   with an empty body; `AutoAnswers` replaces those answers, on their way out, with the same status and a JSON
 //!   `{"error": …}` body carrying an `x-request-id` like every other answer, and logs them.
 //!
 //! Shutdown is in two phases: while the last generation finishes, connections are still accepted so `/health` and
@@ -174,7 +174,7 @@ pub struct Connections {
     evicted: AtomicU64,
     refused: AtomicU64,
     header_timeouts: AtomicU64,
-    /// Connections closed, for [`trim_after_floods`].
+    /// Connections closed, for `trim_after_floods`.
     closed: AtomicU64,
 }
 
@@ -337,11 +337,14 @@ pub async fn serve(accepting: Accepting, stop_accepting: impl std::future::Futur
 /// the operating system, so the server's memory goes back to its baseline rather than staying at the flood's peak.
 async fn trim_after_floods(connections: Arc<Connections>) {
     const CLOSED_BEFORE_TRIM: u64 = 64;
-    let mut trimmed_at = 0;
+    let (mut trimmed_at, mut seen) = (0, 0);
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let closed = connections.closed.load(Ordering::Relaxed);
-        if closed - trimmed_at >= CLOSED_BEFORE_TRIM {
+        // During a long flood, every so many closes; after one, once a second has passed without a close.
+        let quiet = closed == seen;
+        seen = closed;
+        if closed - trimmed_at >= CLOSED_BEFORE_TRIM || (quiet && closed > trimmed_at) {
             trimmed_at = closed;
             let _ = tokio::task::spawn_blocking(super::queue::release_free_memory).await;
         }
