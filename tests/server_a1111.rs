@@ -151,6 +151,7 @@ fn img2img_inpainting_and_hires_match_the_v1_requests() {
     let info: Value = serde_json::from_str(v["info"].as_str().unwrap()).unwrap();
     assert_eq!((info["width"].as_u64(), info["height"].as_u64()), (Some(w as u64), Some(h as u64)));
     assert_eq!(info["denoising_strength"], 0.5);
+    assert!(info["comments"].as_str().unwrap().contains("width / height 512×512 ignored"), "{info}");
     let png = unb64(v["images"][0].as_str().unwrap());
     assert!(png_parameters(&png).contains("Denoising strength: 0.5"));
     let v1 = json!({"prompt": "a cat", "image": b64(&input), "strength": 0.5, "num_inference_steps": 4,

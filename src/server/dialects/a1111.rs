@@ -783,11 +783,17 @@ async fn generate(
         (true, false) => Mode::ImageToImage,
         (true, true) => Mode::Inpaint,
     };
-    let Mapped { request, resolved, notes } = map_params(&params, mode)?;
+    let Mapped { request, resolved, mut notes } = map_params(&params, mode)?;
+    let request = decode::check(request, state.ranges, mode)?;
+    if mode != Mode::TextToImage && (params.width, params.height) != (request.img_width, request.img_height) {
+        notes.push(format!(
+            "width / height {}×{} ignored: the output has the input image's size, {}×{}",
+            params.width, params.height, request.img_width, request.img_height
+        ));
+    }
     for n in &notes {
         tracing::warn!("A1111 request: {n}");
     }
-    let request = decode::check(request, state.ranges, mode)?;
     let ticket = state.queue.submit(request.clone()).map_err(|rejected| match rejected {
         Rejected::Full { capacity, retry_after } => ApiError::queue_full(capacity, retry_after),
         Rejected::Closed => ApiError::shutting_down(),
@@ -1173,7 +1179,9 @@ mod tests {
 
     #[test]
     fn a1111_names_map_to_the_engines_schedulers() {
-        let cases: &[(&str, Option<&str>, &str, Option<&str>, Option<&str>)] = &[
+        // (sampler, schedule type) → (scheduler, timestep spacing, schedule type reported)
+        type Case = (&'static str, Option<&'static str>, &'static str, Option<&'static str>, Option<&'static str>);
+        let cases: &[Case] = &[
             ("DPM++ 2M", None, "DPM++ 2M Karras", None, Some("Karras")),
             ("DPM++ 2M", Some("Karras"), "DPM++ 2M Karras", None, Some("Karras")),
             ("DPM++ 2M", Some("karras"), "DPM++ 2M Karras", None, Some("Karras")),
