@@ -641,6 +641,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         metrics_addr: args.metrics_addr,
         shutdown_grace: server::DEFAULT_SHUTDOWN_GRACE,
         handle_signals: true,
+        lora_dir: args.model.lora_dir.clone(),
     };
     let model = args.model.model.clone();
     let options = args.model.pipeline_options(Residency::Resident)?;

@@ -53,20 +53,33 @@ pub fn a1111_parameters(request: &GenerateRequest, seed: u64, model: &str, loras
 /// Writes `image` as PNG with a `parameters` text chunk (tEXt when the text is Latin-1, iTXt otherwise).
 pub fn save_png(image: &RgbImage, path: &Path, parameters: &str) -> Result<()> {
     let file = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
-    let mut encoder = png::Encoder::new(BufWriter::new(file), image.width(), image.height());
+    write_png(image, BufWriter::new(file), parameters).map_err(|e| Error::output(path, format!("writing PNG: {e}")))
+}
+
+/// [`save_png`] into memory: the PNG's bytes (what a server answers, base64-encoded, in A1111's API).
+pub fn png_bytes(image: &RgbImage, parameters: &str) -> Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    write_png(image, &mut bytes, parameters).map_err(|e| Error::output("PNG in memory", format!("encoding: {e}")))?;
+    Ok(bytes)
+}
+
+fn write_png<W: std::io::Write>(
+    image: &RgbImage,
+    out: W,
+    parameters: &str,
+) -> std::result::Result<(), png::EncodingError> {
+    let mut encoder = png::Encoder::new(out, image.width(), image.height());
     encoder.set_color(png::ColorType::Rgb);
     encoder.set_depth(png::BitDepth::Eight);
     let latin1 = parameters.chars().all(|c| (c as u32) < 256);
-    let chunk = if latin1 {
-        encoder.add_text_chunk("parameters".into(), parameters.into())
+    if latin1 {
+        encoder.add_text_chunk("parameters".into(), parameters.into())?;
     } else {
-        encoder.add_itxt_chunk("parameters".into(), parameters.into())
-    };
-    let png_error = |e: png::EncodingError| Error::output(path, format!("writing PNG: {e}"));
-    chunk.map_err(png_error)?;
-    let mut writer = encoder.write_header().map_err(png_error)?;
-    writer.write_image_data(image.as_raw()).map_err(png_error)?;
-    writer.finish().map_err(png_error)
+        encoder.add_itxt_chunk("parameters".into(), parameters.into())?;
+    }
+    let mut writer = encoder.write_header()?;
+    writer.write_image_data(image.as_raw())?;
+    writer.finish()
 }
 
 /// Output file names: `out.png` for one image, `out_0.png … out_{n-1}.png` for several.
@@ -90,6 +103,23 @@ mod tests {
             output_paths(Path::new("a/out.png"), 3),
             ["a/out_0.png", "a/out_1.png", "a/out_2.png"].map(PathBuf::from).to_vec()
         );
+    }
+
+    #[test]
+    fn png_in_memory_carries_the_parameters() {
+        let image = RgbImage::from_fn(5, 3, |x, y| image::Rgb([x as u8 * 40, y as u8 * 80, 7]));
+        for text in ["a cat\nSteps: 2", "ein Kätzchen", "猫\nSteps: 2"] {
+            let bytes = png_bytes(&image, text).unwrap();
+            let decoder = png::Decoder::new(std::io::Cursor::new(&bytes));
+            let reader = decoder.read_info().unwrap();
+            let info = reader.info();
+            let found = info.uncompressed_latin1_text.iter().map(|c| (c.keyword.clone(), c.text.clone()));
+            let found: Vec<(String, String)> =
+                found.chain(info.utf8_text.iter().map(|c| (c.keyword.clone(), c.get_text().unwrap()))).collect();
+            assert_eq!(found, vec![("parameters".to_string(), text.to_string())]);
+            let decoded = image::load_from_memory(&bytes).unwrap().to_rgb8();
+            assert_eq!(decoded, image);
+        }
     }
 
     #[test]

@@ -39,6 +39,8 @@ pub struct AppState {
     pub model_name: Arc<str>,
     pub metrics: Arc<Metrics>,
     pub connections: Arc<Connections>,
+    /// The LoRA directory (`--lora-dir`), if any: names only are ever shown to clients.
+    pub lora_dir: Option<Arc<std::path::Path>>,
 }
 
 /// `POST /v1/sdxl1.0-dreamshaper`: key, content type, body, checks, queue, generation, answer.

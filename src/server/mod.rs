@@ -78,6 +78,8 @@ pub struct ServerConfig {
     pub handle_signals: bool,
     /// Fetch `image` / `mask` given as URLs (public addresses only, see [`fetch`]); off: such requests get 400.
     pub allow_image_urls: bool,
+    /// The LoRA directory the engine resolves names in (`--lora-dir`), listed by A1111's `GET /sdapi/v1/loras`.
+    pub lora_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -95,6 +97,7 @@ impl Default for ServerConfig {
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             handle_signals: false,
             allow_image_urls: false,
+            lora_dir: None,
         }
     }
 }
@@ -175,6 +178,7 @@ impl Server {
             model_name: config.model_name.clone().into(),
             metrics: metrics.clone(),
             connections: connections.clone(),
+            lora_dir: config.lora_dir.clone().map(Arc::from),
         };
         let log = logging::RequestLog { ids: Arc::new(logging::RequestIds::default()), metrics: metrics.clone() };
         let hosts = AllowedHosts::for_server(config.allowed_hosts.as_deref(), config.api_keys.is_enabled());

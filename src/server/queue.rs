@@ -104,11 +104,19 @@ struct Job {
     reply: oneshot::Sender<Outcome>,
 }
 
+/// The job the worker runs: its id, [`work`] and start, its cancellation flag and its progress.
+struct Running {
+    id: u64,
+    work: f64,
+    started: Instant,
+    cancel: Arc<AtomicBool>,
+    progress: Arc<JobProgress>,
+}
+
 #[derive(Default)]
 struct State {
     waiting: VecDeque<Job>,
-    /// The running job: its id, [`work`] and start, and its cancellation flag.
-    running: Option<(u64, f64, Instant, Arc<AtomicBool>)>,
+    running: Option<Running>,
     closed: bool,
     next_id: u64,
     completed: u64,
@@ -340,7 +348,7 @@ impl Queue {
         // capacity is 0.
         let in_system = state.waiting.len() + usize::from(state.running.is_some());
         if in_system > self.shared.capacity {
-            let running = state.running.as_ref().map(|(_, work, started, _)| (*work, started.elapsed()));
+            let running = state.running.as_ref().map(|r| (r.work, r.started.elapsed()));
             let waiting: Vec<f64> = state.waiting.iter().map(|job| job.work).collect();
             let retry_after = estimate_wait(state.seconds_per_work, running, &waiting);
             return Err(Rejected::Full { capacity: self.shared.capacity, retry_after });
@@ -368,8 +376,8 @@ impl Queue {
     /// outcome. False when nothing runs.
     pub fn interrupt_running(&self) -> bool {
         match &self.shared.lock().running {
-            Some((_, _, _, cancel)) => {
-                cancel.store(true, Ordering::SeqCst);
+            Some(running) => {
+                running.cancel.store(true, Ordering::SeqCst);
                 true
             }
             None => false,
@@ -378,7 +386,12 @@ impl Queue {
 
     /// The running job's id.
     pub fn running_id(&self) -> Option<u64> {
-        self.shared.lock().running.as_ref().map(|(id, ..)| *id)
+        self.shared.lock().running.as_ref().map(|r| r.id)
+    }
+
+    /// The running job's progress (A1111's `/progress` reports on whatever runs, whoever submitted it).
+    pub fn running_progress(&self) -> Option<Arc<JobProgress>> {
+        self.shared.lock().running.as_ref().map(|r| r.progress.clone())
     }
 
     /// Refuses new jobs, answers the waiting ones [`Outcome::ShuttingDown`]; the running job finishes and the worker
@@ -508,7 +521,13 @@ fn run_worker<E: Engine>(mut engine: E, shared: &Shared) {
             let mut state = shared.lock();
             loop {
                 if let Some(job) = state.waiting.pop_front() {
-                    state.running = Some((job.id, job.work, Instant::now(), job.cancel.clone()));
+                    state.running = Some(Running {
+                        id: job.id,
+                        work: job.work,
+                        started: Instant::now(),
+                        cancel: job.cancel.clone(),
+                        progress: job.progress.clone(),
+                    });
                     break job;
                 }
                 if state.closed {
@@ -729,6 +748,7 @@ mod tests {
         assert_eq!(queue.position(third.id()), Some(0));
         // A1111's interrupt stops the running job at its next step.
         assert_eq!(queue.running_id(), Some(first.id()));
+        assert!(Arc::ptr_eq(&queue.running_progress().unwrap(), &progress));
         assert!(queue.interrupt_running());
         go.send(()).unwrap();
         assert!(matches!(block_on(first.outcome()), Outcome::Failed(Error::Cancelled)));
