@@ -1,7 +1,7 @@
 //! Writing images: PNG files carrying the generation parameters in A1111's `parameters` text chunk, so existing
 //! tools (A1111's PNG info, civitai, ComfyUI readers) show how an image was made.
 
-use std::io::BufWriter;
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use image::RgbImage;
@@ -53,20 +53,29 @@ pub fn a1111_parameters(request: &GenerateRequest, seed: u64, model: &str, loras
 /// Writes `image` as PNG with a `parameters` text chunk (tEXt when the text is Latin-1, iTXt otherwise).
 pub fn save_png(image: &RgbImage, path: &Path, parameters: &str) -> Result<()> {
     let file = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
-    let mut encoder = png::Encoder::new(BufWriter::new(file), image.width(), image.height());
+    write_png(BufWriter::new(file), image, parameters).map_err(|e| Error::output(path, format!("writing PNG: {e}")))
+}
+
+/// `image` as PNG bytes with a `parameters` text chunk, as [`save_png`] writes it (for answers sent over HTTP).
+pub fn png_bytes_with_parameters(image: &RgbImage, parameters: &str) -> Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    write_png(&mut bytes, image, parameters).map_err(|e| Error::output("(in memory)", format!("writing PNG: {e}")))?;
+    Ok(bytes)
+}
+
+fn write_png<W: Write>(writer: W, image: &RgbImage, parameters: &str) -> std::result::Result<(), png::EncodingError> {
+    let mut encoder = png::Encoder::new(writer, image.width(), image.height());
     encoder.set_color(png::ColorType::Rgb);
     encoder.set_depth(png::BitDepth::Eight);
     let latin1 = parameters.chars().all(|c| (c as u32) < 256);
-    let chunk = if latin1 {
-        encoder.add_text_chunk("parameters".into(), parameters.into())
+    if latin1 {
+        encoder.add_text_chunk("parameters".into(), parameters.into())?;
     } else {
-        encoder.add_itxt_chunk("parameters".into(), parameters.into())
-    };
-    let png_error = |e: png::EncodingError| Error::output(path, format!("writing PNG: {e}"));
-    chunk.map_err(png_error)?;
-    let mut writer = encoder.write_header().map_err(png_error)?;
-    writer.write_image_data(image.as_raw()).map_err(png_error)?;
-    writer.finish().map_err(png_error)
+        encoder.add_itxt_chunk("parameters".into(), parameters.into())?;
+    }
+    let mut writer = encoder.write_header()?;
+    writer.write_image_data(image.as_raw())?;
+    writer.finish()
 }
 
 /// Output file names: `out.png` for one image, `out_0.png … out_{n-1}.png` for several.
@@ -90,6 +99,17 @@ mod tests {
             output_paths(Path::new("a/out.png"), 3),
             ["a/out_0.png", "a/out_1.png", "a/out_2.png"].map(PathBuf::from).to_vec()
         );
+    }
+
+    #[test]
+    fn png_bytes_carry_the_parameters() {
+        let image = RgbImage::from_pixel(3, 2, image::Rgb([10, 20, 30]));
+        let bytes = png_bytes_with_parameters(&image, "a cat\nSteps: 2").unwrap();
+        let decoded = image::load_from_memory_with_format(&bytes, image::ImageFormat::Png).unwrap().to_rgb8();
+        assert_eq!(decoded, image);
+        let reader = png::Decoder::new(std::io::Cursor::new(&bytes)).read_info().unwrap();
+        let text = &reader.info().uncompressed_latin1_text;
+        assert_eq!((text[0].keyword.as_str(), text[0].text.as_str()), ("parameters", "a cat\nSteps: 2"));
     }
 
     #[test]
