@@ -15,6 +15,7 @@ pub mod errors;
 pub mod fetch;
 pub mod handlers;
 pub mod hosts;
+pub mod jobs;
 pub mod logging;
 pub mod metrics;
 pub mod queue;
@@ -78,6 +79,13 @@ pub struct ServerConfig {
     pub handle_signals: bool,
     /// Fetch `image` / `mask` given as URLs (public addresses only, see [`fetch`]); off: such requests get 400.
     pub allow_image_urls: bool,
+    /// The server's URL as clients reach it (`https://gpu.example`), for the absolute URLs of the v2 job API;
+    /// `None`: `http://` and the request's `Host`.
+    pub public_url: Option<String>,
+    /// How long a finished v2 job's result is kept (then 404).
+    pub job_ttl: Duration,
+    /// The most v2 jobs kept, finished or not (the oldest finished ones make room).
+    pub max_jobs: usize,
 }
 
 impl Default for ServerConfig {
@@ -95,6 +103,9 @@ impl Default for ServerConfig {
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             handle_signals: false,
             allow_image_urls: false,
+            public_url: None,
+            job_ttl: jobs::DEFAULT_JOB_TTL,
+            max_jobs: jobs::DEFAULT_MAX_JOBS,
         }
     }
 }
@@ -175,6 +186,8 @@ impl Server {
             model_name: config.model_name.clone().into(),
             metrics: metrics.clone(),
             connections: connections.clone(),
+            jobs: jobs::Jobs::new(config.job_ttl, config.max_jobs),
+            public_url: config.public_url.as_deref().map(|u| u.trim_end_matches('/').into()),
         };
         let log = logging::RequestLog { ids: Arc::new(logging::RequestIds::default()), metrics: metrics.clone() };
         let hosts = AllowedHosts::for_server(config.allowed_hosts.as_deref(), config.api_keys.is_enabled());
