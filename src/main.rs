@@ -299,6 +299,11 @@ struct ServeArgs {
     /// The most v2 jobs kept, finished or not (the oldest finished ones make room first).
     #[arg(long, default_value_t = server::jobs::DEFAULT_MAX_JOBS)]
     max_jobs: usize,
+    /// Keep v2 jobs in Redis (`redis://HOST:PORT/DB`) rather than in memory: replicas sharing it behave as one
+    /// service (submit on one, poll on another; each pulls queued jobs while idle). `--max-jobs` then bounds the
+    /// jobs queued in Redis.
+    #[arg(long)]
+    job_store: Option<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -662,6 +667,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         public_url: args.public_url.clone(),
         job_ttl: std::time::Duration::from_secs(args.job_ttl),
         max_jobs: args.max_jobs,
+        job_store: args.job_store.clone(),
     };
     let model = args.model.model.clone();
     let options = args.model.pipeline_options(Residency::Resident)?;

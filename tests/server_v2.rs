@@ -39,7 +39,8 @@ fn tiny_server(config: ServerConfig) -> Server {
     .unwrap()
 }
 
-/// Instant 8×8 images; `"fail"` fails; `"slow"` runs 400 evaluations of 5 ms each, stopping when cancelled.
+/// Instant 8×8 images; `"fail"` fails; `"slow"` runs 400 evaluations of 5 ms each (`"slower"`: 2000), stopping
+/// when cancelled.
 struct StandIn;
 
 impl Engine for StandIn {
@@ -48,8 +49,9 @@ impl Engine for StandIn {
             return Err(Error::Service("the stand-in engine failed on purpose".into()));
         }
         progress(&dreamshaper::Progress::Stage("denoising"));
-        if request.prompt == "slow" {
-            let steps = 400;
+        if request.prompt.starts_with("slow") {
+            // "slow": 2 s; "slower": 10 s.
+            let steps = if request.prompt == "slower" { 2000 } else { 400 };
             for step in 0..steps {
                 std::thread::sleep(Duration::from_millis(5));
                 let p = dreamshaper::Progress::Step {
@@ -107,6 +109,7 @@ fn wait_done(addr: std::net::SocketAddr, status_path: &str) -> (u16, Value) {
     }
 }
 
+/// Submits `body`; returns the id, the status path and the result path.
 fn submitted(addr: std::net::SocketAddr, body: &Value) -> (String, String, String) {
     let r = submit(addr, body);
     assert_eq!(r.status, 200, "{}", r.text());
@@ -399,4 +402,156 @@ fn finished_jobs_expire_after_the_ttl_and_beyond_max_jobs() {
         assert_eq!(call(addr, "POST", &cancel, &[], b"").status, 200);
     }
     server.shutdown().unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// A fleet sharing Redis (`--job-store`): needs `redis-server` (Debian: apt-get install redis-server).
+
+/// A `redis-server` of our own on a free loopback port, without persistence, in a temporary folder.
+struct Redis {
+    child: std::process::Child,
+    port: u16,
+    _dir: common::TempDir,
+}
+
+impl Redis {
+    fn start(port: Option<u16>, dir: common::TempDir) -> Redis {
+        let port =
+            port.unwrap_or_else(|| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port());
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .current_dir(&dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(start.elapsed() < Duration::from_secs(20), "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Redis { child, port, _dir: dir }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Kills it (our own child) and starts a fresh, empty one on the same port.
+    fn restart(mut self) -> Redis {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let port = self.port;
+        let dir = std::mem::replace(&mut self._dir, common::TempDir::new("redis-unused"));
+        drop(self);
+        Redis::start(Some(port), dir)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn redis_available() -> bool {
+    let found = std::process::Command::new("redis-server").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !found {
+        eprintln!("skipped: redis-server is not installed (Debian: apt-get install redis-server)");
+    }
+    found
+}
+
+fn poll_until(addr: std::net::SocketAddr, path: &str, limit: Duration, done: impl Fn(u16, &Value) -> bool) -> Value {
+    let start = Instant::now();
+    loop {
+        let r = get(addr, path);
+        let v = r.json();
+        if done(r.status, &v) {
+            return v;
+        }
+        assert!(start.elapsed() < limit, "gave up waiting on {path}: {} {v}", r.status);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_fleet_sharing_redis_behaves_as_one_service() {
+    if !redis_available() {
+        return;
+    }
+    let redis = Redis::start(None, common::TempDir::new("redis"));
+    let fleet = |ttl: Duration| ServerConfig { job_store: Some(redis.url()), job_ttl: ttl, ..config() };
+    let a = stand_in(fleet(Duration::from_secs(2)));
+    let b = stand_in(fleet(Duration::from_secs(2)));
+    let (a_addr, b_addr) = (a.addr(), b.addr());
+
+    // Submit on one replica, poll and fetch on the other.
+    let mut body = small("x");
+    body["samples"] = json!(2);
+    let (id, status_path, response_path) = submitted(a_addr, &body);
+    let status = poll_until(b_addr, &status_path, Duration::from_secs(30), |_, v| v["status"] == "COMPLETED");
+    assert_eq!(status["progress"]["eta_seconds"], 0.0, "{status}");
+    let result = get(b_addr, &response_path).json();
+    assert_eq!(result["seed"], 1234, "{result}");
+    assert_eq!(result["output"].as_array().map(Vec::len), Some(2), "{result}");
+    for replica in [a_addr, b_addr] {
+        let image = get(replica, &format!("/v2/requests/{id}/output/1.jpg"));
+        assert_eq!(image.jpeg_size(), (8, 8));
+        assert_eq!(image.header("x-seed-value"), Some("1234"));
+    }
+    assert_eq!(get(b_addr, &format!("/v2/requests/{id}/output/2.jpg")).status, 404);
+    assert_eq!(get(a_addr, "/v2/requests/nope/status").status, 404);
+    assert_eq!(call(a_addr, "DELETE", &format!("/v2/requests/{id}"), &[], b"").status, 409);
+
+    // Failures and cancellation across replicas.
+    let (_, fail_status, _) = submitted(b_addr, &small("fail"));
+    let v = poll_until(a_addr, &fail_status, Duration::from_secs(30), |_, v| v["status"] == "FAILED");
+    assert!(v["error"].as_str().unwrap().contains("on purpose"), "{v}");
+    let (slow, slow_status, _) = submitted(a_addr, &small("slower"));
+    poll_until(b_addr, &slow_status, Duration::from_secs(30), |_, v| v["status"] == "PROCESSING");
+    let r = call(b_addr, "POST", &format!("/v2/requests/{slow}/cancel"), &[], b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["error"], "cancelled");
+    // The replica running it stops at its next heartbeat and evaluation.
+    for replica in [a_addr, b_addr] {
+        wait_for_health(replica, Duration::from_secs(30), "the cancelled job to stop", |h| h["running"] == false);
+    }
+    assert_eq!(call(a_addr, "DELETE", &format!("/v2/requests/{slow}"), &[], b"").status, 200, "idempotent");
+
+    // Results expire after the TTL.
+    std::thread::sleep(Duration::from_millis(2500));
+    let r = get(a_addr, &status_path);
+    assert_eq!(r.status, 404);
+    assert!(r.error().contains("expired"), "{}", r.text());
+
+    // Redis restarts (empty) under a running job: polls answer 503 while it is down, nothing hangs; the running job
+    // ends FAILED saying its record was lost; the replicas reconnect and take new jobs.
+    let (_, running_status, _) = submitted(a_addr, &small("slower"));
+    poll_until(b_addr, &running_status, Duration::from_secs(30), |_, v| v["status"] == "PROCESSING");
+    let mut redis = redis;
+    {
+        let _ = redis.child.kill();
+        let _ = redis.child.wait();
+    }
+    let start = Instant::now();
+    let r = get(b_addr, &running_status);
+    assert!(start.elapsed() < Duration::from_secs(10), "a poll hung while Redis was down");
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.error().contains("job store"), "{}", r.text());
+    let r = submit(a_addr, &small("x"));
+    assert_eq!(r.status, 503, "{}", r.text());
+    redis = redis.restart();
+    let v =
+        poll_until(b_addr, &running_status, Duration::from_secs(60), |code, v| code != 503 && v["status"] == "FAILED");
+    assert!(v["error"].as_str().unwrap().contains("lost this job"), "{v}");
+    for replica in [a_addr, b_addr] {
+        wait_for_health(replica, Duration::from_secs(30), "the lost job to stop", |h| h["running"] == false);
+    }
+    let (_, after_status, _) = submitted(b_addr, &small("x"));
+    poll_until(a_addr, &after_status, Duration::from_secs(30), |_, v| v["status"] == "COMPLETED");
+    a.shutdown().unwrap();
+    b.shutdown().unwrap();
+    drop(redis);
 }

@@ -86,6 +86,9 @@ pub struct ServerConfig {
     pub job_ttl: Duration,
     /// The most v2 jobs kept, finished or not (the oldest finished ones make room).
     pub max_jobs: usize,
+    /// Where v2 jobs live: `None` in this process's memory; `redis://HOST:PORT/DB`: in Redis, shared by a fleet
+    /// (see [`jobs`]).
+    pub job_store: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -106,6 +109,7 @@ impl Default for ServerConfig {
             public_url: None,
             job_ttl: jobs::DEFAULT_JOB_TTL,
             max_jobs: jobs::DEFAULT_MAX_JOBS,
+            job_store: None,
         }
     }
 }
@@ -176,6 +180,26 @@ impl Server {
         let (queue, worker) = Queue::start(config.max_queue, load)?;
         let metrics = Arc::new(metrics::Metrics::default());
         let connections = Arc::new(connections::Connections::default());
+        let jobs = match &config.job_store {
+            None => jobs::Jobs::memory(queue.clone(), metrics.clone(), config.job_ttl, config.max_jobs),
+            Some(url) => {
+                let connected = runtime.block_on(jobs::Jobs::redis(
+                    url,
+                    queue.clone(),
+                    metrics.clone(),
+                    config.job_ttl,
+                    config.max_jobs,
+                ));
+                match connected {
+                    Ok(jobs) => jobs,
+                    Err(e) => {
+                        queue.close();
+                        let _ = worker.join();
+                        return Err(e);
+                    }
+                }
+            }
+        };
         let state = handlers::AppState {
             queue: queue.clone(),
             keys: config.api_keys.clone(),
@@ -186,7 +210,7 @@ impl Server {
             model_name: config.model_name.clone().into(),
             metrics: metrics.clone(),
             connections: connections.clone(),
-            jobs: jobs::Jobs::new(config.job_ttl, config.max_jobs),
+            jobs,
             public_url: config.public_url.as_deref().map(|u| u.trim_end_matches('/').into()),
         };
         let log = logging::RequestLog { ids: Arc::new(logging::RequestIds::default()), metrics: metrics.clone() };

@@ -28,9 +28,8 @@ use serde_json::{json, Value};
 use crate::server::decode::{self, Mode};
 use crate::server::errors::ApiError;
 use crate::server::handlers::{self, AppState, IMG2IMG_PATH, INPAINT_PATH, MODEL_PATH};
-use crate::server::jobs::{self, End, Snapshot};
-use crate::server::queue::JobState;
-use crate::server::respond::{self, SEED_HEADER};
+use crate::server::jobs::{Status, View};
+use crate::server::respond::SEED_HEADER;
 
 /// This dialect's routes.
 pub fn routes() -> Router<AppState> {
@@ -73,36 +72,31 @@ async fn submit(
         handlers::fetch_urls(&mut request, &state).await?;
     }
     let request = decode::check(request, state.ranges, mode)?;
-    let id = jobs::new_id();
-    let snapshot = state.jobs.submit(id.clone(), request, &state.queue, state.metrics.clone())?;
-    let base = base_url(&state, &headers);
-    let urls = Urls::new(&base, &id);
+    let (id, view) = state.jobs.submit(request).await?;
+    let urls = Urls::new(&base_url(&state, &headers), &id);
     let body = json!({
         "request_id": id,
-        "status": "QUEUED",
+        "status": view.status.as_str(),
         "status_url": urls.status,
         "poll_url": urls.status,
         "response_url": urls.response,
         "cancel_url": urls.cancel,
-        "queue_position": state.queue.position(snapshot.queue_id),
+        "queue_position": view.queue_position,
     });
     Ok((StatusCode::OK, Json(body)).into_response())
 }
 
-/// `GET /v2/requests/{id}/status`.
+/// `GET /v2/requests/{id}/status`: 200, or 422 for a failed job (as the hosted service answers).
 async fn status(
     State(state): State<AppState>,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     state.keys.check(&headers)?;
-    let snapshot = state.jobs.get(&id)?;
-    if snapshot.end.is_none() {
-        // Made by the worker at its next evaluation, for the next poll.
-        snapshot.progress.request_preview();
-    }
+    let view = state.jobs.status(&id).await?;
     let urls = Urls::new(&base_url(&state, &headers), &id);
-    Ok(status_answer(&state, &id, &snapshot, &urls))
+    let code = if view.status == Status::Failed { StatusCode::UNPROCESSABLE_ENTITY } else { StatusCode::OK };
+    Ok((code, Json(status_body(&id, &view, &urls))).into_response())
 }
 
 /// `GET /v2/requests/{id}`: the result.
@@ -112,36 +106,33 @@ async fn result(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     state.keys.check(&headers)?;
-    let snapshot = state.jobs.get(&id)?;
+    let view = state.jobs.status(&id).await?;
     let urls = Urls::new(&base_url(&state, &headers), &id);
-    match &snapshot.end {
-        Some(End::Completed(output)) => {
-            let links: Vec<String> = (0..output.jpegs.len()).map(|n| urls.output(n)).collect();
+    match (&view.status, &view.result) {
+        (Status::Completed, Some(result)) => {
+            let links: Vec<String> = (0..result.images).map(|n| urls.output(n)).collect();
             let body = json!({
                 "request_id": id,
                 "status": "COMPLETED",
                 "error": null,
-                "metrics": {
-                    "inference_time": round_ms(output.inference_time),
-                    "queue_time": round_ms(output.queue_time),
-                },
+                "metrics": {"inference_time": result.inference_time, "queue_time": result.queue_time},
                 "output": if links.len() == 1 { json!(links[0]) } else { json!(links) },
-                "seed": output.seed,
+                "seed": result.seed,
             });
             Ok((StatusCode::OK, Json(body)).into_response())
         }
-        Some(End::Failed(message)) => {
+        (Status::Failed, _) => {
             let body = json!({
                 "request_id": id,
                 "status": "FAILED",
-                "error": message,
+                "error": view.error,
                 "metrics": {},
                 "output": null,
             });
             Ok((StatusCode::UNPROCESSABLE_ENTITY, Json(body)).into_response())
         }
-        None => {
-            let mut answer = status_body(&state, &id, &snapshot, &urls);
+        _ => {
+            let mut answer = status_body(&id, &view, &urls);
             answer["output"] = Value::Null;
             Ok((StatusCode::ACCEPTED, Json(answer)).into_response())
         }
@@ -156,10 +147,9 @@ async fn cancel(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     state.keys.check(&headers)?;
-    let snapshot = state.jobs.cancel(&id)?;
+    let view = state.jobs.cancel(&id).await?;
     let urls = Urls::new(&base_url(&state, &headers), &id);
-    let body = status_body(&state, &id, &snapshot, &urls);
-    Ok((StatusCode::OK, Json(body)).into_response())
+    Ok((StatusCode::OK, Json(status_body(&id, &view, &urls))).into_response())
 }
 
 /// `GET /v2/requests/{id}/output/{n}.jpg`.
@@ -169,19 +159,14 @@ async fn output(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     state.keys.check(&headers)?;
-    let snapshot = state.jobs.get(&id)?;
-    let Some(End::Completed(output)) = &snapshot.end else {
-        let message = format!("request `{id}` has no output: it is {}", status_name(&snapshot));
-        return Err(ApiError::new(StatusCode::CONFLICT, message));
-    };
     let n = file.strip_suffix(".jpg").and_then(|n| n.parse::<usize>().ok());
-    let Some(jpeg) = n.and_then(|n| output.jpegs.get(n)) else {
-        let count = output.jpegs.len();
-        let message = format!("request `{id}` has {count} image(s): `output/0.jpg` … `output/{}.jpg`", count - 1);
+    let Some(n) = n else {
+        let message = format!("no such output `{file}`: the images are `output/0.jpg`, `output/1.jpg` …");
         return Err(ApiError::new(StatusCode::NOT_FOUND, message));
     };
-    let mut response = ([(header::CONTENT_TYPE, HeaderValue::from_static("image/jpeg"))], jpeg.clone()).into_response();
-    response.headers_mut().insert(SEED_HEADER, HeaderValue::from(output.seed));
+    let (jpeg, seed) = state.jobs.output(&id, n).await?;
+    let mut response = ([(header::CONTENT_TYPE, HeaderValue::from_static("image/jpeg"))], jpeg).into_response();
+    response.headers_mut().insert(SEED_HEADER, HeaderValue::from(seed));
     Ok(response)
 }
 
@@ -193,63 +178,32 @@ async fn preview(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     state.keys.check(&headers)?;
-    let snapshot = state.jobs.get(&id)?;
-    let Some((image, _)) = snapshot.progress.snapshot().preview else {
-        snapshot.progress.request_preview();
-        let message = format!("request `{id}` has no preview yet (one is made at the next model evaluation)");
-        return Err(ApiError::new(StatusCode::NOT_FOUND, message));
-    };
-    let jpeg = respond::jpeg(&image)?;
+    let jpeg = state.jobs.preview(&id).await?;
     Ok(([(header::CONTENT_TYPE, HeaderValue::from_static("image/jpeg"))], jpeg).into_response())
 }
 
-/// The status answer: 200, or 422 for a failed job (as the hosted service answers).
-fn status_answer(state: &AppState, id: &str, snapshot: &Snapshot, urls: &Urls) -> Response {
-    let code = match snapshot.end {
-        Some(End::Failed(_)) => StatusCode::UNPROCESSABLE_ENTITY,
-        _ => StatusCode::OK,
-    };
-    (code, Json(status_body(state, id, snapshot, urls))).into_response()
-}
-
-fn status_name(snapshot: &Snapshot) -> &'static str {
-    match &snapshot.end {
-        Some(End::Completed(_)) => "COMPLETED",
-        Some(End::Failed(_)) => "FAILED",
-        // Finished but not yet stored (its JPEGs are being encoded): still processing.
-        None => match snapshot.progress.snapshot().state {
-            JobState::Queued => "QUEUED",
-            JobState::Running | JobState::Finished => "PROCESSING",
-        },
-    }
-}
-
-fn status_body(state: &AppState, id: &str, snapshot: &Snapshot, urls: &Urls) -> Value {
-    let progress = snapshot.progress.snapshot();
-    let status = status_name(snapshot);
-    let completed = status == "COMPLETED";
+fn status_body(id: &str, view: &View, urls: &Urls) -> Value {
+    let p = &view.progress;
     let mut body = json!({
         "request_id": id,
-        "status": status,
-        "queue_position": if status == "QUEUED" { json!(state.queue.position(snapshot.queue_id)) } else { Value::Null },
+        "status": view.status.as_str(),
+        "queue_position": view.queue_position,
         "progress": {
-            "step": if completed { progress.steps } else { progress.step },
-            "total": progress.steps,
-            "eta_seconds": if completed { Some(0.0) } else { progress.eta_seconds.map(round_ms) },
-            "stage": if completed { "done" } else { progress.stage },
-            "fraction": if completed { 1.0 } else { round_ms(progress.fraction()) },
+            "step": p.step,
+            "total": p.total,
+            "eta_seconds": p.eta_seconds,
+            "stage": p.stage,
+            "fraction": p.fraction,
         },
         "status_url": urls.status,
         "response_url": urls.response,
     });
-    if let Some(End::Failed(message)) = &snapshot.end {
-        body["error"] = json!(message);
+    if let Some(error) = &view.error {
+        body["error"] = json!(error);
     }
-    if status == "PROCESSING" {
-        if let Some((_, evaluation)) = &progress.preview {
-            body["preview_url"] = json!(urls.preview);
-            body["preview_evaluation"] = json!(evaluation);
-        }
+    if let (Status::Processing, Some(evaluation)) = (view.status, view.preview_evaluation) {
+        body["preview_url"] = json!(urls.preview);
+        body["preview_evaluation"] = json!(evaluation);
     }
     body
 }
@@ -293,10 +247,6 @@ fn base_url(state: &AppState, headers: &HeaderMap) -> String {
         Some(host) => format!("http://{host}"),
         None => "http://localhost".into(),
     }
-}
-
-fn round_ms(seconds: f64) -> f64 {
-    (seconds * 1000.0).round() / 1000.0
 }
 
 #[cfg(test)]
