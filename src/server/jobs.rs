@@ -9,7 +9,7 @@
 //!   and at most `max_jobs` jobs are kept (the oldest finished ones make room; when every kept job is unfinished, a
 //!   submission is refused 429). Ids that left the store are remembered for a while, so that a late poll hears that
 //!   the result has expired rather than that the id was never known.
-//! - In Redis (`--job-store redis://…`, [`redis_store`]): a fleet's replicas share the jobs: any replica takes
+//! - In Redis (`--job-store redis://…`, `jobs/redis_store.rs`): a fleet's replicas share the jobs: any replica takes
 //!   submissions and answers polls, and each pulls queued jobs while its own worker is idle.
 
 use std::collections::{HashMap, HashSet, VecDeque};
