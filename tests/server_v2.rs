@@ -482,7 +482,9 @@ fn a_fleet_sharing_redis_behaves_as_one_service() {
         return;
     }
     let redis = Redis::start(None, common::TempDir::new("redis"));
-    let fleet = |ttl: Duration| ServerConfig { job_store: Some(redis.url()), job_ttl: ttl, ..config() };
+    // A restart keeps the port, so the URL.
+    let url = redis.url();
+    let fleet = |ttl: Duration| ServerConfig { job_store: Some(url.clone()), job_ttl: ttl, ..config() };
     let a = stand_in(fleet(Duration::from_secs(2)));
     let b = stand_in(fleet(Duration::from_secs(2)));
     let (a_addr, b_addr) = (a.addr(), b.addr());
@@ -551,7 +553,16 @@ fn a_fleet_sharing_redis_behaves_as_one_service() {
     }
     let (_, after_status, _) = submitted(b_addr, &small("x"));
     poll_until(a_addr, &after_status, Duration::from_secs(30), |_, v| v["status"] == "COMPLETED");
-    a.shutdown().unwrap();
+
+    // A replica shut down while it runs a job records the job's end before it stops: another one serves it.
     b.shutdown().unwrap();
+    let (_, last_status, last_response) = submitted(a_addr, &small("slow"));
+    poll_until(a_addr, &last_status, Duration::from_secs(30), |_, v| v["status"] == "PROCESSING");
+    a.shutdown().unwrap();
+    let c = stand_in(fleet(Duration::from_secs(60)));
+    let v = poll_until(c.addr(), &last_status, Duration::from_secs(5), |code, _| code != 503);
+    assert_eq!(v["status"], "COMPLETED", "{v}");
+    assert_eq!(get(c.addr(), &last_response).json()["seed"], 1234);
+    c.shutdown().unwrap();
     drop(redis);
 }

@@ -165,6 +165,14 @@ impl Jobs {
         Ok(Jobs { backend: Backend::Redis(redis) })
     }
 
+    /// Waits (at most `limit`) until the jobs this replica ran have their ends recorded (Redis: in memory they are
+    /// lost with the process anyway).
+    pub async fn drain(&self, limit: Duration) {
+        if let Backend::Redis(r) = &self.backend {
+            r.drain(limit).await;
+        }
+    }
+
     /// Keeps and queues `request`; its id and first view.
     pub async fn submit(&self, request: GenerateRequest) -> Result<(String, View), ApiError> {
         let id = new_id();

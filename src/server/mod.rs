@@ -254,6 +254,7 @@ impl Server {
                         }
                     }
                 };
+                let jobs = state.jobs.clone();
                 runtime.block_on(async move {
                     if let Some(listener) = metrics_listener {
                         tokio::spawn(serve_metrics(listener, state, stopped));
@@ -267,6 +268,8 @@ impl Server {
                         connections,
                     };
                     connections::serve(accepting, stop_accepting, grace).await;
+                    // A shared job store: the last job's end is recorded before the runtime stops.
+                    jobs.drain(grace).await;
                     let _ = stopped_tx.send(true);
                 });
                 let joined = worker.join();

@@ -111,6 +111,8 @@ pub struct RedisJobs {
     metrics: Arc<Metrics>,
     ttl: Duration,
     max_jobs: usize,
+    /// Jobs pulled by this replica whose end is not recorded yet.
+    running: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl RedisJobs {
@@ -131,7 +133,7 @@ impl RedisJobs {
             .await
             .map_err(|e| Error::Service(format!("--job-store: cannot reach Redis: {e}")))?;
         let transition = Arc::new(Script::new(TRANSITION));
-        Ok(Self { conn, transition, queue, metrics, ttl, max_jobs: max_jobs.max(1) })
+        Ok(Self { conn, transition, queue, metrics, ttl, max_jobs: max_jobs.max(1), running: Arc::default() })
     }
 
     /// Compare-and-set: writes `fields` to the job if its status is `from`; `expire`: the record's new lifetime.
@@ -341,6 +343,14 @@ impl RedisJobs {
         }
     }
 
+    /// Waits (at most `limit`) until the jobs this replica pulled have their ends recorded.
+    pub async fn drain(&self, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.running.load(std::sync::atomic::Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Pulls queued jobs while this replica's worker is idle, until the queue closes (shutdown).
     pub fn start_puller(&self) {
         let jobs = self.clone();
@@ -367,7 +377,11 @@ impl RedisJobs {
                     }
                     failing = false;
                     match pulled {
-                        Some(id) => self.run(id).await,
+                        Some(id) => {
+                            self.running.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            self.run(id).await;
+                            self.running.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                        }
                         None => tokio::time::sleep(Duration::from_millis(100)).await,
                     }
                 }
