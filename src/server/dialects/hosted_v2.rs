@@ -76,12 +76,14 @@ async fn submit(
     let urls = Urls::new(&base_url(&state, &headers), &id);
     let body = json!({
         "request_id": id,
-        "status": view.status.as_str(),
+        // As the hosted service answers: queued when submitted (the worker may already have taken it; a poll
+        // says so).
+        "status": "QUEUED",
         "status_url": urls.status,
         "poll_url": urls.status,
         "response_url": urls.response,
         "cancel_url": urls.cancel,
-        "queue_position": view.queue_position,
+        "queue_position": view.queue_position.unwrap_or(0),
     });
     Ok((StatusCode::OK, Json(body)).into_response())
 }
