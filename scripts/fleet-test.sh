@@ -7,6 +7,10 @@
 #     4xx, a 200 that is not a JPEG),
 #   - the surviving replica not serving after the kill (requests started after it, then a sequential check),
 #   - images for the same seed that differ: between the replicas asked directly, through nginx, or in the load.
+# When redis-server is installed (Debian: apt-get install redis-server; FLEET_REDIS=0 skips it), the replicas share
+# their v2 jobs in a Redis of the test's own (`--job-store`), and the v2 job API is checked as one service: jobs
+# submitted through nginx or to one replica, polled and fetched on the other, images equal to v1's for the seed,
+# one cancelled across replicas, and after the kill a job submitted through nginx is run by the survivor.
 # Prints every outcome (status -> count) and the timings. Loopback only, free ports, everything (nginx's config, pid,
 # logs and temporary files, the replicas' logs) in one temporary directory, every process stopped on exit.
 #
@@ -47,6 +51,7 @@ fi
 work=$(mktemp -d "${TMPDIR:-/tmp}/fleet-test.XXXXXX")
 replica_pids=()
 nginx_pid=
+redis_pid=
 load_pid=
 
 # Stops what this script started, by process id: the load, the replicas, then nginx (TERM: a fast shutdown that also
@@ -58,6 +63,7 @@ cleanup() {
     for pid in "${replica_pids[@]}"; do
         kill -KILL "$pid" 2>/dev/null || true
     done
+    [ -n "$redis_pid" ] && kill -KILL "$redis_pid" 2>/dev/null
     if [ -n "$nginx_pid" ]; then
         workers=$(ps -o pid= --ppid "$nginx_pid" 2>/dev/null || true)
         kill -TERM "$nginx_pid" 2>/dev/null || true
@@ -145,6 +151,87 @@ def wait_ready(port, pid, limit):
             return
         time.sleep(0.1)
     sys.exit(f"port {port}: GET /ready not 200 within {limit} s")
+
+def v2_call(port, method, url_or_path, data=None, host=None):
+    """A v2 request; an absolute URL of ours is sent to `port` with its path (and its host as Host)."""
+    path, url_host = url_or_path, host
+    m = re.match(r"https?://([^/]+)(/.*)", url_or_path)
+    if m:
+        url_host, path = m.group(1), m.group(2)
+    return request(port, method, path, data, timeout=10, host=url_host)
+
+def v2_wait(port, url, limit=60):
+    deadline = time.monotonic() + limit
+    while True:
+        status, _, data = v2_call(port, "GET", url)
+        if not isinstance(status, int):
+            sys.exit(f"v2 status {url} on port {port}: {status}")
+        v = json.loads(data)
+        if v.get("status") in ("COMPLETED", "FAILED"):
+            return v
+        if time.monotonic() > deadline:
+            sys.exit(f"v2 job {url} did not end within {limit} s: {v}")
+        time.sleep(0.1)
+
+def v2_submit(port, seed, host=None, prompt=None):
+    data = json.loads(body(seed))
+    if prompt:
+        data["prompt"], data["num_inference_steps"], data["img_width"], data["img_height"] = prompt, 100, 512, 512
+    status, _, answer = v2_call(port, "POST", "/v2/sdxl1.0-dreamshaper", json.dumps(data).encode(), host)
+    if status != 200:
+        sys.exit(f"v2 submit on port {port}: {status} {answer!r}")
+    return json.loads(answer)
+
+def v2(front, port_a, port_b, phase):
+    """The replicas' shared v2 jobs (--job-store redis://…): one service whichever replica is asked."""
+    front, port_a, port_b = int(front), int(port_a), int(port_b)
+    problems = []
+    seed = 4343
+    status, headers, v1 = generate(port_a, seed, 30)
+    if not is_image(status, headers, v1):
+        sys.exit(f"v1 on replica A: {status}")
+    if phase == "before":
+        # Submitted to A, polled and fetched on B; submitted through nginx, polled on A and B.
+        for submit_port, poll_port, what in ((port_a, port_b, "A -> B"), (front, port_a, "nginx -> A")):
+            host = PUBLIC_HOST if submit_port == front else None
+            job = v2_submit(submit_port, seed, host)
+            done = v2_wait(poll_port, job["status_url"])
+            if done["status"] != "COMPLETED":
+                problems.append(f"v2 {what}: {done}")
+                continue
+            status, _, result = v2_call(poll_port, "GET", job["response_url"])
+            output = json.loads(result)["output"]
+            for port in (port_a, port_b):
+                status, headers, image = v2_call(port, "GET", output)
+                if not is_image(status, headers, image) or image != v1:
+                    problems.append(f"v2 {what}: the output on port {port} is not v1's image ({status})")
+            print(f"v2 {what}: completed, output identical to v1's on both replicas")
+        # A long job submitted to A, cancelled on B while it runs on either.
+        job = v2_submit(port_a, 7, None, prompt="a long one")
+        deadline = time.monotonic() + 30
+        while json.loads(v2_call(port_b, "GET", job["status_url"])[2])["status"] == "QUEUED":
+            if time.monotonic() > deadline:
+                sys.exit("v2: the long job was not taken within 30 s")
+            time.sleep(0.05)
+        status, _, answer = v2_call(port_b, "POST", job["status_url"].replace("/status", "/cancel"))
+        done = v2_wait(port_a, job["status_url"])
+        if status != 200 or done.get("error") != "cancelled":
+            problems.append(f"v2 cancel on B: {status} {answer!r}, then {done}")
+        else:
+            print("v2 cancel: submitted on A, cancelled on B: FAILED, cancelled")
+    else:
+        # After the kill: through nginx, the survivor pulls the job and answers its polls.
+        job = v2_submit(front, seed, PUBLIC_HOST)
+        done = v2_wait(port_a, job["status_url"])
+        status, headers, image = v2_call(port_a, "GET", json.loads(v2_call(port_a, "GET", job["response_url"])[2])["output"])
+        if done["status"] != "COMPLETED" or image != v1:
+            problems.append(f"v2 after the kill: {done}")
+        else:
+            print("v2 after the kill: submitted through nginx, run by the survivor, output identical to v1's")
+    if problems:
+        for p in problems:
+            print("FAIL: " + p)
+        sys.exit(1)
 
 def pct(xs, p):
     xs = sorted(xs)
@@ -343,11 +430,29 @@ def load(front, port_a, port_b, victim_pid, signame, n, clients, kill_after, tim
           "one image per seed across replicas")
 
 if __name__ == "__main__":
-    {"ports": ports, "wait-ready": wait_ready, "load": load}[sys.argv[1]](*sys.argv[2:])
+    {"ports": ports, "wait-ready": wait_ready, "load": load, "v2": v2}[sys.argv[1]](*sys.argv[2:])
 PY
 
-read -r port_a port_b port_front <<<"$(python3 "$work/fleet.py" ports 3)" || true
-[ -n "${port_front:-}" ] || die "could not pick free ports"
+read -r port_a port_b port_front port_redis <<<"$(python3 "$work/fleet.py" ports 4)" || true
+[ -n "${port_redis:-}" ] || die "could not pick free ports"
+
+# Redis for the replicas' shared v2 jobs, when installed.
+job_store=()
+if [ "${FLEET_REDIS:-1}" != 0 ] && command -v redis-server >/dev/null; then
+    mkdir -p "$work/redis"
+    (cd "$work/redis" && exec redis-server --port "$port_redis" --bind 127.0.0.1 --save "" --appendonly no \
+        >"$work/redis.log" 2>&1) &
+    redis_pid=$!
+    disown "$redis_pid" # no "Killed" notice from bash at the end
+    for _ in $(seq 100); do
+        python3 -c "import socket; socket.create_connection(('127.0.0.1', $port_redis), 1)" 2>/dev/null && break
+        sleep 0.1
+    done
+    job_store=(--job-store "redis://127.0.0.1:$port_redis/0")
+    say "redis-server on 127.0.0.1:$port_redis (pid $redis_pid): the replicas share their v2 jobs"
+else
+    say "redis-server is not installed (or FLEET_REDIS=0): the v2 fleet checks are skipped"
+fi
 
 # The replicas.
 t=$SECONDS
@@ -355,7 +460,7 @@ for name in a b; do
     port=$port_a
     [ "$name" = b ] && port=$port_b
     "$bin" serve --model "$model" --addr "127.0.0.1:$port" --open-ranges --allowed-hosts images.example.com \
-        >"$work/replica-$name.log" 2>&1 &
+        "${job_store[@]}" >"$work/replica-$name.log" 2>&1 &
     replica_pids+=("$!")
     disown "$!" # no "Killed" notice from bash when replica B is killed
 done
@@ -404,6 +509,9 @@ t=$SECONDS
 nginx_pid=$!
 python3 "$work/fleet.py" wait-ready "$port_front" "$nginx_pid" 20 || die "nginx did not start"
 say "$("$nginx_bin" -v 2>&1) on 127.0.0.1:$port_front (pid $nginx_pid), running $conf_src: up in $((SECONDS - t)) s"
+if [ -n "$redis_pid" ]; then
+    timeout 120 python3 "$work/fleet.py" v2 "$port_front" "$port_a" "$port_b" before || die "v2 fleet checks (see above)"
+fi
 say "load: $requests requests, $clients clients, replica B killed (SIG$kill_signal) after $kill_after answers"
 echo
 
@@ -419,6 +527,9 @@ echo
 [ "$status" -eq 124 ] && die "the load did not finish within 170 s"
 [ "$status" -eq 0 ] || die "see above"
 kill -0 "$nginx_pid" 2>/dev/null || die "nginx exited during the test"
+if [ -n "$redis_pid" ]; then
+    timeout 120 python3 "$work/fleet.py" v2 "$port_front" "$port_a" "$port_b" after || die "v2 after the kill (see above)"
+fi
 if grep -E '\[(emerg|alert|crit)\]' "$work/error.log"; then
     die "nginx logged the errors above"
 fi

@@ -289,6 +289,21 @@ struct ServeArgs {
     /// Log lines as text or as one JSON object per line.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormatArg,
+    /// The server's URL as clients reach it (`https://gpu.example`), for the absolute URLs the v2 job API answers
+    /// with; without it they are built from the request's `Host`.
+    #[arg(long)]
+    public_url: Option<String>,
+    /// Seconds a finished v2 job's result is kept; later polls get 404.
+    #[arg(long, default_value_t = server::jobs::DEFAULT_JOB_TTL.as_secs())]
+    job_ttl: u64,
+    /// The most v2 jobs kept, finished or not (the oldest finished ones make room first).
+    #[arg(long, default_value_t = server::jobs::DEFAULT_MAX_JOBS)]
+    max_jobs: usize,
+    /// Keep v2 jobs in Redis (`redis://HOST:PORT/DB`) rather than in memory: replicas sharing it behave as one
+    /// service (submit on one, poll on another; each pulls queued jobs while idle). `--max-jobs` then bounds the
+    /// jobs queued in Redis.
+    #[arg(long)]
+    job_store: Option<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -627,6 +642,14 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         (None, Some(path)) => ApiKeys::from_file(path).map_err(anyhow::Error::msg)?,
         (None, None) => ApiKeys::none(),
     };
+    if let Some(url) = &args.public_url {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            anyhow::bail!("--public-url must be an http:// or https:// URL, got {url:?}");
+        }
+    }
+    if args.max_jobs == 0 {
+        anyhow::bail!("--max-jobs must be at least 1");
+    }
     let config = ServerConfig {
         addr: args.addr,
         api_keys,
@@ -642,6 +665,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         shutdown_grace: server::DEFAULT_SHUTDOWN_GRACE,
         handle_signals: true,
         lora_dir: args.model.lora_dir.clone(),
+        public_url: args.public_url.clone(),
+        job_ttl: std::time::Duration::from_secs(args.job_ttl),
+        max_jobs: args.max_jobs,
+        job_store: args.job_store.clone(),
     };
     let model = args.model.model.clone();
     let options = args.model.pipeline_options(Residency::Resident)?;

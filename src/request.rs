@@ -1,7 +1,7 @@
 //! The hosted API's request: one type shared by the library, the CLI and the HTTP server, with the exact JSON
 //! field names and defaults of the hosted endpoint.
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::adapters::LoraRequest;
 use crate::prompt::{Emphasis, PromptSyntax, MAX_PROMPT_CHARS};
@@ -15,40 +15,40 @@ pub const MAX_SEED: i64 = 999_999_999_999_999;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GenerateRequest {
     pub prompt: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub negative_prompt: String,
-    #[serde(default = "default_samples")]
+    #[serde(default = "default_samples", deserialize_with = "samples_or_null")]
     pub samples: u32,
-    #[serde(default = "default_scheduler")]
+    #[serde(default = "default_scheduler", deserialize_with = "scheduler_or_null")]
     pub scheduler: String,
-    #[serde(default = "default_steps")]
+    #[serde(default = "default_steps", deserialize_with = "steps_or_null")]
     pub num_inference_steps: u32,
-    #[serde(default = "default_guidance")]
+    #[serde(default = "default_guidance", deserialize_with = "guidance_or_null")]
     pub guidance_scale: f64,
     /// -1 picks a random seed; the seed used is reported with the images.
-    #[serde(default = "default_seed")]
+    #[serde(default = "default_seed", deserialize_with = "seed_or_null")]
     pub seed: i64,
-    #[serde(default = "default_size")]
+    #[serde(default = "default_size", deserialize_with = "size_or_null")]
     pub img_width: u32,
-    #[serde(default = "default_size")]
+    #[serde(default = "default_size", deserialize_with = "size_or_null")]
     pub img_height: u32,
     /// Server output format: JSON with base64 JPEG instead of the JPEG itself.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub base64: bool,
     /// How prompts are read: `"a1111"` (default: weights, editing, alternation, BREAK, long prompts) or `"none"`
     /// (diffusers: literal text cut to 77 tokens).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub prompt_syntax: PromptSyntax,
     /// With A1111 syntax, how weights apply: `"original"` (default, A1111's) or `"no-norm"`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub emphasis: Emphasis,
     /// LoRAs to merge for this request, by name in the LoRA directory (`{"name": "…", "weight": 0.8}`); with A1111
     /// prompt syntax `<lora:NAME:WEIGHT>` tags in the prompt add to them.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, deserialize_with = "null_as_default", skip_serializing_if = "Vec::is_empty")]
     pub loras: Vec<LoraRequest>,
     /// Scheduler config keys on top of the model's `scheduler_config.json`, as diffusers'
     /// `Class.from_config(config, **options)` takes them (`{"timestep_spacing": "trailing"}`).
-    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    #[serde(default, deserialize_with = "null_as_default", skip_serializing_if = "serde_json::Map::is_empty")]
     pub scheduler_options: serde_json::Map<String, serde_json::Value>,
     /// η, the noise weight of the schedulers that take one (diffusers' `eta`): DDIM (default 0, deterministic) and
     /// TCD (its γ, default 0.3). Refused for other schedulers.
@@ -80,10 +80,10 @@ pub struct HiresFix {
     /// The size factor, > 1 (the final size is rounded down to a multiple of 8).
     pub scale: f64,
     /// How much of the second pass's schedule runs, in (0, 1] (A1111's default 0.7).
-    #[serde(default = "default_hires_strength")]
+    #[serde(default = "default_hires_strength", deserialize_with = "hires_strength_or_null")]
     pub strength: f64,
     /// How many steps the second pass runs (A1111's `hr_second_pass_steps`; 0 or absent: the first pass's).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub steps: u32,
 }
 
@@ -124,6 +124,42 @@ pub const DEFAULT_IMG2IMG_STRENGTH: f64 = 0.3;
 
 /// diffusers' `StableDiffusionXLInpaintPipeline` default strength.
 pub const DEFAULT_INPAINT_STRENGTH: f64 = 0.9999;
+
+/// A field sent as JSON `null` reads as if it were absent: its default (Python clients send `None` for a parameter
+/// they leave unset). Fields that are `Option`s already read `null` as `None`.
+fn null_or<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+    default: fn() -> T,
+) -> std::result::Result<T, D::Error> {
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_else(default))
+}
+
+/// [`null_or`] for fields whose default is the type's.
+fn null_as_default<'de, D: Deserializer<'de>, T: Deserialize<'de> + Default>(d: D) -> std::result::Result<T, D::Error> {
+    null_or(d, T::default)
+}
+
+fn samples_or_null<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<u32, D::Error> {
+    null_or(d, default_samples)
+}
+fn scheduler_or_null<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<String, D::Error> {
+    null_or(d, default_scheduler)
+}
+fn steps_or_null<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<u32, D::Error> {
+    null_or(d, default_steps)
+}
+fn guidance_or_null<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    null_or(d, default_guidance)
+}
+fn seed_or_null<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<i64, D::Error> {
+    null_or(d, default_seed)
+}
+fn size_or_null<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<u32, D::Error> {
+    null_or(d, default_size)
+}
+fn hires_strength_or_null<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    null_or(d, default_hires_strength)
+}
 
 fn default_samples() -> u32 {
     1
@@ -287,6 +323,27 @@ mod tests {
             serde_json::from_str(r#"{"prompt": "a", "prompt_syntax": "none", "emphasis": "no-norm"}"#).unwrap();
         assert_eq!((r.prompt_syntax, r.emphasis), (PromptSyntax::None, Emphasis::NoNorm));
         assert!(serde_json::from_str::<GenerateRequest>(r#"{"prompt": "a", "prompt_syntax": "compel"}"#).is_err());
+    }
+
+    #[test]
+    fn null_reads_as_absent() {
+        let nulls = r#"{"prompt": "a cat", "negative_prompt": null, "samples": null, "scheduler": null,
+            "num_inference_steps": null, "guidance_scale": null, "seed": null, "img_width": null, "img_height": null,
+            "base64": null, "prompt_syntax": null, "emphasis": null, "loras": null, "scheduler_options": null,
+            "eta": null, "image": null, "strength": null, "mask": null, "hires": null}"#;
+        let r: GenerateRequest = serde_json::from_str(nulls).unwrap();
+        assert_eq!(r, GenerateRequest::new("a cat"));
+        let r: GenerateRequest =
+            serde_json::from_str(r#"{"prompt": "a", "hires": {"scale": 2, "strength": null, "steps": null}}"#).unwrap();
+        let hires = r.hires.unwrap();
+        assert_eq!((hires.strength, hires.steps), (0.7, 0));
+        // Values still read as before, and a wrong type is still an error naming what was expected.
+        let r: GenerateRequest = serde_json::from_str(r#"{"prompt": "a", "seed": 7, "negative_prompt": "b"}"#).unwrap();
+        assert_eq!((r.seed, r.negative_prompt.as_str()), (7, "b"));
+        let e = serde_json::from_str::<GenerateRequest>(r#"{"prompt": "a", "samples": "3"}"#).unwrap_err();
+        assert!(e.to_string().contains("u32"), "{e}");
+        // The prompt is required: null is not a prompt.
+        assert!(serde_json::from_str::<GenerateRequest>(r#"{"prompt": null}"#).is_err());
     }
 
     #[test]

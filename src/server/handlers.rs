@@ -41,6 +41,10 @@ pub struct AppState {
     pub connections: Arc<Connections>,
     /// The LoRA directory (`--lora-dir`), if any: names only are ever shown to clients.
     pub lora_dir: Option<Arc<std::path::Path>>,
+    /// The v2 job API's jobs.
+    pub jobs: super::jobs::Jobs,
+    /// `--public-url` without its trailing `/`.
+    pub public_url: Option<Arc<str>>,
 }
 
 /// `POST /v1/sdxl1.0-dreamshaper`: key, content type, body, checks, queue, generation, answer.
@@ -108,7 +112,7 @@ async fn serve(
 }
 
 /// Replaces `image` / `mask` URLs by the fetched images (base64), when the server allows it; otherwise 400.
-async fn fetch_urls(request: &mut crate::GenerateRequest, state: &AppState) -> Result<(), ApiError> {
+pub async fn fetch_urls(request: &mut crate::GenerateRequest, state: &AppState) -> Result<(), ApiError> {
     for (field, slot) in [("image", &mut request.image), ("mask", &mut request.mask)] {
         let Some(url) = slot.clone().filter(|v| super::fetch::is_url(v)) else {
             continue;

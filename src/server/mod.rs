@@ -15,6 +15,7 @@ pub mod errors;
 pub mod fetch;
 pub mod handlers;
 pub mod hosts;
+pub mod jobs;
 pub mod logging;
 pub mod metrics;
 pub mod queue;
@@ -80,6 +81,16 @@ pub struct ServerConfig {
     pub allow_image_urls: bool,
     /// The LoRA directory the engine resolves names in (`--lora-dir`), listed by A1111's `GET /sdapi/v1/loras`.
     pub lora_dir: Option<std::path::PathBuf>,
+    /// The server's URL as clients reach it (`https://gpu.example`), for the absolute URLs of the v2 job API;
+    /// `None`: `http://` and the request's `Host`.
+    pub public_url: Option<String>,
+    /// How long a finished v2 job's result is kept (then 404).
+    pub job_ttl: Duration,
+    /// The most v2 jobs kept, finished or not (the oldest finished ones make room).
+    pub max_jobs: usize,
+    /// Where v2 jobs live: `None` in this process's memory; `redis://HOST:PORT/DB`: in Redis, shared by a fleet
+    /// (see [`jobs`]).
+    pub job_store: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -98,6 +109,10 @@ impl Default for ServerConfig {
             handle_signals: false,
             allow_image_urls: false,
             lora_dir: None,
+            public_url: None,
+            job_ttl: jobs::DEFAULT_JOB_TTL,
+            max_jobs: jobs::DEFAULT_MAX_JOBS,
+            job_store: None,
         }
     }
 }
@@ -168,6 +183,26 @@ impl Server {
         let (queue, worker) = Queue::start(config.max_queue, load)?;
         let metrics = Arc::new(metrics::Metrics::default());
         let connections = Arc::new(connections::Connections::default());
+        let jobs = match &config.job_store {
+            None => jobs::Jobs::memory(queue.clone(), metrics.clone(), config.job_ttl, config.max_jobs),
+            Some(url) => {
+                let connected = runtime.block_on(jobs::Jobs::redis(
+                    url,
+                    queue.clone(),
+                    metrics.clone(),
+                    config.job_ttl,
+                    config.max_jobs,
+                ));
+                match connected {
+                    Ok(jobs) => jobs,
+                    Err(e) => {
+                        queue.close();
+                        let _ = worker.join();
+                        return Err(e);
+                    }
+                }
+            }
+        };
         let state = handlers::AppState {
             queue: queue.clone(),
             keys: config.api_keys.clone(),
@@ -179,6 +214,8 @@ impl Server {
             metrics: metrics.clone(),
             connections: connections.clone(),
             lora_dir: config.lora_dir.clone().map(Arc::from),
+            jobs,
+            public_url: config.public_url.as_deref().map(|u| u.trim_end_matches('/').into()),
         };
         let log = logging::RequestLog { ids: Arc::new(logging::RequestIds::default()), metrics: metrics.clone() };
         let hosts = AllowedHosts::for_server(config.allowed_hosts.as_deref(), config.api_keys.is_enabled());
@@ -221,6 +258,7 @@ impl Server {
                         }
                     }
                 };
+                let jobs = state.jobs.clone();
                 runtime.block_on(async move {
                     if let Some(listener) = metrics_listener {
                         tokio::spawn(serve_metrics(listener, state, stopped));
@@ -234,6 +272,8 @@ impl Server {
                         connections,
                     };
                     connections::serve(accepting, stop_accepting, grace).await;
+                    // A shared job store: the last job's end is recorded before the runtime stops.
+                    jobs.drain(grace).await;
                     let _ = stopped_tx.send(true);
                 });
                 let joined = worker.join();
