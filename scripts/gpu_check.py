@@ -5,7 +5,7 @@ Stages (each bounded by its own time limit; results land in ``OUT/gpu-check.json
 short still leaves what it measured; the log in ``OUT/gpu-check.log``):
 
 a. parity  — the tiny model (``models/tiny-sdxl``), every scheduler name the binary knows, once each: CUDA f32 and
-             CUDA f16 images against the CPU f32 image (mean absolute difference in /255; ≤ 0.5 for f32, ≤ 2 for f16).
+             CUDA f16 images against the CPU f32 image (mean absolute difference in /255: ≤ 0.5 f32, ≤ 2 f16).
 b. full    — the full-size random model (``benches/make_full_model.py --dtype f16`` unless ``--full-model`` names a
              made one), then ours f16 at 1024² × 30 steps UniPC with CFG: seconds per step (from a 30-step and a
              2-step run: the difference over 28 steps, so loading cancels), whole process time, peak GPU memory.
@@ -227,7 +227,8 @@ def diffusers_env(args) -> dict:
     """The environment with the travelled pure-Python wheels (diffusers, and Pillow where the machine lacks it)."""
     env = dict(os.environ)
     wheels = [str(Path(w).resolve()) for w in args.wheel]
-    for pattern in ["shared/wheels/*.whl", "target/wheels/*.whl"]:
+    # Pure-Python wheels import as zip files; packages with native code (Pillow) travel unpacked, in wheels/site.
+    for pattern in ["shared/wheels/*.whl", "target/wheels/*.whl", "shared/wheels/site", "target/wheels/site"]:
         wheels += [str(Path(w).resolve()) for w in sorted(glob.glob(str(ROOT / pattern)))]
     if wheels:
         env["PYTHONPATH"] = os.pathsep.join(wheels + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
@@ -307,10 +308,11 @@ def main() -> int:
     ap.add_argument("--binary", default="target/release/dreamshaper")
     ap.add_argument("--out", default=os.environ.get("OUT") or "target/gpu-check")
     ap.add_argument("--dry-run", action="store_true", help="no GPU: CPU stand-ins, shrunk sizes, diffusers skipped")
-    ap.add_argument("--full-model", help="a made full-size f16 model folder (default: make one, see make_full_model.py)")
-    ap.add_argument("--python", default=sys.executable, help="the Python with torch (for diffusers and the model maker)")
+    ap.add_argument("--full-model", help="a made full-size f16 model (default: make one with make_full_model.py)")
+    ap.add_argument("--python", default=sys.executable, help="the Python with torch (diffusers, the model maker)")
     ap.add_argument("--wheel", action="append", default=[],
-                    help="a pure-Python wheel to import from (diffusers); shared/wheels/*.whl and target/wheels/*.whl too")
+                    help="a pure-Python wheel to import from (diffusers); shared/wheels/*.whl, target/wheels/*.whl and "
+                         "{shared,target}/wheels/site (unpacked, for Pillow) too")
     ap.add_argument("--stages", default="parity,full,diffusers,512,vae2048")
     args = ap.parse_args()
     args.binary = str(Path(args.binary).resolve())
@@ -318,7 +320,8 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     LOG = open(out / "gpu-check.log", "w")
     stages = args.stages.split(",")
-    results = {"dry_run": args.dry_run, "binary": args.binary, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    results = {"dry_run": args.dry_run, "binary": args.binary, "started": started,
                "request": {"prompt": PROMPT, "negative_prompt": NEGATIVE, "seed": SEED, "guidance_scale": GUIDANCE,
                            "scheduler": "UniPC"}, "stages": {}}
     if not args.dry_run and shutil.which("nvidia-smi"):
@@ -337,7 +340,8 @@ def main() -> int:
 
     plan = [
         ("parity", "a: tiny-model parity, every scheduler", lambda: stage_parity(args, out)),
-        ("full", f"b: ours at {full_size}² × {full_steps} steps", lambda: ours_timing(args, model(), out, size=full_size, steps=full_steps)),
+        ("full", f"b: ours at {full_size}² × {full_steps} steps",
+         lambda: ours_timing(args, model(), out, size=full_size, steps=full_steps)),
         ("diffusers", f"c: diffusers fp16 SDPA at {full_size}² × {full_steps} steps",
          None if args.dry_run else lambda: diffusers_timing(args, model(), size=full_size, steps=full_steps)),
         ("512", f"d: {small_size}², samples 1 and 4", lambda: {
@@ -370,7 +374,7 @@ def main() -> int:
         log(f"==> {key}: {status} ({results['stages'][key]['stage_s']} s)")
         save()
     stages_done = results["stages"]
-    if "full" in stages_done and "s_per_step" in stages_done.get("diffusers", {}) and "s_per_step" in stages_done["full"]:
+    if "s_per_step" in stages_done.get("diffusers", {}) and "s_per_step" in stages_done.get("full", {}):
         results["ours_over_diffusers_s_per_step_1024"] = round(
             stages_done["full"]["s_per_step"] / stages_done["diffusers"]["s_per_step"], 3)
     results["ok"] = ok
