@@ -3,6 +3,7 @@
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
+use super::queue::Rejected;
 use crate::Error;
 
 /// An HTTP error answer. The message names the offending field and what it accepts where there is one.
@@ -91,6 +92,16 @@ impl ApiError {
             | Error::Output { .. }
             | Error::Service(_)
             | Error::Tensor(_) => Self::new(StatusCode::INTERNAL_SERVER_ERROR, format!("generation failed: {error}")),
+        }
+    }
+}
+
+/// The queue's refusal: 429 with `Retry-After` when full, 503 when shutting down.
+impl From<Rejected> for ApiError {
+    fn from(rejected: Rejected) -> Self {
+        match rejected {
+            Rejected::Full { capacity, retry_after } => ApiError::queue_full(capacity, retry_after),
+            Rejected::Closed => ApiError::shutting_down(),
         }
     }
 }

@@ -12,8 +12,8 @@ use super::auth::ApiKeys;
 use super::connections::Connections;
 use super::decode::{self, Mode, Ranges};
 use super::errors::ApiError;
-use super::metrics::{Failure, Metrics};
-use super::queue::{Outcome, Queue, Rejected};
+use super::metrics::Metrics;
+use super::queue::{Outcome, Queue};
 use super::respond;
 
 /// The hosted text-to-image endpoint this server answers.
@@ -77,19 +77,10 @@ async fn serve(
     }
     let request = decode::check(request, state.ranges, mode)?;
     let base64 = request.base64;
-    let ticket = state.queue.submit(request).map_err(|rejected| match rejected {
-        Rejected::Full { capacity, retry_after } => ApiError::queue_full(capacity, retry_after),
-        Rejected::Closed => ApiError::shutting_down(),
-    })?;
+    let ticket = state.queue.submit(request)?;
     // If the client disconnects, this future is dropped here, and with it the ticket, which cancels the job.
     let outcome = ticket.outcome().await;
-    let metrics = &state.metrics;
-    match &outcome {
-        Outcome::Done(f) => metrics.record_generation(f.waited, f.elapsed, f.evaluations),
-        Outcome::Failed(_) => metrics.record_failure(Failure::Error),
-        Outcome::Panicked(_) => metrics.record_failure(Failure::Panic),
-        Outcome::ShuttingDown => metrics.record_failure(Failure::ShuttingDown),
-    }
+    state.metrics.record_outcome(&outcome);
     match outcome {
         Outcome::Done(finished) => {
             tokio::task::spawn_blocking(move || respond::success(&finished, base64)).await.map_err(|e| {

@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use axum::http::StatusCode;
 
 use super::errors::ApiError;
-use super::metrics::{Failure, Metrics};
-use super::queue::{Canceller, JobProgress, JobState, Outcome, ProgressSnapshot, Queue, Rejected};
+use super::metrics::Metrics;
+use super::queue::{Canceller, JobProgress, JobState, Outcome, ProgressSnapshot, Queue};
 use crate::{Error, GenerateRequest};
 
 mod redis_store;
@@ -299,7 +299,7 @@ impl Memory {
                 self.forget(&mut store, oldest);
             }
             // Under the store's lock, so that the count above still holds when the job is added.
-            let ticket = self.queue.submit(request).map_err(rejected)?;
+            let ticket = self.queue.submit(request).map_err(ApiError::from)?;
             let entry =
                 Entry { queue_id: ticket.id(), progress: ticket.progress(), canceller: ticket.canceller(), end: None };
             store.jobs.insert(id.clone(), entry);
@@ -458,23 +458,12 @@ pub fn no_preview(id: &str) -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, message)
 }
 
-/// The queue's refusal as an answer (429, 503).
-fn rejected(rejected: Rejected) -> ApiError {
-    match rejected {
-        Rejected::Full { capacity, retry_after } => ApiError::queue_full(capacity, retry_after),
-        Rejected::Closed => ApiError::shutting_down(),
-    }
-}
-
 /// The job's end from its queue outcome: the JPEGs encoded once (off the runtime's threads), or the error message
 /// as the v1 endpoint would answer it. Recorded in the metrics as v1 records its requests.
 pub(crate) async fn end_of(outcome: Outcome, metrics: &Metrics) -> End {
-    match &outcome {
-        Outcome::Done(f) => metrics.record_generation(f.waited, f.elapsed, f.evaluations),
-        Outcome::Failed(Error::Cancelled) => {}
-        Outcome::Failed(_) => metrics.record_failure(Failure::Error),
-        Outcome::Panicked(_) => metrics.record_failure(Failure::Panic),
-        Outcome::ShuttingDown => metrics.record_failure(Failure::ShuttingDown),
+    // A cancelled job is counted by the queue (`cancelled`), not as a failure.
+    if !matches!(outcome, Outcome::Failed(Error::Cancelled)) {
+        metrics.record_outcome(&outcome);
     }
     match outcome {
         Outcome::Done(finished) => {

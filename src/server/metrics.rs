@@ -12,7 +12,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use super::connections::ConnectionStats;
-use super::queue::QueueStatus;
+use super::queue::{Outcome, QueueStatus};
 
 /// Bucket bounds of the seconds histograms: from a tiny-model request to a 2048² CPU job.
 const SECONDS_BUCKETS: [f64; 14] = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.0];
@@ -101,6 +101,16 @@ impl Metrics {
         r.evaluations += evaluations as u64;
         if ran > Duration::ZERO && evaluations > 0 {
             r.last_evaluations_per_second = evaluations as f64 / ran.as_secs_f64();
+        }
+    }
+
+    /// A job's outcome: its times and evaluations when it finished, else the reason it produced no image.
+    pub fn record_outcome(&self, outcome: &Outcome) {
+        match outcome {
+            Outcome::Done(f) => self.record_generation(f.waited, f.elapsed, f.evaluations),
+            Outcome::Failed(_) => self.record_failure(Failure::Error),
+            Outcome::Panicked(_) => self.record_failure(Failure::Panic),
+            Outcome::ShuttingDown => self.record_failure(Failure::ShuttingDown),
         }
     }
 

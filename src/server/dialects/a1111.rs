@@ -26,8 +26,7 @@ use serde_json::{json, Map, Value};
 use crate::server::decode::{self, Mode};
 use crate::server::errors::ApiError;
 use crate::server::handlers::AppState;
-use crate::server::metrics::Failure as MetricFailure;
-use crate::server::queue::{Outcome, Rejected};
+use crate::server::queue::Outcome;
 use crate::{Error, GenerateRequest};
 
 /// This dialect's routes.
@@ -794,18 +793,9 @@ async fn generate(
     for n in &notes {
         tracing::warn!("A1111 request: {n}");
     }
-    let ticket = state.queue.submit(request.clone()).map_err(|rejected| match rejected {
-        Rejected::Full { capacity, retry_after } => ApiError::queue_full(capacity, retry_after),
-        Rejected::Closed => ApiError::shutting_down(),
-    })?;
+    let ticket = state.queue.submit(request.clone()).map_err(ApiError::from)?;
     let outcome = ticket.outcome().await;
-    let metrics = &state.metrics;
-    match &outcome {
-        Outcome::Done(f) => metrics.record_generation(f.waited, f.elapsed, f.evaluations),
-        Outcome::Failed(_) => metrics.record_failure(MetricFailure::Error),
-        Outcome::Panicked(_) => metrics.record_failure(MetricFailure::Panic),
-        Outcome::ShuttingDown => metrics.record_failure(MetricFailure::ShuttingDown),
-    }
+    state.metrics.record_outcome(&outcome);
     let answer = Answer { params, request, resolved, notes, model: state.model_name.clone(), image_mode };
     match outcome {
         Outcome::Done(finished) => {

@@ -31,8 +31,7 @@ use serde_json::{json, Map, Value};
 use crate::server::decode::{self, Mode, Ranges};
 use crate::server::errors::ApiError;
 use crate::server::handlers::AppState;
-use crate::server::metrics::Failure;
-use crate::server::queue::{Finished, Outcome, Rejected};
+use crate::server::queue::{Finished, Outcome};
 use crate::server::respond::{GENERATION_TIME_HEADER, SEED_HEADER};
 use crate::GenerateRequest;
 
@@ -302,16 +301,12 @@ pub async fn generations(
     decode::check_content_type(&headers)?;
     let bytes = decode::read_body(body, &headers, state.max_body_bytes, state.body_timeout).await?;
     let Mapped { request, format } = map_request(&bytes, state.ranges)?;
-    let ticket = state.queue.submit(request.clone()).map_err(|rejected| match rejected {
-        Rejected::Full { capacity, retry_after } => ApiError::queue_full(capacity, retry_after),
-        Rejected::Closed => ApiError::shutting_down(),
-    })?;
+    let ticket = state.queue.submit(request.clone()).map_err(ApiError::from)?;
     // A client that disconnects drops this future, and with it the ticket, which cancels the job.
     let outcome = ticket.outcome().await;
-    let metrics = &state.metrics;
+    state.metrics.record_outcome(&outcome);
     match outcome {
         Outcome::Done(finished) => {
-            metrics.record_generation(finished.waited, finished.elapsed, finished.evaluations);
             let model = state.model_name.clone();
             let answer = tokio::task::spawn_blocking(move || answer(&finished, &request, format, &model));
             answer.await.map_err(|e| {
@@ -319,20 +314,15 @@ pub async fn generations(
             })?
         }
         Outcome::Failed(error) => {
-            metrics.record_failure(Failure::Error);
             tracing::warn!(%error, "generation failed");
             Err(ApiError::from_generation(&error).into())
         }
         Outcome::Panicked(message) => {
-            metrics.record_failure(Failure::Panic);
             tracing::error!(%message, "generation panicked");
             let message = format!("generation failed: internal error ({message})");
             Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message).into())
         }
-        Outcome::ShuttingDown => {
-            metrics.record_failure(Failure::ShuttingDown);
-            Err(ApiError::shutting_down().into())
-        }
+        Outcome::ShuttingDown => Err(ApiError::shutting_down().into()),
     }
 }
 

@@ -28,8 +28,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
 
 use super::{
-    already_ended, end_of, missing, no_output, no_preview, no_such_image, rejected, round_ms, End, Progress,
-    ResultInfo, Status, View, CANCELLED,
+    already_ended, end_of, missing, no_output, no_preview, no_such_image, round_ms, End, Progress, ResultInfo, Status,
+    View, CANCELLED,
 };
 use crate::server::errors::ApiError;
 use crate::server::metrics::Metrics;
@@ -425,7 +425,7 @@ impl RedisJobs {
         };
         let ticket = match self.queue.submit(request) {
             Ok(ticket) => ticket,
-            Err(r) => return self.store_end(&id, End::Failed(rejected(r).message)).await,
+            Err(r) => return self.store_end(&id, End::Failed(ApiError::from(r).message)).await,
         };
         let progress = ticket.progress();
         let canceller = ticket.canceller();
