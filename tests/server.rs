@@ -6,9 +6,12 @@
 mod common;
 #[path = "common/serve_binary.rs"]
 mod serve_binary;
+#[path = "common/tiny_server.rs"]
+mod tiny_server;
 
 use common::http::*;
 use serve_binary::{serve, wait_exit};
+use tiny_server::tiny_server;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -22,7 +25,7 @@ use candle_core::{DType, Device, Tensor};
 use dreamshaper::request::MAX_SEED;
 use dreamshaper::sampling::ProgressFn;
 use dreamshaper::server::{ApiKeys, Engine, Ranges, Server, ServerConfig};
-use dreamshaper::{Error, GenerateRequest, Generation, Pipeline, PipelineOptions, Residency};
+use dreamshaper::{Error, GenerateRequest, Generation};
 use serde_json::{json, Value};
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -36,17 +39,6 @@ fn config(ranges: Ranges, max_queue: usize) -> ServerConfig {
         model_name: "tiny-sdxl".into(),
         ..ServerConfig::default()
     }
-}
-
-fn tiny_server(config: ServerConfig) -> Server {
-    let model = common::tiny_model();
-    Server::start(config, move || {
-        Pipeline::load(
-            model.to_str().unwrap(),
-            PipelineOptions { residency: Residency::Resident, ..Default::default() },
-        )
-    })
-    .unwrap()
 }
 
 /// A small, fast request for the open ranges.

@@ -5,8 +5,11 @@
 //! Only 127.0.0.1 is ever contacted; every request has a read timeout and every loop a bound in count and time.
 
 mod common;
+#[path = "common/tiny_server.rs"]
+mod tiny_server;
 
 use common::http::*;
+use tiny_server::tiny_server;
 
 use std::net::SocketAddr;
 use std::sync::{mpsc, Arc, Mutex};
@@ -16,7 +19,7 @@ use base64::Engine as _;
 use candle_core::{DType, Device, Tensor};
 use dreamshaper::sampling::ProgressFn;
 use dreamshaper::server::{ApiKeys, Engine, Ranges, Server, ServerConfig};
-use dreamshaper::{Control, Error, GenerateRequest, Generation, Pipeline, PipelineOptions, Residency};
+use dreamshaper::{Control, Error, GenerateRequest, Generation};
 use serde_json::{json, Value};
 
 fn config(ranges: Ranges) -> ServerConfig {
@@ -27,17 +30,6 @@ fn config(ranges: Ranges) -> ServerConfig {
         model_name: "tiny-sdxl".into(),
         ..ServerConfig::default()
     }
-}
-
-fn tiny_server(config: ServerConfig) -> Server {
-    let model = common::tiny_model();
-    Server::start(config, move || {
-        Pipeline::load(
-            model.to_str().unwrap(),
-            PipelineOptions { residency: Residency::Resident, ..Default::default() },
-        )
-    })
-    .unwrap()
 }
 
 fn b64(bytes: &[u8]) -> String {

@@ -5,6 +5,8 @@
 //! Only 127.0.0.1 is ever contacted; every request has a read timeout.
 
 mod common;
+#[path = "common/tiny_server.rs"]
+mod tiny_server;
 
 use common::http::*;
 
@@ -14,7 +16,7 @@ use base64::Engine as _;
 use candle_core::{DType, Device, Tensor};
 use dreamshaper::sampling::ProgressFn;
 use dreamshaper::server::{ApiKeys, Engine, Ranges, Server, ServerConfig};
-use dreamshaper::{Error, GenerateRequest, Generation, Pipeline, PipelineOptions, Residency};
+use dreamshaper::{Error, GenerateRequest, Generation};
 use serde_json::{json, Value};
 
 const ROUTE: &str = "/v1/images/generations";
@@ -32,14 +34,7 @@ fn config() -> ServerConfig {
 }
 
 fn tiny_server() -> Server {
-    let model = common::tiny_model();
-    Server::start(config(), move || {
-        Pipeline::load(
-            model.to_str().unwrap(),
-            PipelineOptions { residency: Residency::Resident, ..Default::default() },
-        )
-    })
-    .unwrap()
+    tiny_server::tiny_server(config())
 }
 
 /// Fails or panics on request, otherwise answers 8×8 images at once; for the error paths of a generation.

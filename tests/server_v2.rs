@@ -5,15 +5,18 @@
 //! Only 127.0.0.1 is ever contacted; every request has a read timeout and every loop a bound in count and time.
 
 mod common;
+#[path = "common/tiny_server.rs"]
+mod tiny_server;
 
 use common::http::*;
+use tiny_server::tiny_server;
 
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 use dreamshaper::sampling::ProgressFn;
 use dreamshaper::server::{ApiKeys, Engine, Ranges, Server, ServerConfig};
-use dreamshaper::{Control, Error, GenerateRequest, Generation, Pipeline, PipelineOptions, Residency};
+use dreamshaper::{Control, Error, GenerateRequest, Generation};
 use serde_json::{json, Value};
 
 const SUBMIT: &str = "/v2/sdxl1.0-dreamshaper";
@@ -26,17 +29,6 @@ fn config() -> ServerConfig {
         model_name: "tiny-sdxl".into(),
         ..ServerConfig::default()
     }
-}
-
-fn tiny_server(config: ServerConfig) -> Server {
-    let model = common::tiny_model();
-    Server::start(config, move || {
-        Pipeline::load(
-            model.to_str().unwrap(),
-            PipelineOptions { residency: Residency::Resident, ..Default::default() },
-        )
-    })
-    .unwrap()
 }
 
 /// Instant 8×8 images; `"fail"` fails; `"slow"` runs 400 evaluations of 5 ms each (`"slower"`: 2000), stopping
