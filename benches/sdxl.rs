@@ -80,7 +80,8 @@ fn parse_args() -> Result<Args, String> {
                     "f32" => DType::F32,
                     "f16" => DType::F16,
                     "bf16" => DType::BF16,
-                    other => return Err(format!("--dtype {other}: use f32, f16 or bf16")),
+                    "int8" => dreamshaper::models::layers::INT8_WEIGHTS,
+                    other => return Err(format!("--dtype {other}: use f32, f16, bf16 or int8")),
                 }
             }
             // cargo bench passes --bench to harness-less benches.
@@ -356,11 +357,12 @@ fn preview_linear(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// f32 (the `gemm` crate) against the bf16 kernel on the UNet's matrix-product shapes at 512² (CFG batch 2):
+/// f32 (the `gemm` crate) against the bf16 and int8 kernels on the UNet's matrix-product shapes at 512² (CFG batch 2):
 /// GFLOP/s of each and their ratio. Needs no model.
 fn gemm_shapes(args: &Args) {
     use dreamshaper::kernels::gemm::{matmul, View};
     use dreamshaper::kernels::gemm_bf16::{self, Kernel, Packed, MR};
+    use dreamshaper::kernels::gemm_i8;
     let threads = rayon::current_num_threads();
     // (what, m, n, k): out (m × n) = a (m × k) · b (k × n).
     let shapes = [
@@ -420,6 +422,14 @@ fn gemm_shapes(args: &Args) {
         for kernel in Kernel::available() {
             let s = median(time(args.warmup, args.iters, || gemm_bf16::gemm(&mut c, n, &pa, &pb, kernel)));
             row[format!("bf16_{kernel:?}_gflops")] = json!(flops / s / 1e9);
+        }
+        // int8: the left operand quantized per call (as a Linear's input is), the right one once (a weight).
+        let qb = gemm_i8::RightI8::from_rows(&b_t, n, k);
+        for kernel in gemm_i8::Kernel::available() {
+            let s = median(time(args.warmup, args.iters, || {
+                gemm_i8::gemm(&mut c, n, &gemm_i8::LeftI8::from_rows(&a, m, k), &qb, kernel)
+            }));
+            row[format!("int8_{kernel:?}_gflops")] = json!(flops / s / 1e9);
         }
         println!("{row}");
     }

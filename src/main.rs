@@ -61,6 +61,9 @@ enum DtypeArg {
     F32,
     F16,
     Bf16,
+    /// CPU only: Linear and Conv2d weights quantized to int8 per output channel, their inputs per row, products
+    /// summed in i32; the rest in f32.
+    Int8,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -88,7 +91,8 @@ struct ModelArgs {
     vae: Option<String>,
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceArg,
-    /// Default: f32 on CPU, f16 on GPUs.
+    /// Default: f32 on CPU, f16 on GPUs. On the CPU, bf16 and int8 are mixed precision: the matrix products of
+    /// Linear and Conv2d layers in bf16 or int8, everything else in f32.
     #[arg(long, value_enum)]
     dtype: Option<DtypeArg>,
     /// Decode with the VAE layer by layer in bands of rows whatever the image size: the same picture as the whole-
@@ -392,6 +396,8 @@ fn device_and_dtype(args: &ModelArgs) -> anyhow::Result<(Device, DType)> {
         (Some(DtypeArg::F32), _) => DType::F32,
         (Some(DtypeArg::F16), _) => DType::F16,
         (Some(DtypeArg::Bf16), _) => DType::BF16,
+        (Some(DtypeArg::Int8), Device::Cpu) => dreamshaper::models::layers::INT8_WEIGHTS,
+        (Some(DtypeArg::Int8), _) => anyhow::bail!("--dtype int8 runs on the CPU only (--device cpu)"),
         (None, Device::Cpu) => DType::F32,
         (None, _) => DType::F16,
     };

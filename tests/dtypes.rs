@@ -1,10 +1,11 @@
-//! Reduced-precision runs on the CPU: f16, and bf16 (mixed precision: bf16 matrix products, f32 elsewhere), give
-//! nearly the f32 image.
+//! Reduced-precision runs on the CPU: f16, bf16 and int8 (mixed precision: bf16 or int8 matrix products, f32
+//! elsewhere), give nearly the f32 image.
 
 mod common;
 
 use candle_core::DType;
 use common::{mean_abs_pixel_diff, tiny_model};
+use dreamshaper::models::layers::INT8_WEIGHTS;
 use dreamshaper::{Control, GenerateRequest, Pipeline, PipelineOptions};
 
 fn generate(dtype: DType) -> Vec<u8> {
@@ -32,4 +33,13 @@ fn bf16_is_close_to_f32() {
     assert!(diff <= 2.0, "bf16 image differs from f32 by {diff}/255 on average");
     // The bf16 products really ran: rounding every operand to 8 significant bits leaves a trace.
     assert_ne!(f32_image, bf16_image, "the bf16 run gave the f32 image bit for bit");
+}
+
+#[test]
+fn int8_is_close_to_f32() {
+    let (f32_image, int8_image) = (generate(DType::F32), generate(INT8_WEIGHTS));
+    let diff = mean_abs_pixel_diff(&f32_image, &int8_image);
+    eprintln!("int8 vs f32: mean abs {diff:.3}/255");
+    assert!(diff <= 3.0, "int8 image differs from f32 by {diff}/255 on average");
+    assert_ne!(f32_image, int8_image, "the int8 run gave the f32 image bit for bit");
 }

@@ -9,6 +9,7 @@ use rayon::prelude::*;
 use super::contiguous_f32;
 use super::gemm::{matmul, View};
 use super::gemm_bf16::{self, Kernel, Packed, MR};
+use super::gemm_i8;
 
 /// f32 elements of one band's im2col buffer (32 MiB).
 const BAND_ELEMENTS: usize = 8 << 20;
@@ -67,6 +68,32 @@ impl Geometry {
                 }
             }
         }
+    }
+
+    /// For each output pixel of rows `first_row..first_row + rows`, the largest of `pixel_max` (one value per
+    /// input pixel) over its receptive field: the largest magnitude of its im2col column when `pixel_max` holds
+    /// each input pixel's largest magnitude over the channels (padding adds only zeros).
+    fn window_max(&self, pixel_max: &[f32], first_row: usize, rows: usize) -> Vec<f32> {
+        let mut out = vec![0f32; rows * self.w_out];
+        out.par_chunks_mut(self.w_out).enumerate().for_each(|(r, out)| {
+            let oy = first_row + r;
+            for ky in 0..self.kh {
+                let iy = (oy * self.stride + ky) as isize - self.padding as isize;
+                if iy < 0 || iy >= self.h as isize {
+                    continue;
+                }
+                let row = &pixel_max[iy as usize * self.w..(iy as usize + 1) * self.w];
+                for (ox, o) in out.iter_mut().enumerate() {
+                    for kx in 0..self.kw {
+                        let ix = (ox * self.stride + kx) as isize - self.padding as isize;
+                        if ix >= 0 && ix < self.w as isize {
+                            *o = o.max(row[ix as usize]);
+                        }
+                    }
+                }
+            }
+        });
+        out
     }
 
     fn new(h: usize, w: usize, kh: usize, kw: usize, ConvParams { stride, padding }: ConvParams) -> Result<Self> {
@@ -232,6 +259,91 @@ impl CustomOp1 for Conv2dBf16 {
                     Packed::from_row_writer(width, depth, |r, row| g.im2col_row(image, r, first_row, row))
                 };
                 gemm_bf16::gemm(&mut out[first_row * g.w_out..], pixels, &self.weight, &columns, self.kernel);
+                first_row += rows;
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((batch, c_out, g.h_out, g.w_out))))
+    }
+}
+
+/// A convolution whose weight is quantized to int8 once, per output channel, for [`gemm_i8`]: f32 activations in
+/// and out, each band's im2col quantized as it is packed, per output pixel (`--dtype int8`).
+#[derive(Debug)]
+pub struct Conv2dI8 {
+    weight: gemm_i8::LeftI8,
+    bias: Vec<f32>,
+    c_in: usize,
+    kh: usize,
+    kw: usize,
+    params: ConvParams,
+    kernel: gemm_i8::Kernel,
+}
+
+impl Conv2dI8 {
+    /// `weight` (c_out, c_in, kh, kw) and `bias` (c_out), any float dtype, on the CPU.
+    pub fn new(weight: &Tensor, bias: &Tensor, params: ConvParams) -> Result<Self> {
+        let (c_out, c_in, kh, kw) = weight.dims4()?;
+        if bias.elem_count() != c_out {
+            candle_core::bail!("conv2d: bias of {} elements for {c_out} output channels", bias.elem_count());
+        }
+        Ok(Self {
+            weight: super::with_f32_data(weight, |w| gemm_i8::LeftI8::from_rows(w, c_out, c_in * kh * kw))?,
+            bias: bias.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
+            c_in,
+            kh,
+            kw,
+            params,
+            kernel: gemm_i8::Kernel::detect(),
+        })
+    }
+
+    /// The convolution of `x` (batch, c_in, h, w) f32.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.contiguous()?.apply_op1_no_bwd(self)
+    }
+}
+
+impl CustomOp1 for Conv2dI8 {
+    fn name(&self) -> &'static str {
+        "dreamshaper-conv2d-int8"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, x_layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (batch, c_in, h, w) = x_layout.shape().dims4()?;
+        if c_in != self.c_in {
+            candle_core::bail!("conv2d: input {:?} for a weight of {} input channels", x_layout.shape(), self.c_in);
+        }
+        let g = Geometry::new(h, w, self.kh, self.kw, self.params)?;
+        let x = contiguous_f32(x, x_layout)?;
+        let (c_out, pixels, depth) = (self.bias.len(), g.h_out * g.w_out, self.weight.k());
+        // The packed band holds depth × width bytes.
+        let band_rows = (4 * BAND_ELEMENTS / (depth * g.w_out).max(1)).clamp(1, g.h_out);
+        let mut out = bias_planes(&self.bias, batch, pixels);
+        for (image, out) in x.chunks(c_in * h * w).zip(out.chunks_mut(c_out * pixels)) {
+            // Each input pixel's largest magnitude over the channels, for the per-pixel scales.
+            let mut pixel_max = vec![0f32; h * w];
+            for plane in image.chunks(h * w) {
+                for (m, v) in pixel_max.iter_mut().zip(plane) {
+                    *m = m.max(v.abs());
+                }
+            }
+            let mut first_row = 0;
+            while first_row < g.h_out {
+                let rows = band_rows.min(g.h_out - first_row);
+                let width = rows * g.w_out;
+                let scales: Vec<f32> =
+                    g.window_max(&pixel_max, first_row, rows).into_iter().map(gemm_i8::scale_for).collect();
+                let columns = if g.pointwise() {
+                    let start = first_row * g.w_out;
+                    gemm_i8::RightI8::from_row_writer(width, depth, scales, |r, row| {
+                        row.copy_from_slice(&image[r * pixels + start..r * pixels + start + width])
+                    })
+                } else {
+                    gemm_i8::RightI8::from_row_writer(width, depth, scales, |r, row| {
+                        g.im2col_row(image, r, first_row, row)
+                    })
+                };
+                gemm_i8::gemm(&mut out[first_row * g.w_out..], pixels, &self.weight, &columns, self.kernel);
                 first_row += rows;
             }
         }

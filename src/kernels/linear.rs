@@ -5,6 +5,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Re
 
 use super::gemm::{matmul, View};
 use super::gemm_bf16::{self, Kernel, Packed, MR, NR};
+use super::gemm_i8;
 use super::{contiguous_f32, dot_linear};
 
 /// Whether the weight tensor is stored as (n, k), the checkpoint's layout, or transposed as (k, n).
@@ -140,14 +141,7 @@ impl LinearBf16 {
     pub fn new(weight: &Tensor, bias: Option<&Tensor>) -> Result<Self> {
         let (n, k) = weight.dims2()?;
         let weight = super::with_f32_data(weight, |w| Packed::from_rows(w, n, k, NR))?;
-        let bias = match bias {
-            Some(b) if b.elem_count() != n => {
-                candle_core::bail!("linear: bias of {} elements for {n} outputs", b.elem_count())
-            }
-            Some(b) => Some(b.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?),
-            None => None,
-        };
-        Ok(Self { weight, bias, kernel: Kernel::detect() })
+        Ok(Self { weight, bias: bias_vec(bias, n)?, kernel: Kernel::detect() })
     }
 
     /// x · Wᵀ + b for `x` (…, k) f32.
@@ -171,6 +165,58 @@ impl CustomOp1 for LinearBf16 {
             gemm_bf16::gemm(&mut out, n, &Packed::from_rows(x, rows, k, MR), &self.weight, self.kernel);
         }
         Ok((CpuStorage::F32(out), shape))
+    }
+}
+
+/// A linear layer whose weight is quantized to int8 once, per output channel, for [`gemm_i8`]: f32 activations in
+/// and out, each call's input quantized per row (`--dtype int8`).
+#[derive(Debug)]
+pub struct LinearI8 {
+    weight: gemm_i8::RightI8,
+    bias: Option<Vec<f32>>,
+    kernel: gemm_i8::Kernel,
+}
+
+impl LinearI8 {
+    /// `weight` (n, k) and `bias` (n), any float dtype, on the CPU.
+    pub fn new(weight: &Tensor, bias: Option<&Tensor>) -> Result<Self> {
+        let (n, k) = weight.dims2()?;
+        let weight = super::with_f32_data(weight, |w| gemm_i8::RightI8::from_rows(w, n, k))?;
+        Ok(Self { weight, bias: bias_vec(bias, n)?, kernel: gemm_i8::Kernel::detect() })
+    }
+
+    /// x · Wᵀ + b for `x` (…, k) f32.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.contiguous()?.apply_op1_no_bwd(self)
+    }
+}
+
+impl CustomOp1 for LinearI8 {
+    fn name(&self) -> &'static str {
+        "dreamshaper-linear-int8"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, x_layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, k) = (self.weight.count(), self.weight.k());
+        let shape = output_dims(x_layout, n, k)?;
+        let x = contiguous_f32(x, x_layout)?;
+        let rows = x.len() / k.max(1);
+        let mut out = initial_output(self.bias.as_deref(), rows, n);
+        if k > 0 {
+            gemm_i8::gemm(&mut out, n, &gemm_i8::LeftI8::from_rows(x, rows, k), &self.weight, self.kernel);
+        }
+        Ok((CpuStorage::F32(out), shape))
+    }
+}
+
+/// A bias as f32 values, checked against the `n` outputs.
+fn bias_vec(bias: Option<&Tensor>, n: usize) -> Result<Option<Vec<f32>>> {
+    match bias {
+        Some(b) if b.elem_count() != n => {
+            candle_core::bail!("linear: bias of {} elements for {n} outputs", b.elem_count())
+        }
+        Some(b) => Ok(Some(b.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)),
+        None => Ok(None),
     }
 }
 

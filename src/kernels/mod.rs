@@ -8,6 +8,7 @@ pub mod dot_linear;
 pub mod geglu;
 pub mod gemm;
 pub mod gemm_bf16;
+pub mod gemm_i8;
 pub mod group_norm;
 pub mod linear;
 pub mod vector;

@@ -4,7 +4,8 @@
 //!
 //! A bf16 model on the CPU runs in mixed precision (see [`is_mixed_bf16`]): Linear and Conv2d weights are packed
 //! to bf16 for [`crate::kernels::gemm_bf16`] and everything else (activations, norms, embeddings, attention) is
-//! f32, which keeps bf16's speed where the time goes (the matrix products) and f32's accuracy elsewhere.
+//! f32, which keeps bf16's speed where the time goes (the matrix products) and f32's accuracy elsewhere. An int8
+//! model ([`INT8_WEIGHTS`]) does the same with int8 weights and per-row int8 activations in those products.
 
 use std::sync::Arc;
 
@@ -12,22 +13,44 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, Embedding, LayerNorm, VarBuilder};
 
 use crate::kernels;
-use crate::kernels::conv::{Conv2dBf16, ConvParams};
-use crate::kernels::linear::LinearBf16;
+use crate::kernels::conv::{Conv2dBf16, Conv2dI8, ConvParams};
+use crate::kernels::linear::{LinearBf16, LinearI8};
 
 fn fused(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32
 }
 
-/// Whether weights loaded through `vb` run in CPU mixed precision: a bf16 model on the CPU.
-pub fn is_mixed_bf16(vb: &VarBuilder) -> bool {
-    activation_dtype(vb) != vb.dtype()
+/// The model dtype that asks for int8 weights (`--dtype int8`, CPU only). candle has no int8 dtype, so `U8`, which
+/// no model's weights use, stands for it: a model loaded with it keeps its Linear and Conv2d weights quantized to
+/// int8 per output channel for [`crate::kernels::gemm_i8`] and computes everything else in f32, as
+/// [`is_mixed_bf16`] does for bf16.
+pub const INT8_WEIGHTS: DType = DType::U8;
+
+/// How a CPU mixed-precision model keeps its Linear and Conv2d weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PackedFormat {
+    Bf16,
+    Int8,
 }
 
-/// The dtype a model with `weights` in that dtype on `device` computes in: f32 in CPU mixed precision, else the
-/// weights' dtype.
+fn packed_format(vb: &VarBuilder) -> Option<PackedFormat> {
+    match vb.dtype() {
+        _ if !vb.device().is_cpu() => None,
+        DType::BF16 => Some(PackedFormat::Bf16),
+        INT8_WEIGHTS => Some(PackedFormat::Int8),
+        _ => None,
+    }
+}
+
+/// Whether weights loaded through `vb` run in CPU mixed precision: a bf16 (or int8) model on the CPU.
+pub fn is_mixed_bf16(vb: &VarBuilder) -> bool {
+    packed_format(vb).is_some()
+}
+
+/// The dtype a model with `weights` in that dtype on `device` computes in: f32 in CPU mixed precision (bf16 or
+/// int8 weights), else the weights' dtype.
 pub fn compute_dtype(device: &Device, weights: DType) -> DType {
-    if device.is_cpu() && weights == DType::BF16 {
+    if device.is_cpu() && (weights == DType::BF16 || weights == INT8_WEIGHTS) {
         DType::F32
     } else {
         weights
@@ -66,6 +89,16 @@ pub struct Conv2d {
 enum ConvWeights {
     Candle(candle_nn::Conv2d),
     PackedBf16(Arc<Conv2dBf16>),
+    PackedInt8(Arc<Conv2dI8>),
+}
+
+impl ConvWeights {
+    fn packed(format: PackedFormat, weight: &Tensor, bias: &Tensor, params: ConvParams) -> Result<Self> {
+        Ok(match format {
+            PackedFormat::Bf16 => Self::PackedBf16(Arc::new(Conv2dBf16::new(weight, bias, params)?)),
+            PackedFormat::Int8 => Self::PackedInt8(Arc::new(Conv2dI8::new(weight, bias, params)?)),
+        })
+    }
 }
 
 impl Conv2d {
@@ -78,11 +111,11 @@ impl Conv2d {
         padding: usize,
     ) -> Result<Self> {
         let params = ConvParams { stride, padding };
-        if is_mixed_bf16(&vb) {
+        if let Some(format) = packed_format(&vb) {
             let vb = vb.to_dtype(DType::F32);
             let weight = vb.get((c_out, c_in, kernel, kernel), "weight")?;
-            let packed = Conv2dBf16::new(&weight, &vb.get(c_out, "bias")?, params)?;
-            return Ok(Self { inner: ConvWeights::PackedBf16(Arc::new(packed)), params });
+            let inner = ConvWeights::packed(format, &weight, &vb.get(c_out, "bias")?, params)?;
+            return Ok(Self { inner, params });
         }
         let config = Conv2dConfig { padding, stride, ..Default::default() };
         Ok(Self { inner: ConvWeights::Candle(candle_nn::conv2d(c_in, c_out, kernel, config, vb)?), params })
@@ -101,11 +134,11 @@ impl Conv2d {
         let params = ConvParams { stride, padding };
         let shape = (c_out, c_in, kernel, kernel);
         let init = candle_nn::init::DEFAULT_KAIMING_NORMAL;
-        if is_mixed_bf16(&vb) {
+        if let Some(format) = packed_format(&vb) {
             let vb = vb.to_dtype(DType::F32);
             let weight = vb.get_with_hints(shape, "weight", init)?;
-            let packed = Conv2dBf16::new(&weight, &Tensor::zeros(c_out, DType::F32, vb.device())?, params)?;
-            return Ok(Self { inner: ConvWeights::PackedBf16(Arc::new(packed)), params });
+            let zeros = Tensor::zeros(c_out, DType::F32, vb.device())?;
+            return Ok(Self { inner: ConvWeights::packed(format, &weight, &zeros, params)?, params });
         }
         let weight = vb.get_with_hints(shape, "weight", init)?;
         let bias = Tensor::zeros(c_out, weight.dtype(), weight.device())?;
@@ -118,6 +151,7 @@ impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match &self.inner {
             ConvWeights::PackedBf16(conv) => conv.forward(&x.to_dtype(DType::F32)?),
+            ConvWeights::PackedInt8(conv) => conv.forward(&x.to_dtype(DType::F32)?),
             ConvWeights::Candle(conv) => match conv.bias() {
                 Some(bias) if fused(x) && conv.weight().dtype() == DType::F32 => {
                     kernels::conv::conv2d(x, conv.weight(), bias, self.params)
@@ -230,14 +264,18 @@ pub enum Linear {
         bias: Option<Tensor>,
     },
     PackedBf16(Arc<LinearBf16>),
+    PackedInt8(Arc<LinearI8>),
 }
 
 fn linear_with(c_in: usize, c_out: usize, vb: VarBuilder, with_bias: bool) -> Result<Linear> {
-    if is_mixed_bf16(&vb) {
+    if let Some(format) = packed_format(&vb) {
         let vb = vb.to_dtype(DType::F32);
         let bias = if with_bias { Some(vb.get(c_out, "bias")?) } else { None };
-        let packed = LinearBf16::new(&vb.get((c_out, c_in), "weight")?, bias.as_ref())?;
-        return Ok(Linear::PackedBf16(Arc::new(packed)));
+        let weight = vb.get((c_out, c_in), "weight")?;
+        return Ok(match format {
+            PackedFormat::Bf16 => Linear::PackedBf16(Arc::new(LinearBf16::new(&weight, bias.as_ref())?)),
+            PackedFormat::Int8 => Linear::PackedInt8(Arc::new(LinearI8::new(&weight, bias.as_ref())?)),
+        });
     }
     Ok(Linear::Candle(if with_bias {
         candle_nn::linear(c_in, c_out, vb)?
@@ -281,6 +319,7 @@ impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Linear::PackedBf16(linear) => linear.forward(&x.to_dtype(DType::F32)?),
+            Linear::PackedInt8(linear) => linear.forward(&x.to_dtype(DType::F32)?),
             Linear::Transposed { weight_t, bias } => {
                 kernels::linear::linear_transposed(&x.to_dtype(DType::F32)?, weight_t, bias.as_ref())
             }
