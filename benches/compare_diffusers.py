@@ -57,6 +57,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -82,8 +83,10 @@ with torch.inference_mode():
         from diffusers import UNet2DConditionModel
         unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=torch.float32).eval()
         l = size // 8
-        x, ctx = torch.randn(2, 4, l, l), torch.randn(2, 77, 2048)
-        added = {"text_embeds": torch.randn(2, 1280), "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * 2, dtype=torch.float32)}
+        c = unet.config  # SDXL: 2048-wide context, 1280-wide pooled text embedding (2816 - 6 * 256)
+        x, ctx = torch.randn(2, c.in_channels, l, l), torch.randn(2, 77, c.cross_attention_dim)
+        pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+        added = {"text_embeds": torch.randn(2, pooled), "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * 2, dtype=torch.float32)}
         s = timed(lambda: unet(x, 500.0, encoder_hidden_states=ctx, added_cond_kwargs=added))
     elif case == "text":
         from diffusers import StableDiffusionXLPipeline
@@ -262,8 +265,8 @@ def whole_case(configs: list[str], caches: list[str], runs: int, model: Path, bi
                 if done["rc"] != 0 or not out_png.exists():
                     why = f"exit status {done['rc']}" if done["rc"] != 0 else f"no PNG at {out_png}"
                     r["error"] = f"{why}: {done['stderr_tail'][-1500:]}"
-                    print(f"  whole{size} {cache} {config}: FAILED ({why}); stderr tail:\n"
-                          f"{done['stderr_tail'][-1500:]}", file=sys.stderr, flush=True)
+                    print(f"  whole{size} {cache} {config}: FAILED ({why}): {error_line(done['stderr_tail'])}\n"
+                          f"    stderr tail:\n{done['stderr_tail'][-800:]}", file=sys.stderr, flush=True)
                     break
                 r["seconds"].append(done["seconds"])
                 rss.append(done["peak_rss_gb"] or 0.0)
@@ -297,8 +300,8 @@ def threads_case(configs: list[str], runs: int, model: Path, bench, size: int) -
                          "runs": o["iters"], "threads_reported": o.get("threads")}
                 r["error"] = None
             except (RuntimeError, ValueError, KeyError, IndexError) as e:
-                r = {"runs": 0, "error": str(e)[-1500:]}
-                print(f"  threads {config} n={n}: FAILED: {r['error']}", file=sys.stderr, flush=True)
+                r = {"runs": 0, "error": str(e)[-3000:]}  # the whole tail goes to compare.json
+                print(f"  threads {config} n={n}: FAILED: {error_line(r['error'])}", file=sys.stderr, flush=True)
             else:
                 print(f"  threads {config} n={n}: median {r['median_s']:.3f} s (threads seen: "
                       f"{r['threads_reported']})", file=sys.stderr, flush=True)
@@ -316,11 +319,29 @@ def num(value, suffix: str = "") -> str:
     return "–" if value is None else f"{value:.2f}{suffix}"
 
 
+def error_line(text: str) -> str:
+    """The telling line of a failed child's standard error: a Rust panic's message, a Python exception, the first
+    ``[ERROR]`` / ``error:`` line (sd.cpp, clap), else the last line; /usr/bin/time's own lines left out."""
+    skip = ("MAXRSS_KB", "Command exited with", "note: ", "stack backtrace", "For more information", "[possible")
+    lines = [line.strip() for line in text.splitlines()]
+    lines = [line for line in lines if line and not line.startswith(skip) and not re.match(r"(\d+: |at )", line)]
+    for i, line in enumerate(lines):
+        if "panicked at" in line and i + 1 < len(lines):
+            return lines[i + 1]
+    exceptions = [line for line in lines if re.match(r"[\w.]*(Error|Exception)\b.*:", line)]
+    if exceptions:
+        return exceptions[-1]
+    for line in lines:
+        if line.startswith(("[ERROR]", "error", "Error")):
+            return line
+    return lines[-1] if lines else ""
+
+
 def row_note(runs: int, error: str | None) -> str:
-    """A table cell for a config's error: "FAILED: <last stderr line>" when it ran and failed."""
+    """A table cell for a config's error: "FAILED: <its telling stderr line>" when it ran and failed."""
     if not error:
         return ""
-    last = (error.strip().splitlines() or [""])[-1].replace("|", "/")[:200]
+    last = error_line(error).replace("|", "/")[:200]
     if "could not be measured" in error or "needs --sdcpp" in error:
         return last
     return f"FAILED after {runs} good run(s): {last}" if runs else f"FAILED: {last}"
