@@ -29,6 +29,8 @@ Cases (``--cases``, comma-separated; default all but the two below marked "opt-i
                      ``--runs N`` runs per config (default 3): min and median seconds, max peak RSS, and each
                      config's median over diffusers-f32's median. A config that fails is reported (its stderr
                      tail) and the others go on.
+  mem1024            (opt-in) ours only: a whole 1024² generation (1 step, CFG) per selected ours-* config: wall
+                     time and process peak resident memory
   threads            (opt-in) thread scaling of one CFG UNet call at 256² (``--threads-size``): ours (the bench
                      binary's ``unet-cfg``, f32) under RAYON_NUM_THREADS=n and diffusers under
                      ``torch.set_num_threads(n)``, for n = 1, 2, 4, … ≤ the CPU count (and the CPU count itself);
@@ -209,7 +211,7 @@ def ours(binary: Path, case: str, model: Path, size: int, iters: int, dtype: str
 PROMPT = "a photo of an astronaut riding a horse on mars, highly detailed, 8k"
 NEGATIVE = "blurry, low quality, watermark, text"
 WHOLE_CONFIGS = ["diffusers-f32", "ours-f32", "ours-bf16", "ours-int8", "sdcpp-f32", "sdcpp-f16", "sdcpp-q8_0"]
-THREAD_CONFIGS = ["diffusers-f32", "ours-f32"]
+THREAD_CONFIGS = ["diffusers-f32", "ours-f32", "ours-int8"]
 
 
 def whole_command(config: str, model: Path, binary: Path, sdcpp: Path | None, sdcpp_model: Path, size: int,
@@ -295,7 +297,7 @@ def threads_case(configs: list[str], runs: int, model: Path, bench, size: int) -
                          "runs": len(d["all_s"]), "threads_reported": d["torch_threads"]}
                 else:
                     env = dict(os.environ, RAYON_NUM_THREADS=str(n))
-                    o = ours(bench(), "unet-cfg", model, size, runs, "f32", env=env)[0]
+                    o = ours(bench(), "unet-cfg", model, size, runs, config.split("-", 1)[1], env=env)[0]
                     r = {"min_s": o["min_s"], "median_s": o["median_s"], "peak_rss_gb": o["process_peak_rss_gb"],
                          "runs": o["iters"], "threads_reported": o.get("threads")}
                 r["error"] = None
@@ -466,6 +468,20 @@ def main():
                 for config, r in by_config.items():
                     runs_rows.append((f"whole{size}", cache, config, r["runs"], r.get("min_s"), r.get("median_s"),
                                       r.get("peak_rss_gb"), r.get("ratio"), None, r["error"]))
+        elif case == "mem1024":
+            # Ours only: peak memory of a whole 1024² generation (1 step, CFG) per selected ours-* dtype.
+            for config in [c for c in configs if c.startswith("ours-")]:
+                out_png = ROOT / "target" / "bench" / f"mem1024-{config}.png"
+                cmd = [str(gen_binary), "generate", "--model", str(model), "--prompt", PROMPT, "--negative-prompt",
+                       NEGATIVE, "--num-inference-steps", "1", "--img-width", "1024", "--img-height", "1024",
+                       "--seed", "0", "--dtype", config.split("-", 1)[1], "--quiet", "-o", str(out_png)]
+                done = run_whole(cmd)
+                error = None if done["rc"] == 0 else error_line(done["stderr_tail"])
+                raw["cases"].setdefault(case, {})[config] = {**done, "command": cmd, "error": error}
+                print(f"  mem1024 {config}: {done['seconds']:.1f} s, {done['peak_rss_gb']} GB {error or ''}",
+                      file=sys.stderr, flush=True)
+                runs_rows.append(("mem1024 (1 step)", "warm", config, 1 if not error else 0, done["seconds"],
+                                  done["seconds"], done["peak_rss_gb"], None, None, error))
         elif case == "threads":
             size = args.threads_size
             res = threads_case([c for c in THREAD_CONFIGS if c in configs], args.runs, model, bench, size)

@@ -19,9 +19,10 @@ use rayon::prelude::*;
 pub const MR: usize = 6;
 /// Columns of the right operand per micro-tile (two vectors of 8 i32 lanes).
 pub const NR: usize = 16;
-/// k pairs per cache block. Partial sums stay exact in i32 for any k a model has (|q| ≤ 127: 2·127² per pair, so
-/// up to 66 000 pairs), and a block's sum is exact in f32 (256 pairs · 32 258 < 2²⁴).
-const KC: usize = 256;
+/// k pairs per cache block (512 was 2–7 % faster than 256 and 128 on the UNet's shapes, see BENCHMARKS.md). Partial
+/// sums stay exact in i32 for any k a model has (|q| ≤ 127: 2·127² per pair, so up to 66 000 pairs), and a
+/// block's sum is exact in f32 (512 pairs · 32 258 < 2²⁴).
+const KC: usize = 512;
 /// Left rows per task.
 const MC: usize = 16 * MR;
 /// Right columns per task.
