@@ -52,6 +52,44 @@ fn convolution_matches_candle_in_f64() {
     assert!(e.unwrap_err().to_string().contains("does not fit"));
 }
 
+/// The int8 convolution (`--dtype int8`) against an f64 reference: within quantization error, including where one
+/// input pixel is 100× its neighbours, which only the output pixels whose receptive field holds it may scale for
+/// (a per-pixel scale computed over the wrong window would clamp it or waste the range of its neighbours).
+#[test]
+fn int8_convolution_stays_within_quantization_error() {
+    use dreamshaper::kernels::conv::Conv2dI8;
+    let cases = [
+        (2, 4, 8, 9, 7, 3, 1, 1),
+        (2, 16, 16, 33, 17, 3, 2, 1),
+        (1, 8, 4, 5, 5, 1, 1, 0),
+        (2, 3, 5, 12, 10, 3, 1, 0),
+        (1, 8, 2, 200, 1500, 3, 1, 1),
+    ];
+    for (b, c_in, c_out, h, w, k, stride, padding) in cases {
+        let mut values = randn(&[b, c_in, h, w]).flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        // An outlier at row 2, column 3 of the first channel of the first image.
+        values[2 * w + 3] *= 100.0;
+        let x = Tensor::from_vec(values, (b, c_in, h, w), &Device::Cpu).unwrap();
+        let weight = randn(&[c_out, c_in, k, k]);
+        let bias = randn(&[c_out]);
+        let params = ConvParams { stride, padding };
+        let ours = Conv2dI8::new(&weight, &bias, params).unwrap().forward(&x).unwrap();
+        let f64 = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+        let config = Conv2dConfig { padding, stride, ..Default::default() };
+        let reference = candle_nn::Conv2d::new(f64(&weight), Some(f64(&bias)), config).forward(&f64(&x)).unwrap();
+        // Away from the outlier, each output's error is relative to its own inputs: compare per output pixel
+        // against the magnitude of that pixel's outputs.
+        let err = max_relative(&ours, &reference);
+        assert!(err < 0.03, "{:?}: relative error {err:e}", (b, c_in, c_out, h, w, k, stride, padding));
+        let far = (
+            ours.narrow(2, ours.dim(2).unwrap() - 1, 1).unwrap(),
+            reference.narrow(2, ours.dim(2).unwrap() - 1, 1).unwrap(),
+        );
+        let err = max_relative(&far.0, &far.1);
+        assert!(err < 0.05, "{:?}: relative error {err:e} in the last row", (b, c_in, c_out, h, w, k, stride, padding));
+    }
+}
+
 #[test]
 fn group_norm_with_and_without_silu_matches_candle() {
     for (b, c, h, w, groups) in [(2, 64, 9, 7, 32), (1, 32, 16, 16, 32), (2, 12, 5, 3, 4)] {

@@ -322,11 +322,13 @@ impl CustomOp1 for Conv2dI8 {
         for (image, out) in x.chunks(c_in * h * w).zip(out.chunks_mut(c_out * pixels)) {
             // Each input pixel's largest magnitude over the channels, for the per-pixel scales.
             let mut pixel_max = vec![0f32; h * w];
-            for plane in image.chunks(h * w) {
-                for (m, v) in pixel_max.iter_mut().zip(plane) {
-                    *m = m.max(v.abs());
+            pixel_max.par_chunks_mut(w).enumerate().for_each(|(y, maxima)| {
+                for plane in image.chunks(h * w) {
+                    for (m, v) in maxima.iter_mut().zip(&plane[y * w..(y + 1) * w]) {
+                        *m = m.max(v.abs());
+                    }
                 }
-            }
+            });
             let mut first_row = 0;
             while first_row < g.h_out {
                 let rows = band_rows.min(g.h_out - first_row);

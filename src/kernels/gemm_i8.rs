@@ -41,14 +41,17 @@ pub fn scale_for(max_abs: f32) -> f32 {
     }
 }
 
-/// `x / scale` clamped to ±127 and rounded to the nearest integer, ties to even (NaN gives 0).
+/// `x / scale` clamped to ±127 and rounded to the nearest integer, ties to even (a NaN `x` gives an unspecified
+/// value; the scales, taken with `f32::max`, ignore NaNs).
 #[inline(always)]
 fn quantize(x: f32, inv_scale: f32) -> i8 {
-    // Adding and subtracting 1.5 · 2²³ rounds any |v| < 2²² to an integer in the current (nearest-even) mode with
-    // two vectorisable additions, where `round` is a library call on baseline x86-64.
+    // Adding 1.5 · 2²³ to a v in ±127 rounds it to an integer in the (nearest-even) rounding mode and leaves that
+    // integer in the low mantissa bits: bits(v + 1.5 · 2²³) = 0x4B40_0000 + round(v). Integer operations only, so
+    // the loops over a row vectorise (`round` is a library call on baseline x86-64, and `as i8` a saturating
+    // conversion).
     const ROUND: f32 = 12_582_912.0;
     let v = (x * inv_scale).clamp(-QMAX, QMAX);
-    ((v + ROUND) - ROUND) as i8
+    (v + ROUND).to_bits().wrapping_sub(0x4B40_0000) as i8
 }
 
 fn max_abs(values: &[f32]) -> f32 {
@@ -185,27 +188,26 @@ impl RightI8 {
         let out = SyncPtr(data.as_mut_ptr());
         // Pairs of k rows in parallel; each writes its two bytes of every column slot of every block.
         (0..pairs).into_par_iter().for_each_init(
-            || (vec![0f32; count], vec![0f32; count]),
-            |(lo, hi), p| {
+            // The two rows of a pair, then their values quantized and interleaved ((lo, hi) per column, zeros past
+            // the last column up to a whole block).
+            || (vec![0f32; count], vec![0f32; count], vec![0i8; blocks * NR * 2]),
+            |(lo, hi, pairs_row), p| {
                 fill(2 * p, lo);
                 if 2 * p + 1 < k {
                     fill(2 * p + 1, hi);
                 } else {
                     hi.fill(0.0);
                 }
-                for b in 0..blocks {
-                    // SAFETY: slot (b, p) lies inside the allocation and is written by this task only (p is its
-                    // own).
-                    let slot = unsafe { out.get().add(b * block_len + p * NR * 2) };
-                    for l in 0..NR {
-                        let j = b * NR + l;
-                        let (q_lo, q_hi) =
-                            if j < count { (quantize(lo[j], inv[j]), quantize(hi[j], inv[j])) } else { (0, 0) };
-                        // SAFETY: as above.
-                        unsafe {
-                            slot.add(2 * l).write(q_lo);
-                            slot.add(2 * l + 1).write(q_hi);
-                        }
+                for (((two, &lo), &hi), &inv) in pairs_row.chunks_exact_mut(2).zip(lo.iter()).zip(hi.iter()).zip(&inv) {
+                    two[0] = quantize(lo, inv);
+                    two[1] = quantize(hi, inv);
+                }
+                for (b, block_pairs) in pairs_row.chunks_exact(NR * 2).enumerate() {
+                    // SAFETY: slot (b, p), NR · 2 bytes, lies inside the allocation and is written by this task
+                    // only (p is its own); the source is a separate buffer.
+                    unsafe {
+                        let slot = out.get().add(b * block_len + p * NR * 2);
+                        std::ptr::copy_nonoverlapping(block_pairs.as_ptr(), slot, NR * 2);
                     }
                 }
             },
