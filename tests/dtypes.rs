@@ -40,6 +40,8 @@ fn int8_is_close_to_f32() {
     let (f32_image, int8_image) = (generate(DType::F32), generate(INT8_WEIGHTS));
     let diff = mean_abs_pixel_diff(&f32_image, &int8_image);
     eprintln!("int8 vs f32: mean abs {diff:.3}/255");
-    assert!(diff <= 3.0, "int8 image differs from f32 by {diff}/255 on average");
+    // 2.4–2.7/255 here (the tiny random model amplifies any change of rounding over its six steps); quantization
+    // gone wrong (a wrong scale, clamped values) gives tens.
+    assert!(diff <= 4.0, "int8 image differs from f32 by {diff}/255 on average");
     assert_ne!(f32_image, int8_image, "the int8 run gave the f32 image bit for bit");
 }

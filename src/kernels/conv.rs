@@ -192,20 +192,102 @@ fn bias_planes(bias: &[f32], batch: usize, pixels: usize) -> Vec<f32> {
     }
 }
 
-/// A convolution whose weight is packed to bf16 once, for [`gemm_bf16`]: f32 activations in and out, each band's
-/// im2col rounded to bf16 as it is packed (mixed precision on CPUs with AVX512-BF16).
+/// How a [`PackedConv`] keeps its weight (c_out × depth, the left operand of the product, packed once at load) and
+/// multiplies each band of im2col columns by it.
+pub trait ConvFormat: Send + Sync + 'static {
+    /// The op's name in candle's graph.
+    const NAME: &'static str;
+    /// Elements of a band's im2col columns (depth × band width), to bound the packed band's memory.
+    const BAND_ELEMENTS: usize;
+    type Weight: Send + Sync + std::fmt::Debug;
+    fn pack(weight: &[f32], c_out: usize, depth: usize) -> Self::Weight;
+    fn depth(weight: &Self::Weight) -> usize;
+    /// out (c_out rows of stride `ldc`, from the band's first pixel) += W · columns: `width` columns whose `depth`
+    /// rows `fill(r, row)` writes; `column_max()` gives each column's largest magnitude, for formats that need it.
+    fn multiply_band(
+        out: &mut [f32],
+        ldc: usize,
+        weight: &Self::Weight,
+        width: usize,
+        fill: impl Fn(usize, &mut [f32]) + Sync,
+        column_max: impl FnOnce() -> Vec<f32>,
+    );
+}
+
+impl ConvFormat for super::Bf16 {
+    const NAME: &'static str = "dreamshaper-conv2d-bf16";
+    // The packed band holds depth/2 × width pairs of bf16.
+    const BAND_ELEMENTS: usize = BAND_ELEMENTS;
+    type Weight = (Packed, Kernel);
+
+    fn pack(weight: &[f32], c_out: usize, depth: usize) -> Self::Weight {
+        (Packed::from_rows(weight, c_out, depth, MR), Kernel::detect())
+    }
+
+    fn depth((weight, _): &Self::Weight) -> usize {
+        weight.k()
+    }
+
+    fn multiply_band(
+        out: &mut [f32],
+        ldc: usize,
+        (weight, kernel): &Self::Weight,
+        width: usize,
+        fill: impl Fn(usize, &mut [f32]) + Sync,
+        _: impl FnOnce() -> Vec<f32>,
+    ) {
+        let columns = Packed::from_row_writer(width, weight.k(), fill);
+        gemm_bf16::gemm(out, ldc, weight, &columns, *kernel);
+    }
+}
+
+impl ConvFormat for super::Int8 {
+    const NAME: &'static str = "dreamshaper-conv2d-int8";
+    // The packed band holds depth × width bytes.
+    const BAND_ELEMENTS: usize = 4 * BAND_ELEMENTS;
+    type Weight = (gemm_i8::LeftI8, gemm_i8::Kernel);
+
+    fn pack(weight: &[f32], c_out: usize, depth: usize) -> Self::Weight {
+        (gemm_i8::LeftI8::from_rows(weight, c_out, depth), gemm_i8::Kernel::detect())
+    }
+
+    fn depth((weight, _): &Self::Weight) -> usize {
+        weight.k()
+    }
+
+    /// The columns are quantized per output pixel, with the largest magnitude of its receptive field as its scale.
+    fn multiply_band(
+        out: &mut [f32],
+        ldc: usize,
+        (weight, kernel): &Self::Weight,
+        width: usize,
+        fill: impl Fn(usize, &mut [f32]) + Sync,
+        column_max: impl FnOnce() -> Vec<f32>,
+    ) {
+        let scales = column_max().into_iter().map(gemm_i8::scale_for).collect();
+        let columns = gemm_i8::RightI8::from_row_writer(width, weight.k(), scales, fill);
+        gemm_i8::gemm(out, ldc, weight, &columns, *kernel);
+    }
+}
+
+/// A convolution whose weight is packed once in format `F`: f32 activations in and out, each band of im2col
+/// columns packed as it is written.
 #[derive(Debug)]
-pub struct Conv2dBf16 {
-    weight: Packed,
+pub struct PackedConv<F: ConvFormat> {
+    weight: F::Weight,
     bias: Vec<f32>,
     c_in: usize,
     kh: usize,
     kw: usize,
     params: ConvParams,
-    kernel: Kernel,
 }
 
-impl Conv2dBf16 {
+/// Convolution on bf16 weights (`--dtype bf16` on the CPU: mixed precision on CPUs with AVX512-BF16).
+pub type Conv2dBf16 = PackedConv<super::Bf16>;
+/// Convolution on int8 weights quantized per output channel (`--dtype int8`).
+pub type Conv2dI8 = PackedConv<super::Int8>;
+
+impl<F: ConvFormat> PackedConv<F> {
     /// `weight` (c_out, c_in, kh, kw) and `bias` (c_out), any float dtype, on the CPU.
     pub fn new(weight: &Tensor, bias: &Tensor, params: ConvParams) -> Result<Self> {
         let (c_out, c_in, kh, kw) = weight.dims4()?;
@@ -213,13 +295,12 @@ impl Conv2dBf16 {
             candle_core::bail!("conv2d: bias of {} elements for {c_out} output channels", bias.elem_count());
         }
         Ok(Self {
-            weight: super::with_f32_data(weight, |w| Packed::from_rows(w, c_out, c_in * kh * kw, MR))?,
+            weight: super::with_f32_data(weight, |w| F::pack(w, c_out, c_in * kh * kw))?,
             bias: bias.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
             c_in,
             kh,
             kw,
             params,
-            kernel: Kernel::detect(),
         })
     }
 
@@ -229,83 +310,22 @@ impl Conv2dBf16 {
     }
 }
 
-impl CustomOp1 for Conv2dBf16 {
-    fn name(&self) -> &'static str {
-        "dreamshaper-conv2d-bf16"
-    }
-
-    fn cpu_fwd(&self, x: &CpuStorage, x_layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (batch, c_in, h, w) = x_layout.shape().dims4()?;
-        if c_in != self.c_in {
-            candle_core::bail!("conv2d: input {:?} for a weight of {} input channels", x_layout.shape(), self.c_in);
-        }
-        let g = Geometry::new(h, w, self.kh, self.kw, self.params)?;
-        let x = contiguous_f32(x, x_layout)?;
-        let (c_out, pixels, depth) = (self.bias.len(), g.h_out * g.w_out, self.weight.k());
-        // The packed band holds depth/2 × width pairs.
-        let band_rows = (BAND_ELEMENTS / (depth * g.w_out).max(1)).clamp(1, g.h_out);
-        let mut out = bias_planes(&self.bias, batch, pixels);
-        for (image, out) in x.chunks(c_in * h * w).zip(out.chunks_mut(c_out * pixels)) {
-            let mut first_row = 0;
-            while first_row < g.h_out {
-                let rows = band_rows.min(g.h_out - first_row);
-                let width = rows * g.w_out;
-                let columns = if g.pointwise() {
-                    let start = first_row * g.w_out;
-                    Packed::from_row_writer(width, depth, |r, row| {
-                        row.copy_from_slice(&image[r * pixels + start..r * pixels + start + width])
-                    })
-                } else {
-                    Packed::from_row_writer(width, depth, |r, row| g.im2col_row(image, r, first_row, row))
-                };
-                gemm_bf16::gemm(&mut out[first_row * g.w_out..], pixels, &self.weight, &columns, self.kernel);
-                first_row += rows;
+/// Each pixel's largest magnitude over the channels of `image` (c × h × w), row by row over rayon's pool.
+fn pixel_maxima(image: &[f32], h: usize, w: usize) -> Vec<f32> {
+    let mut pixel_max = vec![0f32; h * w];
+    pixel_max.par_chunks_mut(w).enumerate().for_each(|(y, maxima)| {
+        for plane in image.chunks(h * w) {
+            for (m, v) in maxima.iter_mut().zip(&plane[y * w..(y + 1) * w]) {
+                *m = m.max(v.abs());
             }
         }
-        Ok((CpuStorage::F32(out), Shape::from((batch, c_out, g.h_out, g.w_out))))
-    }
+    });
+    pixel_max
 }
 
-/// A convolution whose weight is quantized to int8 once, per output channel, for [`gemm_i8`]: f32 activations in
-/// and out, each band's im2col quantized as it is packed, per output pixel (`--dtype int8`).
-#[derive(Debug)]
-pub struct Conv2dI8 {
-    weight: gemm_i8::LeftI8,
-    bias: Vec<f32>,
-    c_in: usize,
-    kh: usize,
-    kw: usize,
-    params: ConvParams,
-    kernel: gemm_i8::Kernel,
-}
-
-impl Conv2dI8 {
-    /// `weight` (c_out, c_in, kh, kw) and `bias` (c_out), any float dtype, on the CPU.
-    pub fn new(weight: &Tensor, bias: &Tensor, params: ConvParams) -> Result<Self> {
-        let (c_out, c_in, kh, kw) = weight.dims4()?;
-        if bias.elem_count() != c_out {
-            candle_core::bail!("conv2d: bias of {} elements for {c_out} output channels", bias.elem_count());
-        }
-        Ok(Self {
-            weight: super::with_f32_data(weight, |w| gemm_i8::LeftI8::from_rows(w, c_out, c_in * kh * kw))?,
-            bias: bias.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
-            c_in,
-            kh,
-            kw,
-            params,
-            kernel: gemm_i8::Kernel::detect(),
-        })
-    }
-
-    /// The convolution of `x` (batch, c_in, h, w) f32.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        x.contiguous()?.apply_op1_no_bwd(self)
-    }
-}
-
-impl CustomOp1 for Conv2dI8 {
+impl<F: ConvFormat> CustomOp1 for PackedConv<F> {
     fn name(&self) -> &'static str {
-        "dreamshaper-conv2d-int8"
+        F::NAME
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, x_layout: &Layout) -> Result<(CpuStorage, Shape)> {
@@ -315,37 +335,28 @@ impl CustomOp1 for Conv2dI8 {
         }
         let g = Geometry::new(h, w, self.kh, self.kw, self.params)?;
         let x = contiguous_f32(x, x_layout)?;
-        let (c_out, pixels, depth) = (self.bias.len(), g.h_out * g.w_out, self.weight.k());
-        // The packed band holds depth × width bytes.
-        let band_rows = (4 * BAND_ELEMENTS / (depth * g.w_out).max(1)).clamp(1, g.h_out);
+        let (c_out, pixels, depth) = (self.bias.len(), g.h_out * g.w_out, F::depth(&self.weight));
+        let band_rows = (F::BAND_ELEMENTS / (depth * g.w_out).max(1)).clamp(1, g.h_out);
         let mut out = bias_planes(&self.bias, batch, pixels);
         for (image, out) in x.chunks(c_in * h * w).zip(out.chunks_mut(c_out * pixels)) {
-            // Each input pixel's largest magnitude over the channels, for the per-pixel scales.
-            let mut pixel_max = vec![0f32; h * w];
-            pixel_max.par_chunks_mut(w).enumerate().for_each(|(y, maxima)| {
-                for plane in image.chunks(h * w) {
-                    for (m, v) in maxima.iter_mut().zip(&plane[y * w..(y + 1) * w]) {
-                        *m = m.max(v.abs());
-                    }
-                }
-            });
+            // Computed on first use, once per image.
+            let pixel_max = std::cell::OnceCell::new();
             let mut first_row = 0;
             while first_row < g.h_out {
                 let rows = band_rows.min(g.h_out - first_row);
                 let width = rows * g.w_out;
-                let scales: Vec<f32> =
-                    g.window_max(&pixel_max, first_row, rows).into_iter().map(gemm_i8::scale_for).collect();
-                let columns = if g.pointwise() {
+                let column_max = || g.window_max(pixel_max.get_or_init(|| pixel_maxima(image, h, w)), first_row, rows);
+                let dst = &mut out[first_row * g.w_out..];
+                if g.pointwise() {
                     let start = first_row * g.w_out;
-                    gemm_i8::RightI8::from_row_writer(width, depth, scales, |r, row| {
+                    let fill = |r: usize, row: &mut [f32]| {
                         row.copy_from_slice(&image[r * pixels + start..r * pixels + start + width])
-                    })
+                    };
+                    F::multiply_band(dst, pixels, &self.weight, width, fill, column_max);
                 } else {
-                    gemm_i8::RightI8::from_row_writer(width, depth, scales, |r, row| {
-                        g.im2col_row(image, r, first_row, row)
-                    })
-                };
-                gemm_i8::gemm(&mut out[first_row * g.w_out..], pixels, &self.weight, &columns, self.kernel);
+                    let fill = |r: usize, row: &mut [f32]| g.im2col_row(image, r, first_row, row);
+                    F::multiply_band(dst, pixels, &self.weight, width, fill, column_max);
+                }
                 first_row += rows;
             }
         }

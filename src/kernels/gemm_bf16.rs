@@ -8,6 +8,8 @@
 
 use rayon::prelude::*;
 
+use super::SyncPtr;
+
 /// Rows of the left operand per micro-tile (each broadcast to all lanes).
 pub const MR: usize = 12;
 /// Columns of the right operand per micro-tile (two 16-lane vectors).
@@ -142,17 +144,6 @@ impl Packed {
         } else {
             hi
         }
-    }
-}
-
-#[derive(Clone, Copy)]
-struct SyncPtr<T>(*mut T);
-// SAFETY: used only to hand disjoint parts of one buffer to rayon tasks.
-unsafe impl<T> Send for SyncPtr<T> {}
-unsafe impl<T> Sync for SyncPtr<T> {}
-impl<T> SyncPtr<T> {
-    fn get(self) -> *mut T {
-        self.0
     }
 }
 

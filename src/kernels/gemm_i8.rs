@@ -14,6 +14,8 @@
 
 use rayon::prelude::*;
 
+use super::SyncPtr;
+
 /// Rows of the left operand per micro-tile (each broadcast to all lanes): 6 × 2 accumulators + 2 right vectors +
 /// 1 broadcast + 1 product fill AVX2's 16 registers.
 pub const MR: usize = 6;
@@ -235,17 +237,6 @@ impl RightI8 {
     fn block(&self, b: usize) -> &[i8] {
         let len = self.k.div_ceil(2) * NR * 2;
         &self.data[b * len..(b + 1) * len]
-    }
-}
-
-#[derive(Clone, Copy)]
-struct SyncPtr<T>(*mut T);
-// SAFETY: used only to hand disjoint parts of one buffer to rayon tasks.
-unsafe impl<T> Send for SyncPtr<T> {}
-unsafe impl<T> Sync for SyncPtr<T> {}
-impl<T> SyncPtr<T> {
-    fn get(self) -> *mut T {
-        self.0
     }
 }
 

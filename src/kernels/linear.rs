@@ -127,21 +127,73 @@ fn linear_with(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, layout: Weigh
     }
 }
 
-/// A linear layer whose weight is packed to bf16 once, for [`gemm_bf16`]: f32 activations in and out, each
-/// multiplied as bf16 with f32 sums (mixed precision on CPUs with AVX512-BF16).
-#[derive(Debug)]
-pub struct LinearBf16 {
-    weight: Packed,
-    bias: Option<Vec<f32>>,
-    kernel: Kernel,
+/// How a [`PackedLinear`] keeps its weight (n, k) and multiplies each call's input by it: the weight packed once
+/// at load, the input packed per call, the product accumulated into the output (which holds the bias).
+pub trait WeightFormat: Send + Sync + 'static {
+    /// The op's name in candle's graph.
+    const NAME: &'static str;
+    type Weight: Send + Sync + std::fmt::Debug;
+    fn pack(weight: &[f32], n: usize, k: usize) -> Self::Weight;
+    /// (n, k).
+    fn dims(weight: &Self::Weight) -> (usize, usize);
+    /// out (rows × n) += x (rows × k) · Wᵀ.
+    fn multiply_into(out: &mut [f32], x: &[f32], rows: usize, weight: &Self::Weight);
 }
 
-impl LinearBf16 {
+impl WeightFormat for super::Bf16 {
+    const NAME: &'static str = "dreamshaper-linear-bf16";
+    type Weight = (Packed, Kernel);
+
+    fn pack(weight: &[f32], n: usize, k: usize) -> Self::Weight {
+        (Packed::from_rows(weight, n, k, NR), Kernel::detect())
+    }
+
+    fn dims((weight, _): &Self::Weight) -> (usize, usize) {
+        (weight.count(), weight.k())
+    }
+
+    fn multiply_into(out: &mut [f32], x: &[f32], rows: usize, (weight, kernel): &Self::Weight) {
+        let n = weight.count();
+        gemm_bf16::gemm(out, n, &Packed::from_rows(x, rows, weight.k(), MR), weight, *kernel);
+    }
+}
+
+impl WeightFormat for super::Int8 {
+    const NAME: &'static str = "dreamshaper-linear-int8";
+    type Weight = (gemm_i8::RightI8, gemm_i8::Kernel);
+
+    fn pack(weight: &[f32], n: usize, k: usize) -> Self::Weight {
+        (gemm_i8::RightI8::from_rows(weight, n, k), gemm_i8::Kernel::detect())
+    }
+
+    fn dims((weight, _): &Self::Weight) -> (usize, usize) {
+        (weight.count(), weight.k())
+    }
+
+    fn multiply_into(out: &mut [f32], x: &[f32], rows: usize, (weight, kernel): &Self::Weight) {
+        let n = weight.count();
+        gemm_i8::gemm(out, n, &gemm_i8::LeftI8::from_rows(x, rows, weight.k()), weight, *kernel);
+    }
+}
+
+/// A linear layer whose weight is packed once in format `F`: f32 activations in and out.
+#[derive(Debug)]
+pub struct PackedLinear<F: WeightFormat> {
+    weight: F::Weight,
+    bias: Option<Vec<f32>>,
+}
+
+/// Linear layer on bf16 weights (`--dtype bf16` on the CPU).
+pub type LinearBf16 = PackedLinear<super::Bf16>;
+/// Linear layer on int8 weights (`--dtype int8`).
+pub type LinearI8 = PackedLinear<super::Int8>;
+
+impl<F: WeightFormat> PackedLinear<F> {
     /// `weight` (n, k) and `bias` (n), any float dtype, on the CPU.
     pub fn new(weight: &Tensor, bias: Option<&Tensor>) -> Result<Self> {
         let (n, k) = weight.dims2()?;
-        let weight = super::with_f32_data(weight, |w| Packed::from_rows(w, n, k, NR))?;
-        Ok(Self { weight, bias: bias_vec(bias, n)?, kernel: Kernel::detect() })
+        let weight = super::with_f32_data(weight, |w| F::pack(w, n, k))?;
+        Ok(Self { weight, bias: bias_vec(bias, n)? })
     }
 
     /// x · Wᵀ + b for `x` (…, k) f32.
@@ -150,60 +202,19 @@ impl LinearBf16 {
     }
 }
 
-impl CustomOp1 for LinearBf16 {
+impl<F: WeightFormat> CustomOp1 for PackedLinear<F> {
     fn name(&self) -> &'static str {
-        "dreamshaper-linear-bf16"
+        F::NAME
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, x_layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (n, k) = (self.weight.count(), self.weight.k());
+        let (n, k) = F::dims(&self.weight);
         let shape = output_dims(x_layout, n, k)?;
         let x = contiguous_f32(x, x_layout)?;
         let rows = x.len() / k.max(1);
         let mut out = initial_output(self.bias.as_deref(), rows, n);
         if k > 0 {
-            gemm_bf16::gemm(&mut out, n, &Packed::from_rows(x, rows, k, MR), &self.weight, self.kernel);
-        }
-        Ok((CpuStorage::F32(out), shape))
-    }
-}
-
-/// A linear layer whose weight is quantized to int8 once, per output channel, for [`gemm_i8`]: f32 activations in
-/// and out, each call's input quantized per row (`--dtype int8`).
-#[derive(Debug)]
-pub struct LinearI8 {
-    weight: gemm_i8::RightI8,
-    bias: Option<Vec<f32>>,
-    kernel: gemm_i8::Kernel,
-}
-
-impl LinearI8 {
-    /// `weight` (n, k) and `bias` (n), any float dtype, on the CPU.
-    pub fn new(weight: &Tensor, bias: Option<&Tensor>) -> Result<Self> {
-        let (n, k) = weight.dims2()?;
-        let weight = super::with_f32_data(weight, |w| gemm_i8::RightI8::from_rows(w, n, k))?;
-        Ok(Self { weight, bias: bias_vec(bias, n)?, kernel: gemm_i8::Kernel::detect() })
-    }
-
-    /// x · Wᵀ + b for `x` (…, k) f32.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        x.contiguous()?.apply_op1_no_bwd(self)
-    }
-}
-
-impl CustomOp1 for LinearI8 {
-    fn name(&self) -> &'static str {
-        "dreamshaper-linear-int8"
-    }
-
-    fn cpu_fwd(&self, x: &CpuStorage, x_layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (n, k) = (self.weight.count(), self.weight.k());
-        let shape = output_dims(x_layout, n, k)?;
-        let x = contiguous_f32(x, x_layout)?;
-        let rows = x.len() / k.max(1);
-        let mut out = initial_output(self.bias.as_deref(), rows, n);
-        if k > 0 {
-            gemm_i8::gemm(&mut out, n, &gemm_i8::LeftI8::from_rows(x, rows, k), &self.weight, self.kernel);
+            F::multiply_into(&mut out, x, rows, &self.weight);
         }
         Ok((CpuStorage::F32(out), shape))
     }

@@ -15,6 +15,18 @@ pub mod vector;
 
 use candle_core::{CpuStorage, DType, Layout, Result, Tensor};
 
+/// The bf16 weight format of the CPU's mixed precision (`--dtype bf16`): weights rounded to bf16 and packed once
+/// for [`gemm_bf16`], each input rounded to bf16 too, sums in f32. Linear layers ([`linear::LinearBf16`]) and
+/// convolutions ([`conv::Conv2dBf16`]) take it.
+#[derive(Debug)]
+pub struct Bf16;
+
+/// The int8 weight format (`--dtype int8`): weights quantized per output channel once for [`gemm_i8`], each input
+/// per row (linear) or per output pixel (convolution), sums exact in i32 ([`linear::LinearI8`],
+/// [`conv::Conv2dI8`]).
+#[derive(Debug)]
+pub struct Int8;
+
 /// The f32 elements of a contiguous CPU storage (the kernels' callers make their inputs contiguous).
 pub(crate) fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
     let CpuStorage::F32(data) = storage else {
@@ -68,5 +80,17 @@ pub(crate) fn repeated_rows(row: &[f32], rows: usize) -> Vec<f32> {
                 dst.write(src);
             }
         })
+    }
+}
+
+/// A raw pointer that rayon tasks may share, each writing its own disjoint part of one buffer.
+#[derive(Clone, Copy)]
+pub(crate) struct SyncPtr<T>(pub(crate) *mut T);
+// SAFETY: used only to hand disjoint parts of one buffer to rayon tasks.
+unsafe impl<T> Send for SyncPtr<T> {}
+unsafe impl<T> Sync for SyncPtr<T> {}
+impl<T> SyncPtr<T> {
+    pub(crate) fn get(self) -> *mut T {
+        self.0
     }
 }
