@@ -94,3 +94,15 @@ impl<T> SyncPtr<T> {
         self.0
     }
 }
+
+/// `n` pseudo-random values in [-1, 1) from a 64-bit LCG (the kernels' tests' inputs).
+#[cfg(test)]
+pub(crate) fn lcg(seed: u64, n: usize) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
