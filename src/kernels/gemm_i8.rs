@@ -1,6 +1,6 @@
 //! int8 matrix product for the CPU (`--dtype int8`): both operands quantized symmetrically to int8 with one f32
 //! scale per row of the left operand and per column of the right one, products summed exactly in i32, and each
-//! sum scaled back to f32: c += scale_a[i] · scale_b[j] · Σₖ qa[i,k] · qb[k,j].
+//! sum scaled back to f32: `c += scale_a[i] · scale_b[j] · Σₖ qa[i,k] · qb[k,j]`.
 //!
 //! A linear layer's weight is the right operand, quantized once per output channel when the model loads (1 byte
 //! per weight); its input is the left operand, quantized per row (token) on each call. A convolution's weight is
