@@ -346,17 +346,16 @@ impl<F: ConvFormat> CustomOp1 for PackedConv<F> {
                 let rows = band_rows.min(g.h_out - first_row);
                 let width = rows * g.w_out;
                 let column_max = || g.window_max(pixel_max.get_or_init(|| pixel_maxima(image, h, w)), first_row, rows);
-                let dst = &mut out[first_row * g.w_out..];
-                if g.pointwise() {
-                    let start = first_row * g.w_out;
-                    let fill = |r: usize, row: &mut [f32]| {
+                // Row r of the band's im2col: for a 1×1 convolution, the band's part of input plane r as it is.
+                let start = first_row * g.w_out;
+                let fill = |r: usize, row: &mut [f32]| {
+                    if g.pointwise() {
                         row.copy_from_slice(&image[r * pixels + start..r * pixels + start + width])
-                    };
-                    F::multiply_band(dst, pixels, &self.weight, width, fill, column_max);
-                } else {
-                    let fill = |r: usize, row: &mut [f32]| g.im2col_row(image, r, first_row, row);
-                    F::multiply_band(dst, pixels, &self.weight, width, fill, column_max);
-                }
+                    } else {
+                        g.im2col_row(image, r, first_row, row)
+                    }
+                };
+                F::multiply_band(&mut out[start..], pixels, &self.weight, width, fill, column_max);
                 first_row += rows;
             }
         }

@@ -2,7 +2,7 @@
 //! `bias`). f32 tensors on the CPU run the fused kernels of [`crate::kernels`]; other devices and dtypes run
 //! candle's own ops.
 //!
-//! A bf16 model on the CPU runs in mixed precision (see [`is_mixed_bf16`]): Linear and Conv2d weights are packed
+//! A bf16 model on the CPU runs in mixed precision (see [`compute_dtype`]): Linear and Conv2d weights are packed
 //! to bf16 for [`crate::kernels::gemm_bf16`] and everything else (activations, norms, embeddings, attention) is
 //! f32, which keeps bf16's speed where the time goes (the matrix products) and f32's accuracy elsewhere. An int8
 //! model ([`INT8_WEIGHTS`]) does the same with int8 weights and per-row int8 activations in those products.
@@ -23,7 +23,7 @@ fn fused(x: &Tensor) -> bool {
 /// The model dtype that asks for int8 weights (`--dtype int8`, CPU only). candle has no int8 dtype, so `U8`, which
 /// no model's weights use, stands for it: a model loaded with it keeps its Linear and Conv2d weights quantized to
 /// int8 per output channel for [`crate::kernels::gemm_i8`] and computes everything else in f32, as
-/// [`is_mixed_bf16`] does for bf16.
+/// a bf16 model does.
 pub const INT8_WEIGHTS: DType = DType::U8;
 
 /// How a CPU mixed-precision model keeps its Linear and Conv2d weights.
@@ -40,11 +40,6 @@ fn packed_format(vb: &VarBuilder) -> Option<PackedFormat> {
         INT8_WEIGHTS => Some(PackedFormat::Int8),
         _ => None,
     }
-}
-
-/// Whether weights loaded through `vb` run in CPU mixed precision: a bf16 (or int8) model on the CPU.
-pub fn is_mixed_bf16(vb: &VarBuilder) -> bool {
-    packed_format(vb).is_some()
 }
 
 /// The dtype a model with `weights` in that dtype on `device` computes in: f32 in CPU mixed precision (bf16 or
