@@ -428,10 +428,10 @@ fn gemm_shapes(args: &Args) {
             row[format!("bf16_{kernel:?}_gflops")] = json!(flops / s / 1e9);
         }
         // int8: the left operand quantized per call (as a Linear's input is), the right one once (a weight).
-        let qb = gemm_i8::RightI8::from_rows(&b_t, n, k);
         for kernel in gemm_i8::Kernel::available() {
+            let qb = gemm_i8::RightI8::from_rows(&b_t, n, k, kernel);
             let s = median(time(args.warmup, args.iters, || {
-                gemm_i8::gemm(&mut c, n, &gemm_i8::LeftI8::from_rows(&a, m, k), &qb, kernel)
+                gemm_i8::gemm(&mut c, n, &gemm_i8::LeftI8::from_rows(&a, m, k, kernel), &qb, kernel)
             }));
             row[format!("int8_{kernel:?}_gflops")] = json!(flops / s / 1e9);
         }

@@ -248,7 +248,8 @@ impl ConvFormat for super::Int8 {
     type Weight = (gemm_i8::LeftI8, gemm_i8::Kernel);
 
     fn pack(weight: &[f32], c_out: usize, depth: usize) -> Self::Weight {
-        (gemm_i8::LeftI8::from_rows(weight, c_out, depth), gemm_i8::Kernel::detect())
+        let kernel = gemm_i8::Kernel::detect();
+        (gemm_i8::LeftI8::from_rows(weight, c_out, depth, kernel), kernel)
     }
 
     fn depth((weight, _): &Self::Weight) -> usize {
@@ -265,7 +266,7 @@ impl ConvFormat for super::Int8 {
         column_max: impl FnOnce() -> Vec<f32>,
     ) {
         let scales = column_max().into_iter().map(gemm_i8::scale_for).collect();
-        let columns = gemm_i8::RightI8::from_row_writer(width, weight.k(), scales, fill);
+        let columns = gemm_i8::RightI8::from_row_writer(width, weight.k(), scales, *kernel, fill);
         gemm_i8::gemm(out, ldc, weight, &columns, *kernel);
     }
 }

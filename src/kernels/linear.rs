@@ -163,7 +163,8 @@ impl WeightFormat for super::Int8 {
     type Weight = (gemm_i8::RightI8, gemm_i8::Kernel);
 
     fn pack(weight: &[f32], n: usize, k: usize) -> Self::Weight {
-        (gemm_i8::RightI8::from_rows(weight, n, k), gemm_i8::Kernel::detect())
+        let kernel = gemm_i8::Kernel::detect();
+        (gemm_i8::RightI8::from_rows(weight, n, k, kernel), kernel)
     }
 
     fn dims((weight, _): &Self::Weight) -> (usize, usize) {
@@ -172,7 +173,7 @@ impl WeightFormat for super::Int8 {
 
     fn multiply_into(out: &mut [f32], x: &[f32], rows: usize, (weight, kernel): &Self::Weight) {
         let n = weight.count();
-        gemm_i8::gemm(out, n, &gemm_i8::LeftI8::from_rows(x, rows, weight.k()), weight, *kernel);
+        gemm_i8::gemm(out, n, &gemm_i8::LeftI8::from_rows(x, rows, weight.k(), *kernel), weight, *kernel);
     }
 }
 
