@@ -212,33 +212,11 @@ pub fn gemm(c: &mut [f32], ldc: usize, a: &Packed, b: &Packed, kernel: Kernel) {
         return;
     }
     assert!(ldc >= n && (m - 1) * ldc + n <= c.len(), "gemm_bf16: destination of {m}×{n} exceeds {}", c.len());
-    let (mc, nc) = task_tiles((m, n), (MC, NC), (MR, NR));
-    let (row_tiles, col_tiles) = (m.div_ceil(mc), n.div_ceil(nc));
     let c_ptr = SyncPtr(c.as_mut_ptr());
-    (0..row_tiles * col_tiles).into_par_iter().for_each(|t| {
-        let (rt, ct) = (t / col_tiles, t % col_tiles);
-        // SAFETY: tile (rt, ct) covers rows rt·mc.. and columns ct·nc.. of c, disjoint from every other task's.
-        unsafe { tile(c_ptr.get(), ldc, a, b, (rt * mc, ct * nc), (mc, nc), (m, n), kernel) };
+    super::par_tiles((m, n), (MC, NC), (MR, NR), |origin, size| {
+        // SAFETY: the tiles are disjoint and within m × n, which fits c (checked above).
+        unsafe { tile(c_ptr.get(), ldc, a, b, origin, size, (m, n), kernel) }
     });
-}
-
-/// The rows and columns per task for an m × n product: at most (`mc`, `nc`), halved until every thread has
-/// several tasks (a product split into few large tiles leaves one core busy with the last while the other idles),
-/// but not below one micro-tile (`mr`, `nr`).
-pub(crate) fn task_tiles(
-    (m, n): (usize, usize),
-    (mut mc, mut nc): (usize, usize),
-    (mr, nr): (usize, usize),
-) -> (usize, usize) {
-    let enough = 6 * rayon::current_num_threads();
-    while m.div_ceil(mc) * n.div_ceil(nc) < enough && (mc > mr || nc > nr) {
-        if nc > nr && (n.div_ceil(nc) <= m.div_ceil(mc) || mc == mr) {
-            nc /= 2;
-        } else {
-            mc = (mc / 2).max(mr);
-        }
-    }
-    (mc, nc)
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -445,13 +445,10 @@ pub fn gemm(c: &mut [f32], ldc: usize, a: &LeftI8, b: &RightI8, kernel: Kernel) 
         return;
     }
     assert!(ldc >= n && (m - 1) * ldc + n <= c.len(), "gemm_i8: destination of {m}×{n} exceeds {}", c.len());
-    let (mc, nc) = super::gemm_bf16::task_tiles((m, n), (MC, NC), (layout.mr(), layout.nr()));
-    let (row_tiles, col_tiles) = (m.div_ceil(mc), n.div_ceil(nc));
     let c_ptr = SyncPtr(c.as_mut_ptr());
-    (0..row_tiles * col_tiles).into_par_iter().for_each(|t| {
-        let (rt, ct) = (t / col_tiles, t % col_tiles);
-        // SAFETY: tile (rt, ct) covers rows rt·mc.. and columns ct·nc.. of c, disjoint from every other task's.
-        unsafe { tile(c_ptr.get(), ldc, a, b, (rt * mc, ct * nc), (mc, nc), (m, n), kernel) };
+    super::par_tiles((m, n), (MC, NC), (layout.mr(), layout.nr()), |origin, size| {
+        // SAFETY: the tiles are disjoint and within m × n, which fits c (checked above).
+        unsafe { tile(c_ptr.get(), ldc, a, b, origin, size, (m, n), kernel) }
     });
 }
 

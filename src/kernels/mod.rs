@@ -83,6 +83,38 @@ pub(crate) fn repeated_rows(row: &[f32], rows: usize) -> Vec<f32> {
     }
 }
 
+/// The rows and columns per task for an m × n product: at most (`mc`, `nc`), halved until every thread has
+/// several tasks (a product split into few large tiles leaves one core busy with the last while the other idles),
+/// but not below one micro-tile (`mr`, `nr`).
+fn task_tiles((m, n): (usize, usize), (mut mc, mut nc): (usize, usize), (mr, nr): (usize, usize)) -> (usize, usize) {
+    let enough = 6 * rayon::current_num_threads();
+    while m.div_ceil(mc) * n.div_ceil(nc) < enough && (mc > mr || nc > nr) {
+        if nc > nr && (n.div_ceil(nc) <= m.div_ceil(mc) || mc == mr) {
+            nc /= 2;
+        } else {
+            mc = (mc / 2).max(mr);
+        }
+    }
+    (mc, nc)
+}
+
+/// Runs `tile(origin, size)` over rayon's pool for each task of an m × n product: tiles of at most `max_tile` rows
+/// and columns (see [`task_tiles`]), multiples of the micro-tile `micro_tile`, disjoint and covering m × n (`size`
+/// may reach past its edges; `origin` is the tile's first row and column).
+pub(crate) fn par_tiles(
+    (m, n): (usize, usize),
+    max_tile: (usize, usize),
+    micro_tile: (usize, usize),
+    tile: impl Fn((usize, usize), (usize, usize)) + Sync + Send,
+) {
+    use rayon::prelude::*;
+    let (mc, nc) = task_tiles((m, n), max_tile, micro_tile);
+    let (row_tiles, col_tiles) = (m.div_ceil(mc), n.div_ceil(nc));
+    (0..row_tiles * col_tiles)
+        .into_par_iter()
+        .for_each(|t| tile(((t / col_tiles) * mc, (t % col_tiles) * nc), (mc, nc)));
+}
+
 /// A raw pointer that rayon tasks may share, each writing its own disjoint part of one buffer.
 #[derive(Clone, Copy)]
 pub(crate) struct SyncPtr<T>(pub(crate) *mut T);
