@@ -6,7 +6,8 @@ Cases (``--cases``, comma-separated; default all but the two below marked "opt-i
   unet256, unet512   one classifier-free-guidance UNet call (batch 2) at 256² / 512², f32: seconds (median)
   unet512bf16        the same at 512², ours in bf16 mixed precision (AVX512-BF16 matrix products) against
                      diffusers in f32 (the target is ≤ 0.6× of diffusers' f32 time); reuses unet512's diffusers
-                     number when both run
+                     number when both run. Any size and ``int8`` work the same way (opt-in: ``unet1024``,
+                     ``unet1024bf16``, ``unet1024int8``)
   text               both text encoders on a prompt + negative prompt: seconds (median)
   vae512             VAE decode of one 512² image: seconds (median)
   gen1024            a whole 1024² generation (2 steps, CFG), process peak resident memory (GB); diffusers holds
@@ -415,13 +416,13 @@ def main():
     for case in cases:
         print(f"case {case} …", file=sys.stderr, flush=True)
         if case.startswith("unet"):
-            dtype = "bf16" if case.endswith("bf16") else "f32"
-            size = int(case[4:].removesuffix("bf16"))
+            dtype = next((d for d in ("bf16", "int8") if case.endswith(d)), "f32")
+            size = int(case[4:].removesuffix(dtype))
             f32_case = raw["cases"].get(f"unet{size}")
             theirs = f32_case["diffusers"] if f32_case else diffusers("unet", model, size, iters)
             mine = ours(bench(), "unet-cfg", model, size, iters, dtype)[0]
             raw["cases"][case] = {"diffusers": theirs, "ours": mine}
-            target = "≤ 0.6×" if dtype == "bf16" else "≤ 1.0×"
+            target = {"bf16": "≤ 0.6×", "int8": ""}.get(dtype, "≤ 1.0×")
             add(f"UNet CFG call {size}², ours {dtype} vs diffusers f32", "s", theirs["seconds"], mine["median_s"],
                 target)
             add(f"UNet process peak RSS {size}², ours {dtype}", "GB", theirs["peak_rss_gb"],
