@@ -3,7 +3,7 @@
 use candle_core::{Result, Tensor};
 use candle_nn::{Module, VarBuilder};
 
-use super::bands::Bands;
+use super::bands::{Bands, Doubling, Source};
 pub use super::layers::{conv1x1, conv3x3};
 use super::layers::{group_norm, linear, Conv2d, GroupNorm, Linear};
 
@@ -52,17 +52,19 @@ impl ResnetBlock2D {
         }
     }
 
-    /// [`Self::forward`] without a time embedding over an image held in host memory, in bands of rows (see
-    /// [`Bands`]): each GroupNorm by the whole image's statistics, so the result is the whole-image forward's.
-    pub fn forward_in_bands(&self, x: &Tensor, bands: &Bands) -> Result<Tensor> {
-        let stats1 = bands.statistics(x, self.norm1.groups())?;
+    /// [`Self::forward`] without a time embedding over an image held in host memory (or computed band by band, see
+    /// [`Source`]), in bands of rows (see [`Bands`]): each GroupNorm by the whole image's statistics, so the result
+    /// is the whole-image forward's. The block holds its input and one image of its output's shape: the second
+    /// convolution's output (plus the shortcut) is written over the first's ([`Bands::map_in_place`]).
+    pub fn forward_in_bands(&self, x: &Source, bands: &Bands) -> Result<Tensor> {
+        let stats1 = x.statistics(bands, self.norm1.groups())?;
         let h = bands
             .map(x, 1, 1, &mut |band, _, _| self.conv1.forward(&self.norm1.forward_given(band, &stats1, true)?))?;
         let stats2 = bands.statistics(&h, self.norm2.groups())?;
-        bands.map(&h, 1, 1, &mut |band, rows, core| {
+        bands.map_in_place(h, 1, &mut |band, rows, core| {
             let h = self.conv2.forward(&self.norm2.forward_given(band, &stats2, true)?)?;
             let h = Bands::crop(&h, &rows, &core, 1)?;
-            let x = bands.on_device(&x.narrow(2, core.start, core.len())?)?;
+            let x = x.rows(bands, core)?;
             match &self.conv_shortcut {
                 Some(shortcut) => shortcut.forward(&x)? + h,
                 None => x + h,
@@ -128,9 +130,10 @@ impl Upsample2D {
         let (th, tw) = size.unwrap_or((h * 2, w * 2));
         self.conv.forward(&x.upsample_nearest2d(th, tw)?)
     }
+}
 
-    /// [`Self::forward`] (×2) over an image held in host memory, in bands of rows (see [`Bands`]).
-    pub fn forward_in_bands(&self, x: &Tensor, bands: &Bands) -> Result<Tensor> {
-        bands.map(x, 1, 2, &mut |band, _, _| self.forward(band, None))
+impl Doubling for Upsample2D {
+    fn double(&self, band: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward(band, None)
     }
 }

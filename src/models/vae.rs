@@ -6,7 +6,7 @@ use candle_nn::{Module, VarBuilder};
 use serde::Deserialize;
 
 use super::attention::Attention;
-use super::bands::Bands;
+use super::bands::{Bands, Source};
 use super::layers::{conv1x1, conv3x3, group_norm, Conv2d, GroupNorm};
 use super::resnet::{ResnetBlock2D, Upsample2D};
 use super::ConfigError;
@@ -336,18 +336,34 @@ impl VaeDecoder {
             done += 1;
             on_layer(done, total)
         };
-        let mut x = x.clone();
+        // The image-resolution activation (the last block's output), which an identity ResNet block there holds
+        // twice (its input and its output): what the decode's host memory comes to anyway.
+        let (batch, _, height, width) = x.dims4()?;
+        let scale = self.config.scale_factor();
+        let image_elements = batch * self.config.block_out_channels[0] * height * scale * width * scale;
+        let hold = |x: &Source| bands.map(x, 0, 1, &mut |band, _, _| Ok(band.clone()));
+        let mut x = Source::Held(x.clone());
         for block in &self.up_blocks {
             for resnet in &block.resnets {
-                x = resnet.forward_in_bands(&x, bands)?;
+                x = Source::Held(resnet.forward_in_bands(&x, bands)?);
                 step()?;
             }
             if let Some(up) = &block.upsampler {
-                x = up.forward_in_bands(&x, bands)?;
+                // Two up-samplers in a row (no VAE has them): the first one's output is held after all.
+                let input = match x {
+                    Source::Held(input) => input,
+                    doubled => hold(&doubled)?,
+                };
+                let doubled = Source::Doubled { input, layer: up };
+                // An up-sampled image larger than that (SDXL's last, 256 channels at the image's resolution: 4 GB
+                // at 2048²) is not held: the next block computes it band by band as it reads it, three times (its
+                // statistics, its first convolution, its shortcut). Smaller ones are held, computed once.
+                let (b, c, h, w) = doubled.dims()?;
+                x = if b * c * h * w > image_elements { doubled } else { Source::Held(hold(&doubled)?) };
                 step()?;
             }
         }
-        let stats = bands.statistics(&x, self.conv_norm_out.groups())?;
+        let stats = x.statistics(bands, self.conv_norm_out.groups())?;
         let image = bands.map(&x, 1, 1, &mut |band, _, _| {
             self.conv_out.forward(&self.conv_norm_out.forward_given(band, &stats, true)?)
         })?;

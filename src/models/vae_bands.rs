@@ -12,9 +12,13 @@
 //!   f64), then the layer's convolutions run on the VAE's device in bands of rows, each band widened by the one row a
 //!   3×3 convolution reaches and cropped back (see [`crate::models::bands`]).
 //!
-//! The result is the whole-image decode's (to float rounding), with the device's working memory bounded by a band;
-//! host memory holds about three full-resolution activations of the layer at hand (and never the normalised,
-//! up-sampled or im2col copies a whole-image decode makes).
+//! The result is the whole-image decode's (to float rounding), with the device's working memory bounded by a band.
+//! Host memory holds at most two activations of the layer at hand, a ResNet block's input and the one image its two
+//! convolutions write in turn (the second over the first, [`Bands::map_in_place`]), and never the normalised,
+//! im2col copies a whole-image decode makes. The last up-sampler's output (256 channels at the image's resolution,
+//! twice the last block's activation and the largest of all) is not held either: the ResNet block that reads it
+//! recomputes it band by band ([`super::bands::Source`]) three times (its statistics, its first convolution, its
+//! shortcut), which costs two more of that up-sampler's convolutions and saves, at 2048², the 4 GB image.
 
 use candle_core::{DType, Device, Tensor};
 

@@ -209,11 +209,11 @@ impl VaeEncoder {
             done += 1;
             on_layer(done, total)
         };
-        let mut x = bands.map(x, 1, 1, &mut |band, _, _| self.conv_in.forward(band))?;
+        let mut x = bands.map(&x.into(), 1, 1, &mut |band, _, _| self.conv_in.forward(band))?;
         step()?;
         for block in &self.down_blocks {
             for resnet in &block.resnets {
-                x = resnet.forward_in_bands(&x, bands)?;
+                x = resnet.forward_in_bands(&(&x).into(), bands)?;
                 step()?;
             }
             if let Some(down) = &block.downsampler {
