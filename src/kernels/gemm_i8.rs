@@ -18,8 +18,8 @@
 //!   the left one as it is (a broadcast slot of four i8). `Σ a·(b + 128) = Σ a·b + 128·Σ a`, so each left row
 //!   carries `128·Σ a` per k block, which starts its accumulators negated: the sums come out exact, as with pairs.
 //!
-//! Both families split k into the same blocks (`KC`, 1024 values) and scale each block's exact sum into c in the same order, so
-//! every kernel gives the same bits.
+//! Both families split k into the same blocks (`KC`, 1024 values) and scale each block's exact sum into c in the
+//! same order, so every kernel gives the same bits.
 
 use rayon::prelude::*;
 
